@@ -1,0 +1,186 @@
+//! Types shared by the BPF programs and the userspace loader.
+//!
+//! Everything here is `#[repr(C)]` with explicitly sized fields laid out so
+//! that there is no implicit padding: the bytes the kernel writes into the
+//! ring buffer are exactly the bytes userspace reads back.
+#![no_std]
+
+/// Kinds of records sent through the ring buffer.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    /// A traced process created a new process (not a thread).
+    /// `pid` = parent tgid, `other` = child tgid, `comm` = child's comm.
+    Spawn = 1,
+    /// The clone/fork syscall that created `other` returned in the parent.
+    /// `latency_ns` = syscall entry to exit as seen by the parent thread.
+    ForkLatency = 2,
+    /// A write fault on a present page that was resolved by copying it.
+    /// `latency_ns` = fault entry to the allocation of the new page.
+    CowCopy = 3,
+    /// A write fault on a present, write-protected page that needed no copy
+    /// (the page was exclusive and was reused in place).
+    CowReuse = 4,
+    /// The last thread of a traced process exited. `other` = exit code
+    /// (wait status encoding).
+    Exit = 5,
+    /// A write fault on a present page that mapped the shared zero page
+    /// (memory read before it was ever written): resolved by a zeroed new
+    /// page, not a copy, and no cost of fork. `latency_ns` as for CowCopy.
+    ZeroFill = 6,
+    /// A traced process replaced its program (execve). `comm` = the new
+    /// program's name. Ends the sharing of its memory with its parent.
+    Exec = 7,
+    /// A write fault on a huge-page (PMD) mapping, kprobe/fentry backends
+    /// only (`do_huge_pmd_wp_page`). `latency_ns` = entry to return,
+    /// `other` = bytes of user memory the kernel allocated meanwhile (what
+    /// it copied; 0 when it reused the huge page or split it and left the
+    /// 4 KiB faults that follow to do the copying), `flags` = the raw
+    /// `vm_fault_t` it returned.
+    HugeCow = 8,
+}
+
+impl EventKind {
+    pub fn from_u32(v: u32) -> Option<Self> {
+        Some(match v {
+            1 => Self::Spawn,
+            2 => Self::ForkLatency,
+            3 => Self::CowCopy,
+            4 => Self::CowReuse,
+            5 => Self::Exit,
+            6 => Self::ZeroFill,
+            7 => Self::Exec,
+            8 => Self::HugeCow,
+            _ => return None,
+        })
+    }
+}
+
+/// One record in the ring buffer: 64 bytes, no padding.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Event {
+    /// An [`EventKind`] as `u32`.
+    pub kind: u32,
+    /// Thread-group id (the userspace "PID") the event belongs to.
+    pub pid: u32,
+    /// Thread id that caused it.
+    pub tid: u32,
+    /// Kind-specific: child tgid for Spawn/ForkLatency, exit code for Exit.
+    pub other: u32,
+    /// `bpf_ktime_get_ns()` when the event completed.
+    pub ts_ns: u64,
+    /// Kind-specific latency, 0 when unknown.
+    pub latency_ns: u64,
+    /// Faulting user address for CoW events. ForkLatency with
+    /// [`FLAG_DUP_MMAP`]: nanoseconds of `latency_ns` spent in `dup_mmap`
+    /// (copying the address space: VMAs and page tables).
+    pub addr: u64,
+    /// Task comm at the time of the event.
+    pub comm: [u8; 16],
+    /// Kind-specific flags (see `FLAG_*`).
+    pub flags: u32,
+    pub _reserved: u32,
+}
+
+/// Spawn, tracepoint backend: the parent was not inside a clone/fork
+/// syscall (kernel-created process), so no fork latency will follow. The
+/// kprobe and fentry backends measure fork latency in `copy_process`, which
+/// returns before the spawn is seen, and always set it.
+pub const FLAG_NO_SYSCALL: u32 = 1;
+/// ForkLatency: `addr` holds the time spent in `dup_mmap`.
+pub const FLAG_DUP_MMAP: u32 = 2;
+
+/// Indexes into the per-CPU `COUNTERS` array. The kernel counts every event
+/// it classifies here, whether or not the ring buffer had room, so that
+/// userspace can check its totals against the kernel's.
+pub mod counter {
+    /// Events that could not be reserved in the ring buffer.
+    pub const DROPPED: u32 = 0;
+    // Indexes 1..=15 count the events of each kind, by `EventKind` value
+    // (room for new kinds without renumbering anything).
+    pub const SPAWNS: u32 = 1;
+    pub const FORK_LATENCIES: u32 = 2;
+    pub const COW_COPIES: u32 = 3;
+    pub const COW_REUSES: u32 = 4;
+    pub const EXITS: u32 = 5;
+    pub const ZERO_FILLS: u32 = 6;
+    pub const EXECS: u32 = 7;
+    pub const HUGE_COWS: u32 = 8;
+    /// Write faults left unclassified because another thread's fault took
+    /// their table slot before they were resolved (colliding thread ids);
+    /// they are neither copies nor reuses in the totals.
+    pub const UNCLASSIFIED: u32 = 16;
+    /// Traced-process set full: a child could not be followed.
+    pub const TRACED_FULL: u32 = 17;
+    /// Number of counters.
+    pub const COUNT: u32 = 24;
+}
+
+// The BPF side bumps `counter[kind as u32]`: the two numberings must agree.
+const _: () = {
+    assert!(EventKind::Spawn as u32 == counter::SPAWNS);
+    assert!(EventKind::ForkLatency as u32 == counter::FORK_LATENCIES);
+    assert!(EventKind::CowCopy as u32 == counter::COW_COPIES);
+    assert!(EventKind::CowReuse as u32 == counter::COW_REUSES);
+    assert!(EventKind::Exit as u32 == counter::EXITS);
+    assert!(EventKind::ZeroFill as u32 == counter::ZERO_FILLS);
+    assert!(EventKind::Exec as u32 == counter::EXECS);
+    assert!(EventKind::HugeCow as u32 == counter::HUGE_COWS);
+    assert!((EventKind::HugeCow as u32) < counter::UNCLASSIFIED);
+};
+
+/// Load-time settings written by the loader into the BPF object's `CONFIG`
+/// global. Kernel structure offsets come from the running kernel's BTF,
+/// tracepoint field offsets from tracefs `format` files.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    /// 1: trace every process; 0: only those in the `TRACED` map.
+    pub trace_all: u32,
+    /// 1: add children of traced processes to `TRACED`.
+    pub follow: u32,
+    /// `offsetof(struct task_struct, pid)`.
+    pub task_pid: u32,
+    /// `offsetof(struct task_struct, tgid)`.
+    pub task_tgid: u32,
+    /// `offsetof(struct task_struct, signal)`.
+    pub task_signal: u32,
+    /// `offsetof(struct task_struct, exit_code)`.
+    pub task_exit_code: u32,
+    /// `offsetof(struct signal_struct, live)`.
+    pub signal_live: u32,
+    /// Offset of `ret` in the `syscalls:sys_exit_*` tracepoint record.
+    pub sys_exit_ret: u32,
+    /// The loader's own tgid: never traced, so that whole-system tracing
+    /// does not watch itself drain the ring buffer.
+    pub self_tgid: u32,
+    /// 1: every program returns at once. Attaches the same hooks with no
+    /// work in them: the overhead floor the benchmark compares against.
+    pub empty: u32,
+    /// Unread ring-buffer bytes above which a fault event wakes the reader
+    /// (a quarter of the ring, at most 256 KiB).
+    pub wakeup_bytes: u32,
+    /// `offsetof(struct vm_fault, address)` (kprobe/fentry backends).
+    pub vmf_address: u32,
+    /// 1: the kernel has a `wp_page_copy` function and it is hooked, so a
+    /// fault that entered it copied; 0: it is inlined, and a fault that
+    /// allocated an order-0 user page copied.
+    pub wp_copy_hooked: u32,
+    pub _pad: u32,
+}
+
+/// Value stored in the `TRACED` map for each traced tgid.
+pub const TRACED_ROOT: u8 = 1;
+pub const TRACED_CHILD: u8 = 2;
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: both are `#[repr(C)]`, made of integers only, with no padding.
+    unsafe impl aya::Pod for super::Event {}
+    unsafe impl aya::Pod for super::Config {}
+}
+
+// Layout checks: a change that introduces padding fails to compile.
+const _: () = assert!(core::mem::size_of::<Event>() == 64);
+const _: () = assert!(core::mem::size_of::<Config>() == 56);

@@ -1,0 +1,190 @@
+//! What the kprobe and fentry backends measure, shared by both: they differ
+//! only in how they are attached and how they receive their arguments.
+//!
+//! Fork latency is the time the kernel spent in `copy_process` creating the
+//! child (threads excluded), of which the `dup_mmap` share is the copy of
+//! the address space. A CoW fault is `do_wp_page` from entry to return; it
+//! copied when it went through `wp_page_copy` (or, where that function is
+//! inlined, when it allocated an order-0 user page), and it was a zero-fill
+//! when that page was asked for zeroed.
+
+use aya_ebpf::{
+    macros::{map, raw_tracepoint},
+    maps::HashMap,
+    programs::RawTracePointContext,
+};
+use cow_trace_common::{counter, EventKind, FLAG_DUP_MMAP};
+
+use crate::{bump, config, current_ids, emit, is_traced, now, read_at, GFP_MOVABLE, GFP_ZERO};
+
+/// `copy_process` calls in flight in traced threads, keyed by thread id.
+#[map]
+static CLONES: HashMap<u32, CloneStart> = HashMap::with_max_entries(16384, 0);
+
+/// Write-protect faults in flight in traced threads, keyed by thread id.
+#[map]
+static FAULTS: HashMap<u32, Fault> = HashMap::with_max_entries(65536, 0);
+
+#[repr(C)]
+struct CloneStart {
+    ts: u64,
+    dup_ts: u64,
+    dup_ns: u64,
+}
+
+#[repr(C)]
+struct Fault {
+    ts: u64,
+    addr: u64,
+    /// User memory allocated during the fault, in bytes.
+    bytes: u64,
+    tgid: u32,
+    seen: u32,
+}
+
+/// The fault went through `wp_page_copy`.
+const SEEN_COPY_PATH: u32 = 1;
+/// It allocated an order-0 user page.
+const SEEN_ALLOC: u32 = 2;
+/// ... asked for zeroed (the page was the shared zero page).
+const SEEN_ZERO: u32 = 4;
+/// A huge-page (PMD) fault.
+const HUGE: u32 = 8;
+
+/// Largest `ERR_PTR` value: the last 4095 addresses are errnos.
+const MAX_ERRNO: u64 = 4095;
+
+pub fn clone_enter() {
+    let cfg = config();
+    let (tgid, tid) = current_ids();
+    if !is_traced(&cfg, tgid) {
+        return;
+    }
+    let _ = CLONES.insert(&tid, &CloneStart { ts: now(), dup_ts: 0, dup_ns: 0 }, 0);
+}
+
+/// `task`: what `copy_process` returned, a task or an `ERR_PTR`.
+pub fn clone_exit(task: u64) {
+    let (tgid, tid) = current_ids();
+    // SAFETY: the value is copied out before the entry is removed.
+    let Some(start) = (unsafe { CLONES.get(&tid) }) else {
+        return;
+    };
+    let (ts, dup_ns) = (start.ts, start.dup_ns);
+    let _ = CLONES.remove(&tid);
+    if task == 0 || task >= MAX_ERRNO.wrapping_neg() {
+        return; // the clone failed
+    }
+    let _ = child_process(task as *const u8).map(|child| {
+        let flags = if dup_ns > 0 { FLAG_DUP_MMAP } else { 0 };
+        let t = now();
+        emit(EventKind::ForkLatency, tgid, tid, child, t, t.saturating_sub(ts), dup_ns, flags);
+    });
+}
+
+/// The new task's tgid, or an error for a thread (pid != tgid).
+#[inline(always)]
+fn child_process(task: *const u8) -> Result<u32, i32> {
+    let cfg = config();
+    // SAFETY: a task pointer the kernel just returned; offsets from its BTF.
+    let (pid, tgid): (i32, i32) = unsafe { (read_at(task, cfg.task_pid)?, read_at(task, cfg.task_tgid)?) };
+    if pid != tgid {
+        return Err(0);
+    }
+    Ok(tgid as u32)
+}
+
+pub fn dup_enter() {
+    let (_, tid) = current_ids();
+    if let Some(c) = CLONES.get_ptr_mut(&tid) {
+        // SAFETY: entry owned by this thread until copy_process returns.
+        unsafe { (*c).dup_ts = now() };
+    }
+}
+
+pub fn dup_exit() {
+    let (_, tid) = current_ids();
+    if let Some(c) = CLONES.get_ptr_mut(&tid) {
+        // SAFETY: as above.
+        unsafe {
+            if (*c).dup_ts != 0 {
+                (*c).dup_ns += now().saturating_sub((*c).dup_ts);
+                (*c).dup_ts = 0;
+            }
+        }
+    }
+}
+
+/// `vmf`: the `struct vm_fault *` of `do_wp_page` / `do_huge_pmd_wp_page`.
+pub fn fault_enter(vmf: *const u8, huge: bool) {
+    let cfg = config();
+    let (tgid, tid) = current_ids();
+    if !is_traced(&cfg, tgid) {
+        return;
+    }
+    // SAFETY: the kernel's own argument; offset from its BTF.
+    let addr: u64 = unsafe { read_at(vmf, cfg.vmf_address) }.unwrap_or(0);
+    let seen = if huge { HUGE } else { 0 };
+    if FAULTS.insert(&tid, &Fault { ts: now(), addr, bytes: 0, tgid, seen }, 0).is_err() {
+        bump(counter::UNCLASSIFIED);
+    }
+}
+
+pub fn wp_copy_enter() {
+    let (_, tid) = current_ids();
+    if let Some(f) = FAULTS.get_ptr_mut(&tid) {
+        // SAFETY: entry owned by this thread until its fault returns.
+        unsafe { (*f).seen |= SEEN_COPY_PATH };
+    }
+}
+
+/// `ret`: the `vm_fault_t` the fault handler returned.
+pub fn fault_exit(ret: u32) {
+    let (_, tid) = current_ids();
+    // SAFETY: the value is copied out before the entry is removed.
+    let Some(f) = (unsafe { FAULTS.get(&tid) }) else {
+        return;
+    };
+    let (ts, addr, bytes, tgid, seen) = (f.ts, f.addr, f.bytes, f.tgid, f.seen);
+    let _ = FAULTS.remove(&tid);
+    let t = now();
+    let lat = t.saturating_sub(ts);
+    if seen & HUGE != 0 {
+        emit(EventKind::HugeCow, tgid, tid, bytes as u32, t, lat, addr, ret);
+        return;
+    }
+    let copied = if config().wp_copy_hooked != 0 { seen & SEEN_COPY_PATH } else { seen & SEEN_ALLOC };
+    let kind = if copied == 0 {
+        EventKind::CowReuse
+    } else if seen & SEEN_ZERO != 0 {
+        EventKind::ZeroFill
+    } else {
+        EventKind::CowCopy
+    };
+    emit(kind, tgid, tid, 0, t, lat, addr, 0);
+}
+
+/// Notes the user pages a fault in flight allocates.
+#[raw_tracepoint(tracepoint = "mm_page_alloc")]
+pub fn mm_page_alloc_wp(ctx: RawTracePointContext) -> i32 {
+    // TP_PROTO(struct page *page, unsigned int order, gfp_t gfp_flags, int migratetype)
+    let gfp = ctx.arg::<u64>(2) as u32;
+    if gfp & GFP_MOVABLE == 0 {
+        return 0;
+    }
+    let (_, tid) = current_ids();
+    if let Some(f) = FAULTS.get_ptr_mut(&tid) {
+        let order: u64 = ctx.arg(1);
+        // SAFETY: entry owned by this thread until its fault returns.
+        unsafe {
+            (*f).bytes += 4096u64 << (order & 31);
+            if order == 0 {
+                (*f).seen |= SEEN_ALLOC;
+                if gfp & GFP_ZERO != 0 {
+                    (*f).seen |= SEEN_ZERO;
+                }
+            }
+        }
+    }
+    0
+}

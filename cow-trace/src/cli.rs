@@ -1,0 +1,284 @@
+//! Command-line interface.
+
+use std::{ffi::OsString, time::Duration};
+
+use clap::{Parser, ValueEnum};
+
+/// Largest PID Linux can hand out (PID_MAX_LIMIT on 64-bit).
+pub const PID_MAX_LIMIT: u32 = 4_194_304;
+const MAX_INTERVAL_SECS: u64 = 86_400;
+const MAX_DURATION_SECS: u64 = 30 * 86_400;
+
+const EXAMPLES: &str = "\
+EXAMPLES:
+    cow-trace -p 1234                  # trace PID 1234 and the children it forks; Ctrl-C for the summary
+    cow-trace -p 1234 -i 1             # print per-second figures, then the summary
+    cow-trace -p 1234 -p 5678 -d 60    # two processes, stop after 60 seconds
+    cow-trace -p 1234 --no-follow      # the process only, not its children
+    cow-trace --json -p 1234           # newline-delimited JSON for scripts
+    cow-trace -d 10                    # every process on the system for 10 seconds
+    cow-trace -- python3 job.py        # run a command and trace it and its descendants
+
+A fork is counted in the process that called fork/clone; copy-on-write faults in
+the process that took them (the child's copies are the child's). Fork latency is
+how long the parent was held by the fork; see README.md for what each backend
+measures.";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "cow-trace",
+    version,
+    about = "Show what fork() and copy-on-write cost, per process, on a live system",
+    after_help = EXAMPLES,
+    // `cow-trace -p 1 -- cmd` is refused below with a clear message.
+    args_override_self = false
+)]
+pub struct Args {
+    /// Trace this process (repeatable). Its children are followed unless --no-follow.
+    #[arg(short = 'p', long = "pid", value_name = "PID", value_parser = parse_pid, allow_negative_numbers = true)]
+    pub pids: Vec<u32>,
+
+    /// Do not trace the children that traced processes fork.
+    #[arg(long)]
+    pub no_follow: bool,
+
+    /// Print the figures of each interval of SECS seconds, then the summary.
+    #[arg(short = 'i', long, value_name = "SECS", value_parser = parse_interval, allow_negative_numbers = true)]
+    pub interval: Option<Duration>,
+
+    /// Stop after SECS seconds.
+    #[arg(short = 'd', long, value_name = "SECS", value_parser = parse_duration, allow_negative_numbers = true)]
+    pub duration: Option<Duration>,
+
+    /// Newline-delimited JSON on stdout instead of tables.
+    #[arg(long)]
+    pub json: bool,
+
+    /// Probe backend. `auto` tries fentry, then kprobe, then tracepoint, and
+    /// says why it passed over each; a named backend the kernel cannot give
+    /// is an error.
+    #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
+    pub backend: BackendChoice,
+
+    /// Unit of the latency histograms.
+    #[arg(long, value_enum, default_value_t = Unit::Us)]
+    pub unit: Unit,
+
+    /// Rows of the per-process table (0: all). JSON always has all.
+    #[arg(long, value_name = "N", default_value_t = 20)]
+    pub top: usize,
+
+    /// Size of the kernel-to-user event ring buffer, a power of two
+    /// (suffixes K, M). Events that do not fit are counted as dropped.
+    #[arg(long, value_name = "BYTES", default_value = "8M", value_parser = parse_ring_size)]
+    pub ring_buffer_size: u32,
+
+    /// Benchmark aid: attach the same hooks with programs that return at
+    /// once (the overhead floor). Reports nothing.
+    #[arg(long, hide = true)]
+    pub bench_empty_programs: bool,
+
+    /// Command to run and trace, with its arguments (after `--`).
+    #[arg(last = true, value_name = "COMMAND")]
+    pub command: Vec<OsString>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum BackendChoice {
+    /// fentry, else kprobe, else tracepoint.
+    Auto,
+    /// fentry/fexit on the kernel's fork and fault functions (BPF trampolines).
+    Fentry,
+    /// kprobes/kretprobes on the same functions (CONFIG_KPROBES).
+    Kprobe,
+    /// Tracepoints only: works wherever BTF and tracepoints do.
+    Tracepoint,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Unit {
+    Ns,
+    Us,
+    Ms,
+}
+
+impl Unit {
+    pub fn divisor(self) -> u64 {
+        match self {
+            Unit::Ns => 1,
+            Unit::Us => 1_000,
+            Unit::Ms => 1_000_000,
+        }
+    }
+    pub fn label(self) -> &'static str {
+        match self {
+            Unit::Ns => "nsecs",
+            Unit::Us => "usecs",
+            Unit::Ms => "msecs",
+        }
+    }
+}
+
+/// What to trace, once the arguments are checked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Mode {
+    System,
+    Pids(Vec<u32>),
+    Launch(Vec<OsString>),
+}
+
+impl Args {
+    /// Checks the combinations clap cannot express.
+    pub fn mode(&self) -> Result<Mode, String> {
+        match (self.pids.is_empty(), self.command.is_empty()) {
+            (false, false) => Err("use either -p PID or -- COMMAND, not both".into()),
+            (false, true) => {
+                let mut pids = self.pids.clone();
+                pids.sort_unstable();
+                pids.dedup();
+                Ok(Mode::Pids(pids))
+            }
+            (true, false) => {
+                if self.command[0].is_empty() {
+                    return Err("the command after `--` is empty".into());
+                }
+                Ok(Mode::Launch(self.command.clone()))
+            }
+            (true, true) => {
+                if self.no_follow {
+                    return Err(
+                        "--no-follow needs -p PID or a command; whole-system tracing follows nothing".into(),
+                    );
+                }
+                Ok(Mode::System)
+            }
+        }
+    }
+}
+
+fn parse_pid(s: &str) -> Result<u32, String> {
+    let n: i64 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("'{s}' is not a PID: expected a positive integer such as 1234"))?;
+    if n <= 0 || n > PID_MAX_LIMIT as i64 {
+        return Err(format!("{n} is not a valid PID: PIDs are 1 to {PID_MAX_LIMIT}"));
+    }
+    Ok(n as u32)
+}
+
+fn parse_secs(s: &str, what: &str, max: u64) -> Result<Duration, String> {
+    let n: u64 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("'{s}' is not a number of seconds: expected an integer 1 to {max}"))?;
+    if n == 0 || n > max {
+        return Err(format!("{what} of {n} s is out of range: use 1 to {max} seconds"));
+    }
+    Ok(Duration::from_secs(n))
+}
+
+fn parse_interval(s: &str) -> Result<Duration, String> {
+    parse_secs(s, "an interval", MAX_INTERVAL_SECS)
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    parse_secs(s, "a duration", MAX_DURATION_SECS)
+}
+
+pub fn parse_ring_size(s: &str) -> Result<u32, String> {
+    let t = s.trim();
+    let (num, mult) = match t.char_indices().last() {
+        Some((i, 'k' | 'K')) => (&t[..i], 1u64 << 10),
+        Some((i, 'm' | 'M')) => (&t[..i], 1u64 << 20),
+        Some((i, 'g' | 'G')) => (&t[..i], 1u64 << 30),
+        _ => (t, 1),
+    };
+    let n: u64 =
+        num.parse().map_err(|_| format!("'{s}' is not a size: expected bytes such as 65536, 64K or 8M"))?;
+    let bytes = n.saturating_mul(mult);
+    // The kernel wants a power-of-two multiple of the page size; keep the
+    // upper end sane (the ring buffer is locked kernel memory).
+    if !bytes.is_power_of_two() || !(4096..=1 << 30).contains(&bytes) {
+        return Err(format!("ring buffer size {s} is not a power of two between 4K and 1G (try 8M)"));
+    }
+    Ok(bytes as u32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Args, clap::Error> {
+        Args::try_parse_from(std::iter::once("cow-trace").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn defaults_trace_the_whole_system() {
+        let a = parse(&[]).unwrap();
+        assert_eq!(a.mode().unwrap(), Mode::System);
+        assert_eq!(a.ring_buffer_size, 8 << 20);
+        assert_eq!((a.json, a.no_follow, a.top), (false, false, 20));
+        assert_eq!(a.backend, BackendChoice::Auto);
+        assert_eq!(a.unit, Unit::Us);
+    }
+
+    #[test]
+    fn pids_repeat_and_dedup() {
+        let a = parse(&["-p", "42", "--pid", "7", "-p", "42", "-i", "2", "-d", "10"]).unwrap();
+        assert_eq!(a.mode().unwrap(), Mode::Pids(vec![7, 42]));
+        assert_eq!(a.interval, Some(Duration::from_secs(2)));
+        assert_eq!(a.duration, Some(Duration::from_secs(10)));
+    }
+
+    #[test]
+    fn launch_mode_keeps_command_arguments_verbatim() {
+        let a = parse(&["--json", "--", "sh", "-c", "echo -p 1"]).unwrap();
+        assert_eq!(a.mode().unwrap(), Mode::Launch(vec!["sh".into(), "-c".into(), "echo -p 1".into()]));
+        assert!(a.json);
+    }
+
+    #[test]
+    fn bad_pids_are_rejected_with_the_reason() {
+        for (arg, needle) in [
+            ("0", "not a valid PID"),
+            ("-5", "not a valid PID"),
+            ("abc", "is not a PID"),
+            ("99999999", "not a valid PID"),
+            ("", "is not a PID"),
+        ] {
+            let err = parse(&["-p", arg]).unwrap_err().to_string();
+            assert!(err.contains(needle), "{arg}: {err}");
+        }
+    }
+
+    #[test]
+    fn conflicting_or_absurd_options() {
+        assert!(parse(&["-p", "1", "--", "true"]).unwrap().mode().unwrap_err().contains("not both"));
+        assert!(parse(&["--no-follow"]).unwrap().mode().unwrap_err().contains("--no-follow"));
+        assert!(parse(&["--", ""]).unwrap().mode().unwrap_err().contains("empty"));
+        for bad in [["-i", "0"], ["-i", "100000"], ["-d", "0"], ["-d", "x"], ["-i", "-1"]] {
+            assert!(parse(&bad).is_err(), "{bad:?}");
+        }
+        assert!(parse(&["--backend", "magic"]).is_err());
+    }
+
+    #[test]
+    fn ring_sizes() {
+        assert_eq!(parse_ring_size("8M"), Ok(8 << 20));
+        assert_eq!(parse_ring_size("64k"), Ok(64 << 10));
+        assert_eq!(parse_ring_size("4096"), Ok(4096));
+        assert!(parse_ring_size("3M").is_err());
+        assert!(parse_ring_size("1024").is_err());
+        assert!(parse_ring_size("2G").is_err());
+        assert!(parse_ring_size("lots").is_err());
+    }
+
+    #[test]
+    fn help_teaches() {
+        let help = parse(&["--help"]).unwrap_err().to_string();
+        assert!(help.contains("EXAMPLES:"));
+        assert!(help.contains("cow-trace -p 1234"));
+        assert!(help.contains("--ring-buffer-size"));
+    }
+}

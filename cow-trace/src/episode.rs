@@ -1,0 +1,623 @@
+//! Fork episodes: what one fork cost, from the fork to its child's exit.
+//!
+//! An episode opens when a traced process forks and closes when the child
+//! exits. While it is open, the child's memory is shared with its parent
+//! copy-on-write, so every copy either of them makes is a cost of that fork.
+//! The *copy window* closes earlier when the child execs: the child's old
+//! memory is released then, and the parent's pages turn exclusive again
+//! (later writes reuse them). Copies after the window closes are not the
+//! fork's.
+//!
+//! A parent with several children alive at once (a prefork server) makes
+//! each of its copies once, so each goes to its newest fork whose window is
+//! still open: that fork is the one that write-protected the page last.
+//!
+//! Pure like the aggregator: the only outside input is the maps reader,
+//! injected so tests run without a kernel.
+
+use std::collections::{HashMap, VecDeque};
+
+use cow_trace_common::{Event, EventKind};
+use serde::Serialize;
+
+use crate::{
+    aggregate::comm_str,
+    histogram::{Histogram, Summary},
+    output::{fmt_bytes, fmt_ns},
+    regions::Maps,
+};
+
+/// Regions shown per episode.
+const TOP_REGIONS: usize = 3;
+/// Copy-rate bucket: one second of event time.
+const RATE_BUCKET_NS: u64 = 1_000_000_000;
+/// A miss in the cached maps re-reads them at most this often.
+const MAPS_REREAD_NS: u64 = 100_000_000;
+/// Name for copies outside every known mapping (unmapped since).
+pub const UNMAPPED: &str = "[unmapped]";
+
+/// Bytes copied in one memory region.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct RegionBytes {
+    pub region: String,
+    pub bytes: u64,
+}
+
+/// A finished (or, in the final summary, still running) episode, as printed
+/// and serialised.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Episode {
+    /// `fork`, or `fork+exec` when the child replaced its program.
+    pub kind: &'static str,
+    pub parent: u32,
+    pub parent_comm: String,
+    pub child: u32,
+    pub child_comm: String,
+    /// Monotonic clock (`CLOCK_MONOTONIC`, ns) at the fork.
+    pub start_ns: u64,
+    /// The parent's fork syscall time; `None` for kernel-made processes.
+    pub fork_latency_ns: Option<u64>,
+    /// Fork to exit; `None` while the child still runs.
+    pub child_lifetime_ns: Option<u64>,
+    /// Fork to exec, for fork+exec children.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exec_after_ns: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exit_status: Option<i32>,
+    pub parent_copies: u64,
+    pub child_copies: u64,
+    pub copied_bytes: u64,
+    /// Most bytes copied within one second of the episode.
+    pub peak_copy_bytes_per_s: u64,
+    pub cow_latency_ns: Summary,
+    /// Where the copies landed, most bytes first (at most three).
+    pub top_regions: Vec<RegionBytes>,
+}
+
+impl Episode {
+    /// One readable line.
+    pub fn line(&self) -> String {
+        let mut s = format!(
+            "{} {}[{}] -> {}[{}]: ",
+            self.kind, self.parent_comm, self.parent, self.child_comm, self.child
+        );
+        s += &match self.fork_latency_ns {
+            Some(ns) => format!("fork {}", fmt_ns(ns)),
+            None => "fork -".into(),
+        };
+        if let Some(ns) = self.exec_after_ns {
+            s += &format!(", exec after {}", fmt_ns(ns.max(1)));
+        }
+        s += &match self.child_lifetime_ns {
+            Some(ns) => format!(", child lived {}", fmt_ns(ns.max(1))),
+            None => ", child still running".into(),
+        };
+        s += &format!(
+            ", copied {} (parent {} + child {} pages)",
+            fmt_bytes(self.copied_bytes),
+            self.parent_copies,
+            self.child_copies
+        );
+        if self.copied_bytes > 0 {
+            s += &format!(
+                ", peak {}/s, CoW p50 {} p99 {}",
+                fmt_bytes(self.peak_copy_bytes_per_s),
+                fmt_ns(self.cow_latency_ns.p50),
+                fmt_ns(self.cow_latency_ns.p99)
+            );
+        }
+        if !self.top_regions.is_empty() {
+            let top: Vec<_> =
+                self.top_regions.iter().map(|r| format!("{} {}", r.region, fmt_bytes(r.bytes))).collect();
+            s += &format!("; top regions: {}", top.join(", "));
+        }
+        s
+    }
+}
+
+struct Open {
+    parent: u32,
+    parent_comm: String,
+    child: u32,
+    child_comm: String,
+    start_ns: u64,
+    fork_latency_ns: Option<u64>,
+    exec_after_ns: Option<u64>,
+    parent_copies: u64,
+    child_copies: u64,
+    cow_lat: Histogram,
+    /// Copies per second of the episode, by second.
+    per_second: HashMap<u64, u64>,
+    /// Pages copied per region name.
+    regions: HashMap<String, u64>,
+}
+
+impl Open {
+    fn window_open(&self) -> bool {
+        self.exec_after_ns.is_none()
+    }
+}
+
+struct CachedMaps {
+    maps: Maps,
+    read_at_ns: u64,
+}
+
+pub struct Episodes {
+    page_size: u64,
+    open: HashMap<u32, Open>,
+    /// Open episodes of each parent, oldest fork first.
+    by_parent: HashMap<u32, Vec<u32>>,
+    /// Parents' maps, read at their first copy and on misses.
+    maps: HashMap<u32, CachedMaps>,
+    read_maps: Box<dyn Fn(u32) -> Option<String>>,
+    /// Finished since the last `take_finished`.
+    finished: Vec<Episode>,
+    /// Finished, for the summary; bounded by `max_kept`.
+    kept: VecDeque<Episode>,
+    max_kept: usize,
+    /// Finished episodes no longer kept for the summary.
+    pub dropped: u64,
+}
+
+impl Episodes {
+    /// `read_maps(pid)` returns the text of `/proc/PID/maps`.
+    pub fn new(page_size: u64, read_maps: Box<dyn Fn(u32) -> Option<String>>) -> Self {
+        Self {
+            page_size,
+            open: HashMap::new(),
+            by_parent: HashMap::new(),
+            maps: HashMap::new(),
+            read_maps,
+            finished: Vec::new(),
+            kept: VecDeque::new(),
+            max_kept: 4096,
+            dropped: 0,
+        }
+    }
+
+    #[cfg(test)]
+    fn with_max_kept(mut self, n: usize) -> Self {
+        self.max_kept = n;
+        self
+    }
+
+    pub fn apply(&mut self, e: &Event) {
+        match EventKind::from_u32(e.kind) {
+            Some(EventKind::Spawn) => {
+                // An open episode under this PID lost its exit: close it
+                // as it stands rather than let the new child inherit it.
+                if let Some(stale) = self.open.remove(&e.other) {
+                    self.unlink(&stale);
+                    let ep = self.finish(stale, None, None);
+                    self.keep(ep);
+                }
+                let comm = comm_str(&e.comm);
+                self.by_parent.entry(e.pid).or_default().push(e.other);
+                self.open.insert(
+                    e.other,
+                    Open {
+                        parent: e.pid,
+                        parent_comm: comm.clone(),
+                        child: e.other,
+                        child_comm: comm,
+                        start_ns: e.ts_ns,
+                        fork_latency_ns: None,
+                        exec_after_ns: None,
+                        parent_copies: 0,
+                        child_copies: 0,
+                        cow_lat: Histogram::default(),
+                        per_second: HashMap::new(),
+                        regions: HashMap::new(),
+                    },
+                );
+            }
+            Some(EventKind::ForkLatency) => {
+                if let Some(o) = self.open.get_mut(&e.other) {
+                    o.fork_latency_ns = Some(e.latency_ns);
+                }
+            }
+            Some(EventKind::CowCopy) => self.copy(e),
+            Some(EventKind::Exec) => {
+                if let Some(o) = self.open.get_mut(&e.pid) {
+                    o.exec_after_ns.get_or_insert(e.ts_ns.saturating_sub(o.start_ns));
+                    o.child_comm = comm_str(&e.comm);
+                }
+            }
+            Some(EventKind::Exit) => {
+                if let Some(o) = self.open.remove(&e.pid) {
+                    self.unlink(&o);
+                    let lifetime = e.ts_ns.saturating_sub(o.start_ns);
+                    let ep = self.finish(o, Some(lifetime), Some(e.other as i32));
+                    self.finished.push(ep.clone());
+                    self.keep(ep);
+                }
+                // Its own episodes as a parent go on; its maps are no
+                // longer readable, but the cached copy still describes
+                // its children's layout.
+            }
+            // Huge-page faults split the mapping; the 4 KiB copies that
+            // follow are what the episode counts.
+            Some(EventKind::CowReuse | EventKind::ZeroFill | EventKind::HugeCow) | None => {}
+        }
+    }
+
+    fn copy(&mut self, e: &Event) {
+        // The child's own copies, while its window is open...
+        let child = match self.open.get(&e.pid) {
+            Some(o) if o.window_open() && e.ts_ns >= o.start_ns => Some(e.pid),
+            _ => None,
+        };
+        // ...else the parent's, for its newest fork still sharing memory.
+        let (key, by_child) = match child {
+            Some(c) => (c, true),
+            None => {
+                let Some(kids) = self.by_parent.get(&e.pid) else { return };
+                let newest = kids
+                    .iter()
+                    .rev()
+                    .find(|c| self.open.get(c).is_some_and(|o| o.window_open() && e.ts_ns >= o.start_ns));
+                match newest {
+                    Some(&c) => (c, false),
+                    None => return,
+                }
+            }
+        };
+        let parent = self.open[&key].parent;
+        let region = self.region_of(parent, key, e.addr, e.ts_ns);
+        let o = self.open.get_mut(&key).expect("looked up above");
+        if by_child {
+            o.child_copies += 1;
+            if e.tid == e.pid && e.comm[0] != 0 {
+                // The child's main thread names it (Redis renames its child).
+                o.child_comm = comm_str(&e.comm);
+            }
+        } else {
+            o.parent_copies += 1;
+        }
+        if e.latency_ns > 0 {
+            o.cow_lat.record(e.latency_ns);
+        }
+        *o.per_second.entry((e.ts_ns - o.start_ns) / RATE_BUCKET_NS).or_default() += 1;
+        *o.regions.entry(region).or_default() += 1;
+    }
+
+    /// The region of `addr` in `parent`'s layout (which a child starts
+    /// with), re-reading the maps when the address is new to them. A parent
+    /// already gone leaves its child's maps, the same layout at the fork.
+    fn region_of(&mut self, parent: u32, child: u32, addr: u64, now_ns: u64) -> String {
+        let read = &self.read_maps;
+        let read = |p: u32| read(p).or_else(|| read(child));
+        let cached = self.maps.entry(parent).or_insert_with(|| CachedMaps {
+            maps: read(parent).map(|t| Maps::parse(&t)).unwrap_or_default(),
+            read_at_ns: now_ns,
+        });
+        if let Some(r) = cached.maps.find(addr) {
+            return r.name.clone();
+        }
+        if now_ns.saturating_sub(cached.read_at_ns) >= MAPS_REREAD_NS {
+            if let Some(text) = read(parent) {
+                cached.maps = Maps::parse(&text);
+            }
+            cached.read_at_ns = now_ns;
+            if let Some(r) = cached.maps.find(addr) {
+                return r.name.clone();
+            }
+        }
+        UNMAPPED.to_string()
+    }
+
+    fn unlink(&mut self, o: &Open) {
+        if let Some(kids) = self.by_parent.get_mut(&o.parent) {
+            kids.retain(|&c| c != o.child);
+            if kids.is_empty() {
+                self.by_parent.remove(&o.parent);
+                self.maps.remove(&o.parent);
+            }
+        }
+    }
+
+    fn finish(&self, o: Open, lifetime: Option<u64>, exit_status: Option<i32>) -> Episode {
+        let copies = o.parent_copies + o.child_copies;
+        let mut regions: Vec<_> = o
+            .regions
+            .into_iter()
+            .map(|(region, pages)| RegionBytes { region, bytes: pages * self.page_size })
+            .collect();
+        regions.sort_by(|a, b| b.bytes.cmp(&a.bytes).then_with(|| a.region.cmp(&b.region)));
+        regions.truncate(TOP_REGIONS);
+        Episode {
+            kind: if o.exec_after_ns.is_some() { "fork+exec" } else { "fork" },
+            parent: o.parent,
+            parent_comm: o.parent_comm,
+            child: o.child,
+            child_comm: o.child_comm,
+            start_ns: o.start_ns,
+            fork_latency_ns: o.fork_latency_ns,
+            child_lifetime_ns: lifetime,
+            exec_after_ns: o.exec_after_ns,
+            exit_status,
+            parent_copies: o.parent_copies,
+            child_copies: o.child_copies,
+            copied_bytes: copies * self.page_size,
+            peak_copy_bytes_per_s: o.per_second.values().max().copied().unwrap_or(0) * self.page_size,
+            cow_latency_ns: o.cow_lat.summary(),
+            top_regions: regions,
+        }
+    }
+
+    fn keep(&mut self, ep: Episode) {
+        self.kept.push_back(ep);
+        while self.kept.len() > self.max_kept {
+            self.kept.pop_front();
+            self.dropped += 1;
+        }
+    }
+
+    /// Episodes whose child exited since the last call, in exit order.
+    pub fn take_finished(&mut self) -> Vec<Episode> {
+        std::mem::take(&mut self.finished)
+    }
+
+    /// Every kept episode, finished ones in exit order, then the ones
+    /// still running (lifetime `None`) by fork time.
+    pub fn all(&self) -> Vec<Episode> {
+        let mut running: Vec<_> = self
+            .open
+            .values()
+            .map(|o| {
+                let copy = Open {
+                    parent: o.parent,
+                    parent_comm: o.parent_comm.clone(),
+                    child: o.child,
+                    child_comm: o.child_comm.clone(),
+                    start_ns: o.start_ns,
+                    fork_latency_ns: o.fork_latency_ns,
+                    exec_after_ns: o.exec_after_ns,
+                    parent_copies: o.parent_copies,
+                    child_copies: o.child_copies,
+                    cow_lat: o.cow_lat.clone(),
+                    per_second: o.per_second.clone(),
+                    regions: o.regions.clone(),
+                };
+                self.finish(copy, None, None)
+            })
+            .collect();
+        running.sort_by_key(|e| (e.start_ns, e.child));
+        self.kept.iter().cloned().chain(running).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MAPS: &str = "\
+55d0c5a1d000-55d0c5a3e000 rw-p 00000000 00:00 0                          [heap]
+7f2a34000000-7f2a6c000000 rw-p 00000000 00:00 0 
+7ffd1e0f4000-7ffd1e115000 rw-p 00000000 00:00 0                          [stack]
+";
+    const HEAP: u64 = 0x55d0c5a1d000;
+    const ARENA: u64 = 0x7f2a34000000;
+    const STACK: u64 = 0x7ffd1e0f4000;
+    const MS: u64 = 1_000_000;
+
+    fn ev(kind: EventKind, pid: u32, other: u32, ts_ns: u64, comm: &str) -> Event {
+        let mut c = [0u8; 16];
+        c[..comm.len()].copy_from_slice(comm.as_bytes());
+        Event {
+            kind: kind as u32,
+            pid,
+            tid: pid,
+            other,
+            ts_ns,
+            latency_ns: 0,
+            addr: 0,
+            comm: c,
+            flags: 0,
+            _reserved: 0,
+        }
+    }
+
+    fn copy(pid: u32, ts_ns: u64, addr: u64, latency_ns: u64) -> Event {
+        Event { addr, latency_ns, ..ev(EventKind::CowCopy, pid, 0, ts_ns, "redis-server") }
+    }
+
+    fn episodes() -> Episodes {
+        Episodes::new(4096, Box::new(|_| Some(MAPS.to_string())))
+    }
+
+    #[test]
+    fn bgsave_episode_counts_both_sides_within_the_childs_life() {
+        let mut eps = episodes();
+        eps.apply(&copy(100, 1 * MS, HEAP, 1_000)); // before the fork: not its cost
+        eps.apply(&ev(EventKind::Spawn, 100, 200, 10 * MS, "redis-server"));
+        eps.apply(&Event {
+            latency_ns: 21 * MS,
+            ..ev(EventKind::ForkLatency, 100, 200, 31 * MS, "redis-server")
+        });
+        for i in 0..6 {
+            eps.apply(&copy(100, 40 * MS + i, ARENA + i * 4096, 2_000));
+        }
+        eps.apply(&copy(100, 50 * MS, HEAP, 2_000));
+        let mut child = copy(200, 60 * MS, STACK, 3_000);
+        child.comm = *b"redis-rdb-bgsave";
+        eps.apply(&child);
+        eps.apply(&child);
+        assert!(eps.take_finished().is_empty(), "the child still runs");
+        eps.apply(&ev(EventKind::Exit, 200, 0, 1_010 * MS, "redis-rdb-bgsave"));
+        eps.apply(&copy(100, 1_100 * MS, HEAP, 2_000)); // after the child: not counted
+        let done = eps.take_finished();
+        assert_eq!(done.len(), 1);
+        let e = &done[0];
+        assert_eq!((e.kind, e.parent, e.child), ("fork", 100, 200));
+        assert_eq!((e.parent_comm.as_str(), e.child_comm.as_str()), ("redis-server", "redis-rdb-bgsave"));
+        assert_eq!(e.fork_latency_ns, Some(21 * MS));
+        assert_eq!(e.child_lifetime_ns, Some(1_000 * MS));
+        assert_eq!((e.parent_copies, e.child_copies, e.copied_bytes), (7, 2, 9 * 4096));
+        assert_eq!(e.peak_copy_bytes_per_s, 9 * 4096, "all in the first second");
+        assert_eq!((e.cow_latency_ns.count, e.cow_latency_ns.max), (9, 3_000));
+        assert_eq!(
+            e.top_regions,
+            vec![
+                RegionBytes { region: "[anon 7f2a34000000]".into(), bytes: 6 * 4096 },
+                RegionBytes { region: "[stack]".into(), bytes: 2 * 4096 },
+                RegionBytes { region: "[heap]".into(), bytes: 4096 },
+            ]
+        );
+        assert_eq!(eps.all(), done, "kept for the summary");
+        let line = e.line();
+        assert!(line.starts_with("fork redis-server[100] -> redis-rdb-bgsave[200]: fork 21.0ms"), "{line}");
+        assert!(line.contains("child lived 1.00s") && line.contains("parent 7 + child 2 pages"), "{line}");
+        assert!(
+            line.contains("top regions: [anon 7f2a34000000] 24.0KiB, [stack] 8.0KiB, [heap] 4.0KiB"),
+            "{line}"
+        );
+    }
+
+    #[test]
+    fn peak_rate_is_the_busiest_second() {
+        let mut eps = episodes();
+        eps.apply(&ev(EventKind::Spawn, 100, 200, 0, "p"));
+        for i in 0..3 {
+            eps.apply(&copy(100, 100 * MS + i, HEAP, 0));
+        }
+        for i in 0..5 {
+            eps.apply(&copy(200, 2_500 * MS + i, HEAP, 0));
+        }
+        eps.apply(&ev(EventKind::Exit, 200, 0, 3_000 * MS, "p"));
+        let e = &eps.take_finished()[0];
+        assert_eq!(e.peak_copy_bytes_per_s, 5 * 4096);
+        assert_eq!(e.copied_bytes, 8 * 4096);
+        assert_eq!(e.cow_latency_ns.count, 0, "no latency known, none recorded");
+    }
+
+    #[test]
+    fn fork_and_exec_reads_as_such_and_stops_counting_at_exec() {
+        let mut eps = episodes();
+        eps.apply(&ev(EventKind::Spawn, 100, 300, 0, "bash"));
+        eps.apply(&copy(300, MS / 10, STACK, 900));
+        eps.apply(&copy(100, MS / 5, STACK, 900));
+        eps.apply(&ev(EventKind::Exec, 300, 0, MS / 2, "ls"));
+        // After the exec: the child's new program and the parent's now
+        // exclusive pages owe nothing to the fork.
+        eps.apply(&copy(300, MS, HEAP, 900));
+        eps.apply(&copy(100, MS, HEAP, 900));
+        eps.apply(&ev(EventKind::Exit, 300, 0, 4 * MS, "ls"));
+        let e = &eps.take_finished()[0];
+        assert_eq!((e.kind, e.child_comm.as_str()), ("fork+exec", "ls"));
+        assert_eq!((e.parent_copies, e.child_copies), (1, 1));
+        assert_eq!(e.exec_after_ns, Some(MS / 2));
+        assert_eq!(e.child_lifetime_ns, Some(4 * MS));
+        let line = e.line();
+        assert!(line.starts_with("fork+exec bash[100] -> ls[300]: fork -, exec after 500.0us"), "{line}");
+    }
+
+    #[test]
+    fn a_parent_copy_goes_to_its_newest_sharing_fork() {
+        let mut eps = episodes();
+        eps.apply(&ev(EventKind::Spawn, 100, 201, 0, "prefork"));
+        eps.apply(&ev(EventKind::Spawn, 100, 202, MS, "prefork"));
+        eps.apply(&copy(100, 2 * MS, HEAP, 0)); // -> 202
+        eps.apply(&ev(EventKind::Exec, 202, 0, 3 * MS, "worker"));
+        eps.apply(&copy(100, 4 * MS, HEAP, 0)); // 202 exec'd -> 201
+        eps.apply(&ev(EventKind::Exit, 201, 0, 5 * MS, "prefork"));
+        eps.apply(&copy(100, 6 * MS, HEAP, 0)); // no sharing fork left
+        eps.apply(&ev(EventKind::Exit, 202, 0, 7 * MS, "worker"));
+        let done = eps.take_finished();
+        let by_child = |c| done.iter().find(|e| e.child == c).unwrap();
+        assert_eq!(by_child(201).parent_copies, 1);
+        assert_eq!(by_child(202).parent_copies, 1);
+        assert_eq!(done.len(), 2);
+    }
+
+    #[test]
+    fn maps_are_reread_for_new_addresses_but_not_on_every_miss() {
+        use std::{cell::Cell, rc::Rc};
+        let reads = Rc::new(Cell::new(0));
+        let r = reads.clone();
+        let mut eps = Episodes::new(
+            4096,
+            Box::new(move |_| {
+                r.set(r.get() + 1);
+                // The second read sees a mapping made after the first.
+                Some(if r.get() == 1 {
+                    MAPS.to_string()
+                } else {
+                    format!("{MAPS}7f0000000000-7f0000100000 rw-p 00000000 00:00 0 \n")
+                })
+            }),
+        );
+        eps.apply(&ev(EventKind::Spawn, 100, 200, 0, "p"));
+        eps.apply(&copy(100, MS, HEAP, 0));
+        assert_eq!(reads.get(), 1);
+        eps.apply(&copy(100, 2 * MS, 0x7f0000000000, 0)); // miss, too soon to re-read
+        assert_eq!(reads.get(), 1);
+        eps.apply(&copy(100, 200 * MS, 0x7f0000001000, 0)); // miss, re-read: found
+        eps.apply(&copy(100, 201 * MS, 0x10, 0)); // miss, too soon again
+        assert_eq!(reads.get(), 2);
+        eps.apply(&ev(EventKind::Exit, 200, 0, 300 * MS, "p"));
+        let regions = &eps.take_finished()[0].top_regions;
+        assert_eq!(regions[0], RegionBytes { region: UNMAPPED.into(), bytes: 2 * 4096 });
+        assert!(regions.contains(&RegionBytes { region: "[anon 7f0000000000]".into(), bytes: 4096 }));
+        assert!(regions.contains(&RegionBytes { region: "[heap]".into(), bytes: 4096 }));
+    }
+
+    #[test]
+    fn a_gone_parent_leaves_its_childs_maps() {
+        let mut eps = Episodes::new(4096, Box::new(|pid| (pid == 200).then(|| MAPS.to_string())));
+        eps.apply(&ev(EventKind::Spawn, 100, 200, 0, "p"));
+        eps.apply(&ev(EventKind::Exit, 100, 0, MS, "p"));
+        eps.apply(&copy(200, 2 * MS, STACK, 0));
+        eps.apply(&ev(EventKind::Exit, 200, 0, 3 * MS, "p"));
+        let e = &eps.take_finished()[0];
+        assert_eq!(e.top_regions, vec![RegionBytes { region: "[stack]".into(), bytes: 4096 }]);
+    }
+
+    #[test]
+    fn running_and_lost_episodes_show_in_the_summary() {
+        let mut eps = episodes().with_max_kept(1);
+        eps.apply(&ev(EventKind::Spawn, 100, 200, 0, "p"));
+        eps.apply(&copy(200, MS, HEAP, 0));
+        // 200's exit was lost and its PID comes back.
+        eps.apply(&ev(EventKind::Spawn, 100, 200, 2 * MS, "p"));
+        eps.apply(&ev(EventKind::Spawn, 100, 201, 3 * MS, "p"));
+        eps.apply(&ev(EventKind::Exit, 201, 0, 4 * MS, "p"));
+        let all = eps.all();
+        assert_eq!(eps.dropped, 1, "the lost one fell out of the bound of 1");
+        assert_eq!(all.len(), 2);
+        assert_eq!((all[0].child, all[0].child_lifetime_ns), (201, Some(MS)));
+        assert_eq!((all[1].child, all[1].child_lifetime_ns, all[1].child_copies), (200, None, 0));
+        assert!(all[1].line().contains("child still running"));
+        assert_eq!(eps.take_finished().len(), 1, "only real exits are reported as they happen");
+    }
+
+    #[test]
+    fn json_names_are_the_documented_schema() {
+        let mut eps = episodes();
+        eps.apply(&ev(EventKind::Spawn, 100, 200, 0, "p"));
+        eps.apply(&ev(EventKind::Exit, 200, 0, MS, "p"));
+        let v = serde_json::to_value(&eps.take_finished()[0]).unwrap();
+        for key in [
+            "kind",
+            "parent",
+            "parent_comm",
+            "child",
+            "child_comm",
+            "start_ns",
+            "fork_latency_ns",
+            "child_lifetime_ns",
+            "parent_copies",
+            "child_copies",
+            "copied_bytes",
+            "peak_copy_bytes_per_s",
+            "cow_latency_ns",
+            "top_regions",
+        ] {
+            assert!(v.get(key).is_some(), "{key} missing from {v}");
+        }
+        assert!(v["fork_latency_ns"].is_null());
+        assert_eq!(v["exit_status"], 0);
+        assert!(v.get("exec_after_ns").is_none());
+    }
+}

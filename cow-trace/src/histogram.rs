@@ -1,0 +1,310 @@
+//! Latency histograms.
+//!
+//! [`Histogram`] keeps log-linear buckets (16 per power of two, so any
+//! reported percentile is within 1/32 of the true value) and exact min, max
+//! and count. It grows only as far as the largest value seen, so the many
+//! short-lived processes of a fork storm cost a few hundred bytes each.
+//! [`Log2`] is the bcc/libbpf-tools display histogram.
+
+use serde::Serialize;
+
+const SUB_BITS: u32 = 4;
+const SUB: u64 = 1 << SUB_BITS;
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Histogram {
+    buckets: Vec<u64>,
+    count: u64,
+    min: u64,
+    max: u64,
+}
+
+/// The summary figures printed and serialised for a latency distribution.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Summary {
+    pub count: u64,
+    pub min: u64,
+    pub p50: u64,
+    pub p99: u64,
+    pub max: u64,
+}
+
+fn index(v: u64) -> usize {
+    if v < SUB {
+        return v as usize;
+    }
+    let exp = 63 - v.leading_zeros(); // >= SUB_BITS
+    let mantissa = (v >> (exp - SUB_BITS)) & (SUB - 1);
+    ((exp - SUB_BITS + 1) as u64 * SUB + mantissa) as usize
+}
+
+/// Inclusive value range of bucket `i`.
+fn bounds(i: usize) -> (u64, u64) {
+    let i = i as u64;
+    if i < SUB {
+        return (i, i);
+    }
+    let exp = (i / SUB) as u32 + SUB_BITS - 1;
+    let mantissa = i % SUB;
+    let width = 1u64 << (exp - SUB_BITS);
+    let lo = (SUB + mantissa) << (exp - SUB_BITS);
+    (lo, lo + (width - 1))
+}
+
+impl Histogram {
+    pub fn record(&mut self, v: u64) {
+        let i = index(v);
+        if self.buckets.len() <= i {
+            self.buckets.resize(i + 1, 0);
+        }
+        self.buckets[i] += 1;
+        if self.count == 0 || v < self.min {
+            self.min = v;
+        }
+        self.max = self.max.max(v);
+        self.count += 1;
+    }
+
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+
+    pub fn merge(&mut self, other: &Histogram) {
+        if other.count == 0 {
+            return;
+        }
+        if self.buckets.len() < other.buckets.len() {
+            self.buckets.resize(other.buckets.len(), 0);
+        }
+        for (a, b) in self.buckets.iter_mut().zip(&other.buckets) {
+            *a += b;
+        }
+        self.min = if self.count == 0 { other.min } else { self.min.min(other.min) };
+        self.max = self.max.max(other.max);
+        self.count += other.count;
+    }
+
+    /// The value at quantile `q` (0..=1): the midpoint of the bucket holding
+    /// the `ceil(q * count)`-th smallest sample, clamped to [min, max].
+    pub fn quantile(&self, q: f64) -> u64 {
+        if self.count == 0 {
+            return 0;
+        }
+        let rank = ((q.clamp(0.0, 1.0) * self.count as f64).ceil() as u64).max(1);
+        let mut seen = 0;
+        for (i, n) in self.buckets.iter().enumerate() {
+            seen += n;
+            if seen >= rank {
+                let (lo, hi) = bounds(i);
+                return (lo + (hi - lo) / 2).clamp(self.min, self.max);
+            }
+        }
+        self.max
+    }
+
+    pub fn summary(&self) -> Summary {
+        Summary {
+            count: self.count,
+            min: if self.count == 0 { 0 } else { self.min },
+            p50: self.quantile(0.50),
+            p99: self.quantile(0.99),
+            max: self.max,
+        }
+    }
+
+    /// Folds the samples into power-of-two buckets of `value / divisor`, as
+    /// bcc does after converting nanoseconds to the display unit. Exact when
+    /// `divisor` is 1; otherwise each log-linear bucket is placed by its
+    /// midpoint.
+    pub fn to_log2(&self, divisor: u64) -> Log2 {
+        let mut out = Log2::default();
+        for (i, &n) in self.buckets.iter().enumerate() {
+            if n > 0 {
+                let (lo, hi) = bounds(i);
+                out.add((lo + (hi - lo) / 2) / divisor.max(1), n);
+            }
+        }
+        out
+    }
+}
+
+/// Power-of-two histogram: slot k counts values in [2^k, 2^(k+1) - 1],
+/// slot 0 also counts zero (as bcc's `log2l` does).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Log2 {
+    pub slots: Vec<u64>,
+}
+
+/// One printed or serialised row of a [`Log2`] histogram.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct Log2Row {
+    pub lo: u64,
+    pub hi: u64,
+    pub count: u64,
+}
+
+impl Log2 {
+    pub fn add(&mut self, v: u64, n: u64) {
+        let slot = if v == 0 { 0 } else { 63 - v.leading_zeros() as usize };
+        if self.slots.len() <= slot {
+            self.slots.resize(slot + 1, 0);
+        }
+        self.slots[slot] += n;
+    }
+
+    pub fn rows(&self) -> Vec<Log2Row> {
+        self.slots
+            .iter()
+            .enumerate()
+            .map(|(k, &count)| {
+                let lo = if k == 0 { 0 } else { 1u64 << k };
+                let hi = (1u64 << (k + 1)) - 1;
+                Log2Row { lo, hi, count }
+            })
+            .collect()
+    }
+
+    /// The rows that hold samples (what JSON output carries).
+    pub fn nonzero_rows(&self) -> Vec<Log2Row> {
+        self.rows().into_iter().filter(|r| r.count > 0).collect()
+    }
+
+    /// bcc's `print_log2_hist` layout, e.g.
+    /// `       256 -> 511        : 12       |****                |`.
+    pub fn render(&self, unit: &str) -> String {
+        let rows = self.rows();
+        let Some(max) = rows.iter().map(|r| r.count).max().filter(|&m| m > 0) else {
+            return String::new();
+        };
+        // Leading empty rows are dropped, as bcc does.
+        let first = rows.iter().position(|r| r.count > 0).unwrap_or(0);
+        let mut out = format!("{:>22} : count    distribution\n", unit);
+        for r in &rows[first..] {
+            let stars = ((r.count as f64 / max as f64) * 40.0).round() as usize;
+            out.push_str(&format!(
+                "{:>10} -> {:<10} : {:<8} |{:<40}|\n",
+                r.lo,
+                r.hi,
+                r.count,
+                "*".repeat(stars)
+            ));
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_tile_the_number_line() {
+        // Consecutive buckets are adjacent and each value lands in the bucket
+        // whose bounds contain it.
+        let mut expected_lo = 0;
+        for i in 0..index(u64::MAX) {
+            let (lo, hi) = bounds(i);
+            assert_eq!(lo, expected_lo, "bucket {i}");
+            assert!(hi >= lo);
+            assert_eq!(index(lo), i);
+            assert_eq!(index(hi), i);
+            expected_lo = hi + 1;
+        }
+        assert_eq!(bounds(index(u64::MAX)).1, u64::MAX);
+    }
+
+    #[test]
+    fn relative_error_is_bounded() {
+        for v in [17u64, 100, 999, 4096, 123_456, 9_999_999, 1 << 40] {
+            let mut h = Histogram::default();
+            h.record(1);
+            h.record(v);
+            h.record(u64::MAX / 2);
+            let p50 = h.quantile(0.5);
+            let err = (p50 as f64 - v as f64).abs() / v as f64;
+            assert!(err <= 1.0 / 32.0, "v={v} p50={p50} err={err}");
+        }
+    }
+
+    #[test]
+    fn percentiles_of_a_known_distribution() {
+        let mut h = Histogram::default();
+        for v in 1..=1000u64 {
+            h.record(v * 1000);
+        }
+        let s = h.summary();
+        assert_eq!((s.count, s.min, s.max), (1000, 1000, 1_000_000));
+        let close = |got: u64, want: u64| (got as f64 - want as f64).abs() / (want as f64) < 0.035;
+        assert!(close(s.p50, 500_000), "p50 {}", s.p50);
+        assert!(close(s.p99, 990_000), "p99 {}", s.p99);
+    }
+
+    #[test]
+    fn small_values_are_exact_and_empty_is_zero() {
+        let mut h = Histogram::default();
+        assert_eq!(h.summary(), Summary::default());
+        for v in [3, 3, 7, 15] {
+            h.record(v);
+        }
+        assert_eq!(h.quantile(0.5), 3);
+        assert_eq!(h.quantile(1.0), 15);
+        assert_eq!(h.quantile(0.0), 3);
+    }
+
+    #[test]
+    fn merge_equals_recording_everything_once() {
+        let (mut a, mut b, mut all) = (Histogram::default(), Histogram::default(), Histogram::default());
+        for v in 0..500u64 {
+            let x = v * v * 37 + 5;
+            if v % 3 == 0 {
+                a.record(x)
+            } else {
+                b.record(x)
+            }
+            all.record(x);
+        }
+        a.merge(&b);
+        assert_eq!(a, all);
+        let mut empty = Histogram::default();
+        empty.merge(&all);
+        assert_eq!(empty, all);
+    }
+
+    #[test]
+    fn log2_slots_and_rendering() {
+        let mut l = Log2::default();
+        for v in [0, 1, 2, 3, 4, 7, 8, 1000] {
+            l.add(v, 1);
+        }
+        let rows = l.rows();
+        assert_eq!(rows[0], Log2Row { lo: 0, hi: 1, count: 2 });
+        assert_eq!(rows[1], Log2Row { lo: 2, hi: 3, count: 2 });
+        assert_eq!(rows[2], Log2Row { lo: 4, hi: 7, count: 2 });
+        assert_eq!(rows[3], Log2Row { lo: 8, hi: 15, count: 1 });
+        assert_eq!(rows[9], Log2Row { lo: 512, hi: 1023, count: 1 });
+        assert_eq!(l.nonzero_rows().len(), 5);
+        assert_eq!(l.nonzero_rows()[4], rows[9]);
+        let text = l.render("usecs");
+        assert!(text.starts_with("                 usecs : count    distribution\n"));
+        assert!(
+            text.contains("         0 -> 1          : 2        |****************************************|")
+        );
+        assert!(
+            text.contains("       512 -> 1023       : 1        |********************                    |")
+        );
+        assert_eq!(Log2::default().render("usecs"), "");
+    }
+
+    #[test]
+    fn log2_from_histogram_in_display_units() {
+        let mut h = Histogram::default();
+        for _ in 0..10 {
+            h.record(1_500); // 1.5 us
+        }
+        h.record(40_000); // 40 us
+        let l = h.to_log2(1000);
+        let rows = l.rows();
+        assert_eq!(rows[0].count, 10); // 1 us -> slot [0,1]
+        assert_eq!(rows[5], Log2Row { lo: 32, hi: 63, count: 1 });
+    }
+}

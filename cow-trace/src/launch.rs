@@ -1,0 +1,206 @@
+//! Launch mode: start the command held at a gate until tracing is attached,
+//! so that nothing it does (its first fork included) goes unseen.
+//!
+//! `std::process::Command::spawn` waits for the child's exec, which would
+//! deadlock with a gate in `pre_exec`; hence a plain fork/exec here, done
+//! before the async runtime starts its threads.
+
+use std::{
+    ffi::{CString, OsString},
+    io,
+    os::{
+        fd::{AsRawFd, FromRawFd, OwnedFd},
+        unix::ffi::OsStrExt,
+    },
+    path::PathBuf,
+};
+
+use anyhow::{anyhow, bail, Context as _, Result};
+
+pub struct Gated {
+    pub pid: u32,
+    pub program: String,
+    gate: Option<OwnedFd>,
+    exec_err: OwnedFd,
+}
+
+fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: fds is a valid 2-element array.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: both descriptors were just created and are owned here.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// Resolves the program as a shell would: a name with a slash is a path,
+/// anything else is looked up in PATH.
+pub fn resolve(program: &OsString) -> Result<PathBuf> {
+    let shown = program.to_string_lossy();
+    if program.as_bytes().contains(&b'/') {
+        let path = PathBuf::from(program);
+        if !path.is_file() {
+            bail!("cannot run {shown}: no such file");
+        }
+        return Ok(path);
+    }
+    which::which(program).map_err(|_| anyhow!("command not found: {shown} (not in PATH)"))
+}
+
+/// Forks a child that waits at the gate, then execs `argv`.
+pub fn spawn_gated(argv: &[OsString]) -> Result<Gated> {
+    let path = resolve(&argv[0])?;
+    let c_path = CString::new(path.as_os_str().as_bytes()).context("NUL in command path")?;
+    let c_args = argv
+        .iter()
+        .map(|a| CString::new(a.as_bytes()))
+        .collect::<Result<Vec<_>, _>>()
+        .context("NUL byte in a command argument")?;
+    let mut c_argv: Vec<*const libc::c_char> = c_args.iter().map(|a| a.as_ptr()).collect();
+    c_argv.push(std::ptr::null());
+
+    let (gate_r, gate_w) = pipe()?;
+    let (err_r, err_w) = pipe()?;
+    // SAFETY: the child only calls async-signal-safe functions (read, execv,
+    // write, _exit) on memory prepared before the fork.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(io::Error::last_os_error()).context("fork failed");
+    }
+    if pid == 0 {
+        unsafe {
+            libc::close(gate_w.as_raw_fd());
+            libc::close(err_r.as_raw_fd());
+            let mut b = 0u8;
+            // EOF instead of a byte: the tracer gave up; do not run.
+            if libc::read(gate_r.as_raw_fd(), (&mut b as *mut u8).cast(), 1) != 1 {
+                libc::_exit(127);
+            }
+            libc::execv(c_path.as_ptr(), c_argv.as_ptr());
+            let errno = *libc::__errno_location();
+            libc::write(err_w.as_raw_fd(), (&errno as *const i32).cast(), 4);
+            libc::_exit(127);
+        }
+    }
+    drop(gate_r);
+    drop(err_w);
+    Ok(Gated {
+        pid: pid as u32,
+        program: argv[0].to_string_lossy().into_owned(),
+        gate: Some(gate_w),
+        exec_err: err_r,
+    })
+}
+
+impl Gated {
+    /// Lets the child exec; fails if the exec did.
+    pub fn release(&mut self) -> Result<()> {
+        let gate = self.gate.take().expect("released once");
+        let one = 1u8;
+        // SAFETY: writing one byte from a valid buffer.
+        if unsafe { libc::write(gate.as_raw_fd(), (&one as *const u8).cast(), 1) } != 1 {
+            return Err(io::Error::last_os_error()).context("cannot release the command");
+        }
+        drop(gate);
+        let mut errno = 0i32;
+        // The close-on-exec pipe reads EOF when the exec succeeded.
+        let n = unsafe { libc::read(self.exec_err.as_raw_fd(), (&mut errno as *mut i32).cast(), 4) };
+        if n == 4 {
+            reap(self.pid);
+            bail!("cannot run {}: {}", self.program, io::Error::from_raw_os_error(errno));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Gated {
+    fn drop(&mut self) {
+        // Never released: closing the gate makes the child exit unrun.
+        if self.gate.take().is_some() {
+            reap(self.pid);
+        }
+    }
+}
+
+/// Waits for `pid` and returns its raw wait status.
+pub fn reap(pid: u32) -> i32 {
+    let mut status = 0;
+    loop {
+        // SAFETY: plain waitpid on our own child.
+        let r = unsafe { libc::waitpid(pid as libc::pid_t, &mut status, 0) };
+        if r >= 0 || io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+            return status;
+        }
+    }
+}
+
+/// The shell convention: exit code, or 128 + signal number.
+pub fn exit_code(status: i32) -> i32 {
+    if libc::WIFEXITED(status) {
+        libc::WEXITSTATUS(status)
+    } else if libc::WIFSIGNALED(status) {
+        128 + libc::WTERMSIG(status)
+    } else {
+        1
+    }
+}
+
+/// A pidfd becomes readable when the process exits.
+pub fn pidfd(pid: u32) -> io::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a new descriptor owned here.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gated_command_runs_only_when_released() {
+        let mut g = spawn_gated(&["sh".into(), "-c".into(), "exit 7".into()]).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        // Still at the gate: not exited.
+        let mut status = 0;
+        assert_eq!(unsafe { libc::waitpid(g.pid as i32, &mut status, libc::WNOHANG) }, 0);
+        g.release().unwrap();
+        assert_eq!(exit_code(reap(g.pid)), 7);
+    }
+
+    #[test]
+    fn unreleased_command_never_runs() {
+        let dir = std::env::temp_dir().join(format!("cow-trace-gate-{}", std::process::id()));
+        let marker = dir.to_string_lossy().to_string();
+        let g = spawn_gated(&["sh".into(), "-c".into(), format!("touch {marker}").into()]).unwrap();
+        drop(g);
+        assert!(!dir.exists());
+    }
+
+    #[test]
+    fn missing_commands_fail_early() {
+        let e = spawn_gated(&["no-such-command-xyz".into()]).err().unwrap().to_string();
+        assert_eq!(e, "command not found: no-such-command-xyz (not in PATH)");
+        let e = spawn_gated(&["/nonexistent/bin".into()]).err().unwrap().to_string();
+        assert_eq!(e, "cannot run /nonexistent/bin: no such file");
+        // A file that exists but is no program fails at release.
+        use std::os::unix::fs::PermissionsExt as _;
+        let path = std::env::temp_dir().join(format!("cow-trace-notexec-{}", std::process::id()));
+        std::fs::write(&path, [0u8, 1, 2, 3]).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let mut g = spawn_gated(&[path.clone().into()]).unwrap();
+        let e = g.release().unwrap_err().to_string();
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(e, format!("cannot run {}: Exec format error (os error 8)", path.display()));
+    }
+
+    #[test]
+    fn exit_codes() {
+        assert_eq!(exit_code(3 << 8), 3);
+        assert_eq!(exit_code(libc::SIGKILL), 128 + 9);
+    }
+}

@@ -1,0 +1,113 @@
+//! Bad input: each case ends with a non-zero exit and an error that names
+//! the problem, before anything is loaded into the kernel.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+/// Our own errors are exactly one line: `cow-trace: error: ...`.
+fn one_line_error(args: &[&str]) -> String {
+    let r = run(args, Duration::from_secs(30));
+    assert_eq!(r.status.code(), Some(1), "{args:?}: {}", r.stderr);
+    let lines: Vec<_> = r.stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "{args:?}: expected one line, got:\n{}", r.stderr);
+    assert!(lines[0].starts_with("cow-trace: error: "), "{}", lines[0]);
+    assert!(r.stdout.is_empty(), "nothing on stdout on error: {}", r.stdout);
+    lines[0].to_string()
+}
+
+/// Argument errors are clap's: exit 2, first line names the problem.
+fn usage_error(args: &[&str]) -> String {
+    let r = run(args, Duration::from_secs(30));
+    assert_eq!(r.status.code(), Some(2), "{args:?}: {}", r.stderr);
+    r.stderr.lines().next().unwrap_or_default().to_string()
+}
+
+#[test]
+fn malformed_arguments_are_refused_by_the_parser() {
+    for (args, needle) in [
+        (&["-p", "abc"][..], "'abc' is not a PID"),
+        (&["-p", "-5"], "-5 is not a valid PID"),
+        (&["-p", "0"], "0 is not a valid PID"),
+        (&["-p", "99999999"], "99999999 is not a valid PID"),
+        (&["-i", "0"], "an interval of 0 s is out of range"),
+        (&["-d", "100000000"], "a duration of 100000000 s is out of range"),
+        (&["-i", "soon"], "'soon' is not a number of seconds"),
+        (&["--ring-buffer-size", "3M"], "not a power of two"),
+        (&["--backend", "magic"], "invalid value 'magic'"),
+    ] {
+        let first = usage_error(args);
+        assert!(first.contains(needle), "{args:?}: {first}");
+    }
+}
+
+#[test]
+fn conflicting_options_are_refused() {
+    // These are checked before privileges, so they hold for any user.
+    assert!(one_line_error(&["-p", "1", "--", "true"]).contains("use either -p PID or -- COMMAND, not both"));
+    assert!(one_line_error(&["--no-follow"]).contains("--no-follow needs -p PID or a command"));
+    assert!(one_line_error(&["--", ""]).contains("the command after `--` is empty"));
+}
+
+#[test]
+fn unknown_kernel_and_thread_pids_are_refused() {
+    if !need_root("unknown_kernel_and_thread_pids_are_refused") {
+        return;
+    }
+    let e = one_line_error(&["-p", "4194304"]);
+    assert!(e.contains("no process with PID 4194304"), "{e}");
+    // One good PID does not excuse a bad one.
+    let e = one_line_error(&["-p", "1", "-p", "4194303"]);
+    assert!(e.contains("no process with PID 4194303"), "{e}");
+
+    let kthreadd = std::fs::read_to_string("/proc/2/status").unwrap_or_default();
+    if kthreadd.contains("Name:\tkthreadd") {
+        let e = one_line_error(&["-p", "2"]);
+        assert!(e.contains("PID 2 (kthreadd) is a kernel thread"), "{e}");
+    } else {
+        eprintln!("note: PID 2 is not kthreadd here; kernel-thread case checked in unit tests only");
+    }
+
+    let (tx, rx) = std::sync::mpsc::channel();
+    let h = std::thread::spawn(move || {
+        tx.send(unsafe { libc::gettid() }).unwrap();
+        std::thread::sleep(Duration::from_secs(3));
+    });
+    let tid = rx.recv().unwrap();
+    let e = one_line_error(&["-p", &tid.to_string()]);
+    assert!(e.contains(&format!("PID {tid} is a thread of process {}", std::process::id())), "{e}");
+    h.join().unwrap();
+}
+
+#[test]
+fn commands_that_cannot_run_are_refused_before_loading() {
+    if !need_root("commands_that_cannot_run_are_refused_before_loading") {
+        return;
+    }
+    let e = one_line_error(&["--", "/no/such/program"]);
+    assert!(e.ends_with("cannot run /no/such/program: no such file"), "{e}");
+    let e = one_line_error(&["--", "no-such-program-anywhere"]);
+    assert!(e.ends_with("command not found: no-such-program-anywhere (not in PATH)"), "{e}");
+}
+
+#[test]
+fn unprivileged_users_are_told_what_is_needed() {
+    if !need_root("unprivileged_users_are_told_what_is_needed (needs root to drop to nobody)") {
+        return;
+    }
+    // Drop to nobody with no capabilities, as an ordinary user would run it.
+    let r = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all", "--bounding-set=-all"])
+        .arg(COW_TRACE)
+        .args(["-p", "1"])
+        .output()
+        .expect("setpriv (util-linux)");
+    let stderr = String::from_utf8_lossy(&r.stderr);
+    assert_eq!(r.status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("insufficient privileges"), "{stderr}");
+    assert!(stderr.contains("CAP_BPF and CAP_PERFMON"), "{stderr}");
+    assert!(stderr.contains("sudo"), "{stderr}");
+}

@@ -1,0 +1,328 @@
+//! Helpers shared by the integration tests: running the real binaries,
+//! reading their JSON, and skipping loudly where root is missing.
+#![allow(dead_code)]
+
+use std::{
+    io::{BufRead, BufReader, Read},
+    path::PathBuf,
+    process::{Child, Command, ExitStatus, Stdio},
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+pub const COW_TRACE: &str = env!("CARGO_BIN_EXE_cow-trace");
+pub const WORKLOAD: &str = env!("CARGO_BIN_EXE_cow-workload");
+
+pub fn is_root() -> bool {
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// True when the test may run. Without root it prints a SKIPPED line, or
+/// fails when the environment demands every test run (CI sets
+/// COW_TRACE_REQUIRE_ROOT=1 through `cargo xtask test` as root).
+pub fn need_root(test: &str) -> bool {
+    if is_root() {
+        return true;
+    }
+    if std::env::var_os("COW_TRACE_REQUIRE_ROOT").is_some() {
+        panic!("{test} needs root and COW_TRACE_REQUIRE_ROOT is set");
+    }
+    eprintln!("SKIPPED {test}: loads BPF programs, needs root (run `sudo -E cargo xtask test`)");
+    false
+}
+
+pub fn cow_trace() -> Command {
+    let mut c = Command::new(COW_TRACE);
+    c.env("RUST_LOG", "warn");
+    c
+}
+
+pub fn wait_timeout(child: &mut Child, limit: Duration) -> ExitStatus {
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return status;
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("process {} did not finish within {limit:?}", child.id());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Output of a finished run, split into cow-trace's JSON records and any
+/// other JSON lines (the workload shares stdout in launch mode).
+pub struct Run {
+    /// PID of the cow-trace process itself.
+    pub child_pid: u32,
+    pub status: ExitStatus,
+    pub records: Vec<Value>,
+    pub others: Vec<Value>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    pub fn from_output(child_pid: u32, status: ExitStatus, stdout: String, stderr: String) -> Self {
+        let mut records = Vec::new();
+        let mut others = Vec::new();
+        for line in stdout.lines() {
+            if let Ok(v) = serde_json::from_str::<Value>(line) {
+                if v.get("type").is_some() {
+                    records.push(v)
+                } else {
+                    others.push(v)
+                }
+            }
+        }
+        Run { child_pid, status, records, others, stdout, stderr }
+    }
+
+    pub fn summary(&self) -> &Value {
+        self.records.iter().find(|r| r["type"] == "summary").unwrap_or_else(|| {
+            panic!("no summary record\nstdout:\n{}\nstderr:\n{}", self.stdout, self.stderr)
+        })
+    }
+
+    pub fn workload(&self) -> &Value {
+        self.others.iter().find(|v| v.get("children").is_some()).expect("workload report")
+    }
+}
+
+/// Reads a pipe to its end on a thread of its own (so that a full pipe
+/// never blocks the child).
+fn slurp(mut r: impl Read + Send + 'static) -> std::thread::JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut s = String::new();
+        r.read_to_string(&mut s).unwrap();
+        s
+    })
+}
+
+/// The cow-trace arguments that launch the ground-truth workload.
+pub fn launch_workload(pages: u64, child_writes: u64, parent_writes: u64) -> Vec<String> {
+    let mut v: Vec<String> = vec!["--".into(), WORKLOAD.into()];
+    for (flag, n) in
+        [("--pages", pages), ("--child-writes", child_writes), ("--parent-writes", parent_writes)]
+    {
+        v.push(flag.into());
+        v.push(n.to_string());
+    }
+    v
+}
+
+/// Starts cow-trace with its output piped to the test.
+fn spawn(args: &[&str]) -> Child {
+    cow_trace()
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn cow-trace")
+}
+
+/// Runs cow-trace to completion with a time limit.
+pub fn run(args: &[&str], limit: Duration) -> Run {
+    let mut child = spawn(args);
+    let t_out = slurp(child.stdout.take().unwrap());
+    let t_err = slurp(child.stderr.take().unwrap());
+    let status = wait_timeout(&mut child, limit);
+    Run::from_output(child.id(), status, t_out.join().unwrap(), t_err.join().unwrap())
+}
+
+/// A cow-trace started in the background, stopped by the test.
+pub struct Background {
+    pub child: Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    collected: Vec<String>,
+    err: Option<std::thread::JoinHandle<String>>,
+}
+
+impl Background {
+    pub fn start(args: &[&str]) -> Self {
+        let mut child = spawn(args);
+        let out = child.stdout.take().unwrap();
+        let err = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines() {
+                if tx.send(line.unwrap()).is_err() {
+                    break;
+                }
+            }
+        });
+        let err = slurp(err);
+        Background { child, lines: rx, collected: Vec::new(), err: Some(err) }
+    }
+
+    /// Waits for the first stdout line, printed once the probes are attached.
+    pub fn wait_attached(&mut self) {
+        let line = self.lines.recv_timeout(Duration::from_secs(60)).unwrap_or_else(|_| {
+            let _ = self.child.kill();
+            panic!("cow-trace printed nothing: {}", self.err.take().unwrap().join().unwrap())
+        });
+        self.collected.push(line);
+    }
+
+    pub fn signal(&self, sig: i32) {
+        unsafe { libc::kill(self.child.id() as i32, sig) };
+    }
+
+    pub fn finish(mut self, limit: Duration) -> Run {
+        let status = wait_timeout(&mut self.child, limit);
+        while let Ok(l) = self.lines.recv_timeout(Duration::from_secs(5)) {
+            self.collected.push(l);
+        }
+        let stderr = self.err.take().unwrap().join().unwrap();
+        Run::from_output(self.child.id(), status, self.collected.join("\n") + "\n", stderr)
+    }
+}
+
+/// The process row for `pid` in a summary or interval record.
+pub fn row<'a>(record: &'a Value, pid: u64) -> Option<&'a Value> {
+    record["processes"].as_array()?.iter().find(|p| p["pid"] == pid)
+}
+
+pub fn u(v: &Value) -> u64 {
+    v.as_u64().unwrap_or_else(|| panic!("not a number: {v}"))
+}
+
+/// A workload started directly, held before its fork until `go()`.
+pub struct HeldWorkload {
+    pub child: Child,
+    pub pid: u32,
+    go_file: PathBuf,
+}
+
+impl HeldWorkload {
+    pub fn start(pages: u64, child_writes: u64, parent_writes: u64) -> Self {
+        let go_file =
+            std::env::temp_dir().join(format!("cow-trace-go-{}-{}", std::process::id(), rand_suffix()));
+        let _ = std::fs::remove_file(&go_file);
+        let mut child = Command::new(WORKLOAD)
+            .args(["--pages", &pages.to_string()])
+            .args(["--child-writes", &child_writes.to_string()])
+            .args(["--parent-writes", &parent_writes.to_string()])
+            .arg("--go-file")
+            .arg(&go_file)
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn workload");
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        let pid = line.trim().strip_prefix("ready ").expect("ready line").parse().unwrap();
+        child.stdout = Some(out.into_inner());
+        HeldWorkload { child, pid, go_file }
+    }
+
+    pub fn go(&self) {
+        std::fs::write(&self.go_file, b"").unwrap();
+    }
+
+    /// Waits for the workload and returns its report.
+    pub fn finish(mut self) -> Value {
+        let mut s = String::new();
+        self.child.stdout.take().unwrap().read_to_string(&mut s).unwrap();
+        let status = wait_timeout(&mut self.child, Duration::from_secs(60));
+        assert!(status.success(), "workload failed: {status}");
+        let _ = std::fs::remove_file(&self.go_file);
+        serde_json::from_str(s.trim()).expect("workload JSON")
+    }
+}
+
+fn rand_suffix() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
+}
+
+/// IDs of the BPF programs loaded right now, from bpftool (the peer a user
+/// would check with).
+pub fn bpf_prog_ids() -> std::collections::BTreeSet<u64> {
+    let out = Command::new("bpftool")
+        .args(["-j", "prog", "show"])
+        .output()
+        .expect("bpftool is needed for this test (apt-get install bpftool)");
+    assert!(out.status.success(), "bpftool failed: {}", String::from_utf8_lossy(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).expect("bpftool JSON");
+    v.as_array().unwrap().iter().map(|p| u(&p["id"])).collect()
+}
+
+/// IDs of the BPF programs a process holds open, from its fdinfo.
+pub fn prog_ids_held_by(pid: u32) -> std::collections::BTreeSet<u64> {
+    let mut ids = std::collections::BTreeSet::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fdinfo")).expect("fdinfo").flatten() {
+        let info = std::fs::read_to_string(entry.path()).unwrap_or_default();
+        for line in info.lines() {
+            if let Some(id) = line.strip_prefix("prog_id:") {
+                ids.insert(id.trim().parse().unwrap());
+            }
+        }
+    }
+    ids
+}
+
+/// IDs of the BPF maps a process holds open, from its fdinfo.
+pub fn map_ids_held_by(pid: u32) -> std::collections::BTreeSet<u64> {
+    let mut ids = std::collections::BTreeSet::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fdinfo")).expect("fdinfo").flatten() {
+        let info = std::fs::read_to_string(entry.path()).unwrap_or_default();
+        if info.contains("map_type:") {
+            for line in info.lines() {
+                if let Some(id) = line.strip_prefix("map_id:") {
+                    ids.insert(id.trim().parse().unwrap());
+                }
+            }
+        }
+    }
+    ids
+}
+
+/// Entries in a hash map, by its name among the maps of `pid`, via bpftool.
+pub fn hash_map_entries(pid: u32, name: &str) -> usize {
+    for id in map_ids_held_by(pid) {
+        let show =
+            Command::new("bpftool").args(["-j", "map", "show", "id", &id.to_string()]).output().unwrap();
+        let v: Value = serde_json::from_slice(&show.stdout).unwrap_or(Value::Null);
+        if v["name"] == name {
+            let dump =
+                Command::new("bpftool").args(["-j", "map", "dump", "id", &id.to_string()]).output().unwrap();
+            let d: Value = serde_json::from_slice(&dump.stdout).expect("bpftool map dump JSON");
+            return d.as_array().map_or(0, Vec::len);
+        }
+    }
+    panic!("process {pid} holds no map named {name}");
+}
+
+/// Resident memory and its anonymous part (the heap: what grows if state
+/// leaks; the ring buffer's pages are mapped, not anonymous), in KiB.
+pub fn rss_kib(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let get = |k: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(k))
+            .and_then(|v| v.trim().trim_end_matches(" kB").parse().ok())
+            .unwrap_or(0)
+    };
+    (get("VmRSS:"), get("RssAnon:"))
+}
+
+/// Asserts that what the kernel counted equals what was received plus
+/// what was dropped, kind by kind summed.
+pub fn assert_totals_add_up(summary: &Value) {
+    let (kt, seen) = (&summary["kernel_totals"], &summary["events_received"]);
+    let kinds = ["spawns", "fork_latencies", "cow_copies", "cow_reuses", "zero_fills", "exits", "execs"];
+    let lost: u64 = kinds
+        .iter()
+        .map(|k| {
+            let (k_n, s_n) = (u(&kt[*k]), u(&seen[*k]));
+            assert!(k_n >= s_n, "{k}: received {s_n} > counted {k_n}");
+            k_n - s_n
+        })
+        .sum();
+    assert_eq!(lost, u(&summary["dropped_events"]), "kernel {kt} vs received {seen}");
+}

@@ -1,0 +1,97 @@
+//! Fork episodes on the real kernel: a workload whose fork cost is known by
+//! construction, and fork-and-exec children from a shell. Need root.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+
+const PAGES: u64 = 8192;
+const K: u64 = 2000;
+const M: u64 = 900;
+/// Stack and libc pages each side touches besides the workload's buffer.
+const SLACK: u64 = 64;
+
+fn episodes(r: &Run, kind: &str) -> Vec<Value> {
+    r.records.iter().filter(|v| v["type"] == "episode" && v["kind"] == kind).cloned().collect()
+}
+
+#[test]
+fn workload_fork_is_one_episode_with_its_known_copies() {
+    if !need_root("workload_fork_is_one_episode_with_its_known_copies") {
+        return;
+    }
+    let mut args = vec!["--json".to_string()];
+    args.extend(launch_workload(PAGES, K, M));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let r = run(&args, Duration::from_secs(120));
+    assert!(r.status.success(), "{}\n{}", r.stdout, r.stderr);
+    let report = r.workload();
+    let (parent, child) = (u(&report["pid"]), u(&report["children"][0]));
+    let page = u(&report["page_size"]);
+    let eps = episodes(&r, "fork");
+    assert_eq!(eps.len(), 1, "{eps:?}");
+    let e = &eps[0];
+    assert_eq!((u(&e["parent"]), u(&e["child"])), (parent, child));
+    let (pc, cc) = (u(&e["parent_copies"]), u(&e["child_copies"]));
+    assert!((K..=K + SLACK).contains(&cc), "child copied {cc} pages, wrote {K}");
+    assert!((M..=M + SLACK).contains(&pc), "parent copied {pc} pages, wrote {M} while the child lived");
+    assert_eq!(u(&e["copied_bytes"]), (pc + cc) * page);
+    assert_eq!(u(&e["cow_latency_ns"]["count"]), pc + cc);
+    assert!(u(&e["peak_copy_bytes_per_s"]) > 0 && u(&e["peak_copy_bytes_per_s"]) <= (pc + cc) * page);
+    // The same fork seen by the per-process figures.
+    let s = r.summary();
+    let prow = row(s, parent).unwrap();
+    assert_eq!(u(&e["fork_latency_ns"]), u(&prow["fork_latency_ns"]["max"]));
+    assert!(u(&e["child_lifetime_ns"]) > 0);
+    assert_eq!(e["exit_status"], 0);
+    // The buffer is one anonymous mapping: it holds the written pages.
+    let top = &e["top_regions"][0];
+    assert!(top["region"].as_str().unwrap().starts_with("[anon "), "{e}");
+    assert!(u(&top["bytes"]) >= (K + M) * page, "{e}");
+    // Listed again in the summary.
+    let mut streamed = e.clone();
+    streamed.as_object_mut().unwrap().remove("type");
+    assert_eq!(s["episodes"].as_array().unwrap(), &vec![streamed]);
+}
+
+#[test]
+fn fork_and_exec_children_read_as_such() {
+    if !need_root("fork_and_exec_children_read_as_such") {
+        return;
+    }
+    // dash forks for each command but the last, which it may exec itself.
+    let r = run(
+        &["--json", "--", "sh", "-c", "/bin/true; /bin/true; /bin/true; exit 0"],
+        Duration::from_secs(60),
+    );
+    assert!(r.status.success(), "{}\n{}", r.stdout, r.stderr);
+    let execs = episodes(&r, "fork+exec");
+    assert!(execs.len() >= 2, "{}", r.stdout);
+    for e in &execs {
+        assert_eq!(e["child_comm"], "true", "{e}");
+        let (exec_at, lifetime) = (u(&e["exec_after_ns"]), u(&e["child_lifetime_ns"]));
+        assert!(exec_at > 0 && exec_at <= lifetime, "{e}");
+        // Between fork and exec a shell child touches a handful of pages.
+        assert!(u(&e["parent_copies"]) + u(&e["child_copies"]) < SLACK, "{e}");
+    }
+    assert!(episodes(&r, "fork").is_empty(), "{}", r.stdout);
+    let s = r.summary();
+    assert!(u(&s["kernel_totals"]["execs"]) >= execs.len() as u64);
+    assert_eq!(s["kernel_totals"]["execs"], s["events_received"]["execs"]);
+}
+
+#[test]
+fn table_mode_prints_one_line_per_episode() {
+    if !need_root("table_mode_prints_one_line_per_episode") {
+        return;
+    }
+    let r = run(&["--", "sh", "-c", "/bin/true; /bin/true; exit 0"], Duration::from_secs(60));
+    assert!(r.status.success(), "{}\n{}", r.stdout, r.stderr);
+    let live: Vec<_> = r.stdout.lines().filter(|l| l.starts_with("episode: fork+exec sh[")).collect();
+    assert!(!live.is_empty(), "{}", r.stdout);
+    assert!(live.iter().all(|l| l.contains("-> true[") && l.contains("exec after")), "{live:?}");
+    assert!(r.stdout.contains("\nfork episodes ("), "{}", r.stdout);
+}

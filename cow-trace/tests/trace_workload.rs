@@ -1,0 +1,204 @@
+//! Integration tests: the real BPF programs on this machine's kernel,
+//! tracing a workload whose copy-on-write cost is known by construction
+//! (it wrote K pages in the child and M in the parent, so K and M copies).
+//! They need root; see `common::need_root`.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+
+const PAGES: u64 = 8192;
+const K: u64 = 3000;
+const M: u64 = 1200;
+/// Never-written pages the launch-mode workload reads, then writes.
+const Z: u64 = 700;
+/// Pages a process touches besides the workload's own: its stack, libc's
+/// data. Measured at 3-12 here; the bound only has to catch double counting.
+const SLACK: u64 = 64;
+
+/// The checks every mode shares, given the summary and the workload report.
+fn assert_ground_truth(summary: &Value, report: &Value) {
+    let parent_pid = u(&report["pid"]);
+    let child_pid = u(&report["children"][0]);
+    let parent =
+        row(summary, parent_pid).unwrap_or_else(|| panic!("no row for parent {parent_pid}: {summary}"));
+    let child = row(summary, child_pid).unwrap_or_else(|| panic!("no row for child {child_pid}: {summary}"));
+
+    assert_eq!(u(&parent["forks"]), 1, "exactly one fork: {parent}");
+    assert_eq!(u(&parent["fork_latency_ns"]["count"]), 1);
+    assert!(u(&parent["fork_latency_ns"]["min"]) > 0, "fork latency > 0: {parent}");
+    assert_eq!(u(&child["ppid"]), parent_pid);
+    assert_eq!(u(&child["forks"]), 0);
+
+    let (cc, pc) = (u(&child["cow_copies"]), u(&parent["cow_copies"]));
+    assert!((K..=K + SLACK).contains(&cc), "child copied {cc} pages, wrote {K}");
+    assert!((M..=M + SLACK).contains(&pc), "parent copied {pc} pages, wrote {M}");
+    let page = u(&report["page_size"]);
+    assert_eq!(u(&child["copied_bytes"]), cc * page);
+    // Every copy on this backend has a latency sample.
+    assert_eq!(u(&child["cow_latency_ns"]["count"]), cc);
+    assert!(u(&child["cow_latency_ns"]["p50"]) > 0);
+    assert!(child["exited"].as_bool().unwrap() && parent["exited"].as_bool().unwrap());
+
+    assert_eq!(u(&summary["dropped_events"]), 0);
+    // What userspace received is what the kernel counted.
+    let (kt, seen) = (&summary["kernel_totals"], &summary["events_received"]);
+    for k in ["spawns", "fork_latencies", "cow_copies", "cow_reuses", "zero_fills", "exits", "execs"] {
+        assert_eq!(kt[k], seen[k], "{k}: kernel vs received");
+    }
+}
+
+#[test]
+fn launch_mode_counts_the_pages_the_workload_wrote() {
+    if !need_root("launch_mode_counts_the_pages_the_workload_wrote") {
+        return;
+    }
+    let mut args = vec!["--json".to_string()];
+    args.extend(launch_workload(PAGES, K, M));
+    args.extend(["--zero-fills".to_string(), Z.to_string()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let r = run(&args, Duration::from_secs(120));
+    assert!(r.status.success(), "{}\n{}", r.stdout, r.stderr);
+    assert_eq!(r.records[0]["type"], "start");
+    assert_eq!(r.records[0]["backend"], "tracepoint");
+    let s = r.summary();
+    assert_eq!(s["ended_by"], "command exited");
+    assert_eq!(s["command_exit_code"], 0);
+    assert_ground_truth(s, r.workload());
+    // Zero-page faults are told apart from copies, and not counted as such.
+    let parent = row(s, u(&r.workload()["pid"])).unwrap();
+    let zf = u(&parent["zero_fills"]);
+    assert!((Z..=Z + SLACK).contains(&zf), "parent zero-filled {zf} pages, wrote {Z}");
+}
+
+#[test]
+fn pid_mode_attaches_to_a_running_process_and_follows_its_child() {
+    if !need_root("pid_mode_attaches_to_a_running_process_and_follows_its_child") {
+        return;
+    }
+    let w = HeldWorkload::start(PAGES, K, M);
+    let mut t = Background::start(&["--json", "-p", &w.pid.to_string()]);
+    t.wait_attached();
+    w.go();
+    let report = w.finish();
+    // The run ends by itself once the workload and its child are gone.
+    let r = t.finish(Duration::from_secs(60));
+    assert!(r.status.success(), "{}", r.stderr);
+    let s = r.summary();
+    assert_eq!(s["ended_by"], "targets exited");
+    assert_ground_truth(s, &report);
+    // Nothing but the workload and its child was traced.
+    assert_eq!(s["processes"].as_array().unwrap().len(), 2, "{s}");
+}
+
+#[test]
+fn no_follow_traces_the_parent_only() {
+    if !need_root("no_follow_traces_the_parent_only") {
+        return;
+    }
+    let w = HeldWorkload::start(PAGES, K, M);
+    let mut t = Background::start(&["--json", "--no-follow", "-p", &w.pid.to_string()]);
+    t.wait_attached();
+    w.go();
+    let report = w.finish();
+    let r = t.finish(Duration::from_secs(60));
+    let s = r.summary();
+    let parent = row(s, u(&report["pid"])).expect("parent row");
+    assert_eq!(u(&parent["forks"]), 1);
+    let pc = u(&parent["cow_copies"]);
+    assert!((M..=M + SLACK).contains(&pc), "parent copied {pc}");
+    // The child is known (it was forked) but its faults were not traced.
+    let child = row(s, u(&report["children"][0]));
+    assert!(child.is_none_or(|c| u(&c["cow_copies"]) == 0), "{child:?}");
+}
+
+#[test]
+fn system_wide_mode_sees_the_workload_among_everything_else() {
+    if !need_root("system_wide_mode_sees_the_workload_among_everything_else") {
+        return;
+    }
+    let mut t = Background::start(&["--json", "-d", "120"]);
+    t.wait_attached();
+    let w = HeldWorkload::start(PAGES, K, M);
+    w.go();
+    let report = w.finish();
+    std::thread::sleep(Duration::from_millis(300));
+    t.signal(libc::SIGINT);
+    let r = t.finish(Duration::from_secs(60));
+    assert!(r.status.success(), "{}", r.stderr);
+    let s = r.summary();
+    assert_eq!(s["ended_by"], "signal SIGINT");
+    assert_ground_truth(s, &report);
+    // cow-trace never traces itself.
+    assert!(row(s, r.child_pid as u64).is_none(), "cow-trace traced itself");
+}
+
+#[test]
+fn interval_mode_reports_each_interval_then_the_summary() {
+    if !need_root("interval_mode_reports_each_interval_then_the_summary") {
+        return;
+    }
+    let script = format!("{WORKLOAD} --pages {PAGES} --child-writes {K} --parent-writes {M}; sleep 2.5");
+    let r = run(&["--json", "-i", "1", "--", "sh", "-c", &script], Duration::from_secs(120));
+    assert!(r.status.success(), "{}", r.stderr);
+    let intervals: Vec<_> = r.records.iter().filter(|x| x["type"] == "interval").collect();
+    assert!(intervals.len() >= 2, "expected >= 2 intervals, got {}", intervals.len());
+    let report = r.workload();
+    let child = u(&report["children"][0]);
+    let in_intervals: u64 = intervals.iter().filter_map(|i| row(i, child)).map(|p| u(&p["cow_copies"])).sum();
+    let total = u(&row(r.summary(), child).expect("child row")["cow_copies"]);
+    // Each copy is reported in exactly one interval; the last partial
+    // interval (after the final tick) appears in the summary only.
+    assert!(in_intervals <= total, "{in_intervals} > {total}");
+    assert!(total >= K);
+    assert!(intervals.iter().all(|i| i["dropped_events"] == 0));
+}
+
+#[test]
+fn launched_command_exit_status_is_reported_and_returned() {
+    if !need_root("launched_command_exit_status_is_reported_and_returned") {
+        return;
+    }
+    let r = run(&["--", "sh", "-c", "exit 3"], Duration::from_secs(60));
+    assert_eq!(r.status.code(), Some(3), "{}", r.stderr);
+    assert!(r.stdout.contains("command exited with status 3"), "{}", r.stdout);
+    assert!(r.stdout.starts_with("cow-trace: backend tracepoint: "), "{}", r.stdout);
+    assert!(r.stdout.contains("=== summary"));
+}
+
+#[test]
+fn signals_end_the_run_with_a_summary_and_no_bpf_program_left() {
+    if !need_root("signals_end_the_run_with_a_summary_and_no_bpf_program_left") {
+        return;
+    }
+    let mut sleeper = std::process::Command::new("sleep").arg("600").spawn().unwrap();
+    for (sig, name) in [(libc::SIGTERM, "SIGTERM"), (libc::SIGHUP, "SIGHUP"), (libc::SIGINT, "SIGINT")] {
+        let mut t = Background::start(&["-p", &sleeper.id().to_string()]);
+        t.wait_attached();
+        // Other tests run cow-trace in parallel: look only at this one's.
+        let ours = prog_ids_held_by(t.child.id());
+        // 5 raw tracepoints + enter/exit for each clone-family syscall.
+        assert!(ours.len() >= 7, "expected cow-trace's programs to be loaded: {ours:?}");
+        assert!(ours.is_subset(&bpf_prog_ids()), "bpftool does not list {ours:?}");
+        t.signal(sig);
+        let r = t.finish(Duration::from_secs(30));
+        assert!(r.status.success(), "{name}: {}", r.stderr);
+        assert!(r.stdout.contains(&format!("ended by signal {name}")), "{}", r.stdout);
+        // The kernel frees a program once its last reference is gone, which
+        // can lag the process exit by an RCU grace period.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let left: Vec<_> = ours.intersection(&bpf_prog_ids()).copied().collect();
+            if left.is_empty() {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "{name}: programs left behind: {left:?}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    sleeper.kill().unwrap();
+    sleeper.wait().unwrap();
+}

@@ -1,0 +1,250 @@
+//! Project automation: `cargo xtask run|test|setup`.
+//!
+//! Every subcommand first makes sure the BPF toolchain is present (see
+//! [`setup`]), so a fresh machine needs nothing but Rust and rustup.
+
+mod bench;
+mod setup;
+mod vm;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{bail, Context as _, Result};
+use clap::Parser;
+
+#[derive(Parser)]
+#[command(about = "cow-trace project tasks")]
+enum Cli {
+    /// Install what is missing, build, and run cow-trace as root with ARGS.
+    Run {
+        /// Arguments for cow-trace (after `--`).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Install what is missing, then run every test: unit tests and the
+    /// integration tests that load the BPF programs (those need root).
+    Test {
+        /// Extra arguments for `cargo test` (after `--`).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Only install what is missing: the BPF toolchain (nightly rust-src,
+    /// bpf-linker) and the Debian packages the tests use.
+    Setup,
+    /// Boot a kernel under QEMU with cow-trace inside and run CMD there.
+    Vm {
+        /// Kernel to boot: a vmlinuz or a Debian kernel .deb. Default:
+        /// Debian's current linux-image-amd64, downloaded and cached.
+        #[arg(long)]
+        kernel: Option<PathBuf>,
+        /// Copy FILE into the command's working directory (repeatable).
+        #[arg(long, value_name = "FILE")]
+        include: Vec<PathBuf>,
+        /// Give up on the VM after SECS seconds.
+        #[arg(long, value_name = "SECS", default_value_t = 900)]
+        timeout: u64,
+        /// Command to run in the VM, as root (after `--`).
+        #[arg(last = true)]
+        command: Vec<String>,
+    },
+    /// Run the ground-truth workload under every backend in the VM kernel.
+    VmTest {
+        #[arg(long)]
+        kernel: Option<PathBuf>,
+        #[arg(long, value_name = "SECS", default_value_t = 900)]
+        timeout: u64,
+    },
+    /// Measure tracing overhead on a CoW storm and a fork storm (root).
+    Bench {
+        /// Repetitions of each configuration (interleaved).
+        #[arg(long, default_value_t = 7)]
+        repeats: usize,
+        /// Rounds of the CoW storm (fork + 50 MiB written by the child).
+        #[arg(long, default_value_t = 20)]
+        rounds: usize,
+        /// Forks in the fork storm.
+        #[arg(long, default_value_t = 3000)]
+        forks: usize,
+    },
+}
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
+}
+
+pub fn run_cmd(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("cannot start {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+/// Passed and failed counts from libtest's `test result:` lines.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Tally {
+    pub passed: u64,
+    pub failed: u64,
+}
+
+impl Tally {
+    pub fn add_line(&mut self, line: &str) {
+        let Some(rest) = line.strip_prefix("test result: ") else { return };
+        for part in rest.split(';') {
+            let mut words = part.split_whitespace().rev();
+            let (Some(what), Some(n)) = (words.next(), words.next()) else { continue };
+            let Ok(n) = n.parse::<u64>() else { continue };
+            match what {
+                "passed" => self.passed += n,
+                "failed" => self.failed += n,
+                _ => {}
+            }
+        }
+    }
+}
+
+/// Runs `cargo test`, echoing its output and adding up its results, so that
+/// the last line states the total over every test binary.
+fn run_tests(cmd: &mut Command) -> Result<Tally> {
+    use std::io::BufRead as _;
+    let mut child =
+        cmd.stdout(std::process::Stdio::piped()).spawn().with_context(|| format!("cannot start {cmd:?}"))?;
+    let mut tally = Tally::default();
+    for line in std::io::BufReader::new(child.stdout.take().expect("piped")).lines() {
+        let line = line?;
+        println!("{line}");
+        tally.add_line(&line);
+    }
+    let status = child.wait()?;
+    if !status.success() && tally.failed == 0 {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(tally)
+}
+
+pub fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| l.strip_prefix("Uid:")).map(|v| v.split_whitespace().nth(1) == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
+/// Builds cow-trace and the test workload (release), BPF object included.
+pub fn build_release() -> Result<()> {
+    run_cmd(cargo().args(["build", "--release", "--package", "cow-trace"]))
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(workspace_root());
+    c
+}
+
+fn main() {
+    if let Err(e) = real_main() {
+        eprintln!("xtask: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn real_main() -> Result<()> {
+    match Cli::parse() {
+        Cli::Vm { kernel, include, timeout, command } => {
+            setup::ensure_toolchain()?;
+            let opts = vm::VmOptions { kernel, include, timeout: std::time::Duration::from_secs(timeout) };
+            let code = vm::vm(&opts, &command)?;
+            std::process::exit(code);
+        }
+        Cli::VmTest { kernel, timeout } => {
+            setup::ensure_toolchain()?;
+            let opts =
+                vm::VmOptions { kernel, include: vec![], timeout: std::time::Duration::from_secs(timeout) };
+            let t = vm::vm_test(&opts)?;
+            if t.failed > 0 {
+                bail!("vm-test: {} failed", t.failed);
+            }
+            Ok(())
+        }
+        Cli::Setup => {
+            setup::ensure_toolchain()?;
+            setup::ensure_test_packages()
+        }
+        Cli::Bench { repeats, rounds, forks } => {
+            setup::ensure_toolchain()?;
+            bench::bench(repeats, rounds, forks)
+        }
+        Cli::Run { args } => {
+            setup::ensure_toolchain()?;
+            build_release()?;
+            let bin = workspace_root().join("target/release/cow-trace");
+            let mut cmd = if is_root() {
+                Command::new(&bin)
+            } else {
+                eprintln!("xtask: cow-trace needs root; running it with sudo");
+                let mut c = Command::new("sudo");
+                c.arg("-E").arg(&bin);
+                c
+            };
+            let status =
+                cmd.args(&args).status().with_context(|| format!("cannot start {}", bin.display()))?;
+            std::process::exit(status.code().unwrap_or(1));
+        }
+        Cli::Test { args } => {
+            setup::ensure_toolchain()?;
+            setup::ensure_test_packages()?;
+            if !is_root() {
+                eprintln!(
+                    "xtask: WARNING: not root: the integration tests will be SKIPPED (run `sudo -E cargo xtask test`)"
+                );
+            }
+            let mut cmd = cargo();
+            cmd.args(["test", "--release", "--no-fail-fast", "--workspace", "--exclude", "cow-trace-ebpf"])
+                .args(&args);
+            if is_root() {
+                // Root tests must run, not skip, when we can run them.
+                cmd.env("COW_TRACE_REQUIRE_ROOT", "1");
+            }
+            let mut tally = run_tests(&mut cmd)?;
+            // The same workload on a kernel with kprobes and BPF trampolines.
+            let vm_opts =
+                vm::VmOptions { kernel: None, include: vec![], timeout: std::time::Duration::from_secs(900) };
+            match vm::vm_test(&vm_opts) {
+                Ok(t) => {
+                    tally.passed += t.passed;
+                    tally.failed += t.failed;
+                }
+                Err(e) => {
+                    println!("vm-test: FAILED: {e:#}");
+                    tally.failed += 1;
+                }
+            }
+            println!("tests: {} passed, {} failed", tally.passed, tally.failed);
+            if tally.failed > 0 {
+                bail!("{} tests failed", tally.failed);
+            }
+            Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Tally;
+
+    #[test]
+    fn tally_adds_up_libtest_summaries() {
+        let mut t = Tally::default();
+        t.add_line(
+            "test result: ok. 42 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 0.36s",
+        );
+        t.add_line("test result: FAILED. 6 passed; 1 failed; 0 ignored; 0 measured; 0 filtered out");
+        t.add_line("running 7 tests");
+        t.add_line("test foo ... ok");
+        assert_eq!(t, Tally { passed: 48, failed: 1 });
+    }
+}

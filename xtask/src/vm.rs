@@ -1,0 +1,445 @@
+//! `cargo xtask vm` and `cargo xtask vm-test`: cow-trace on another kernel,
+//! booted under QEMU.
+//!
+//! The kernel this project develops on has no kprobes and refuses BPF
+//! trampolines; Debian's has both. The runner boots such a kernel with an
+//! initramfs holding the freshly built `cow-trace` and `cow-workload`, the
+//! shared libraries they need and busybox; its `/init` mounts what the tool
+//! needs, runs the command, prints a verdict line with the command's exit
+//! status and powers off. QEMU runs with TCG: KVM is not usable on these
+//! machines. Timings inside the VM mean nothing; counts do.
+
+use std::{
+    collections::BTreeSet,
+    fs,
+    io::{BufRead as _, BufReader, Read as _},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+use anyhow::{anyhow, bail, Context as _, Result};
+use serde_json::Value;
+
+use crate::{
+    build_release, run_cmd,
+    setup::{self, output, say, which},
+    workspace_root, Tally,
+};
+
+const VERDICT: &str = "cow-trace-vm: exit=";
+
+/// Commands the runner uses, and their Debian packages.
+const VM_COMMANDS: &[(&str, &str)] = &[
+    ("qemu-system-x86_64", "qemu-system-x86"),
+    ("busybox", "busybox-static"),
+    ("cpio", "cpio"),
+    ("dpkg-deb", "dpkg"),
+];
+
+pub struct VmOptions {
+    pub kernel: Option<PathBuf>,
+    pub include: Vec<PathBuf>,
+    pub timeout: Duration,
+}
+
+fn vm_dir() -> PathBuf {
+    workspace_root().join("target/vm")
+}
+
+/// The vmlinuz inside an extracted kernel package.
+fn vmlinuz_in(dir: &Path) -> Result<PathBuf> {
+    fs::read_dir(dir.join("boot"))
+        .with_context(|| format!("no boot/ in {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("vmlinuz-")))
+        .ok_or_else(|| anyhow!("no boot/vmlinuz-* in {}", dir.display()))
+}
+
+fn extract_deb(deb: &Path) -> Result<PathBuf> {
+    let name = deb.file_stem().and_then(|n| n.to_str()).unwrap_or("kernel").to_string();
+    let dir = vm_dir().join("kernels").join(name);
+    if vmlinuz_in(&dir).is_err() {
+        fs::create_dir_all(&dir)?;
+        say(&format!("extracting the kernel image from {}", deb.display()));
+        // Only boot/vmlinuz-*: the package's modules (hundreds of MB) are
+        // not needed, everything the VM runs is in the initramfs.
+        run_cmd(Command::new("sh").arg("-c").arg(format!(
+            "dpkg-deb --fsys-tarfile {} | tar -x -C {} --wildcards './boot/vmlinuz-*'",
+            sh_quote(&deb.to_string_lossy()),
+            sh_quote(&dir.to_string_lossy())
+        )))?;
+    }
+    vmlinuz_in(&dir)
+}
+
+/// Debian's current kernel: the package `linux-image-amd64` depends on,
+/// downloaded once into target/vm/cache.
+fn default_kernel() -> Result<PathBuf> {
+    let deps = output(Command::new("apt-cache").args(["depends", "linux-image-amd64"]))?;
+    let pkg = deps
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("Depends: "))
+        .find(|d| d.starts_with("linux-image-") && !d.contains("unsigned"))
+        .ok_or_else(|| anyhow!("apt-cache names no kernel for linux-image-amd64; run apt-get update"))?
+        .trim()
+        .to_string();
+    let cache = vm_dir().join("cache");
+    fs::create_dir_all(&cache)?;
+    let existing = fs::read_dir(&cache)?.filter_map(|e| e.ok().map(|e| e.path())).find(|p| {
+        p.file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with(&format!("{pkg}_")) && n.ends_with(".deb"))
+    });
+    let deb = match existing {
+        Some(deb) => deb,
+        None => {
+            say(&format!("downloading Debian's kernel package {pkg} (cached in target/vm/cache)"));
+            run_cmd(Command::new("apt-get").args(["download", "-qq", &pkg]).current_dir(&cache))?;
+            fs::read_dir(&cache)?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .find(|p| p.extension().is_some_and(|x| x == "deb") && p.to_string_lossy().contains(&pkg))
+                .ok_or_else(|| anyhow!("apt-get download {pkg} left no .deb"))?
+        }
+    };
+    extract_deb(&deb)
+}
+
+fn kernel_image(opt: &Option<PathBuf>) -> Result<PathBuf> {
+    match opt {
+        None => default_kernel(),
+        Some(p) if p.extension().is_some_and(|x| x == "deb") => extract_deb(p),
+        Some(p) if p.is_file() => Ok(p.clone()),
+        Some(p) => bail!("--kernel {}: no such file (give a vmlinuz or a .deb)", p.display()),
+    }
+}
+
+/// Shared libraries (and the loader) a dynamically linked binary needs.
+fn libraries(bin: &Path) -> Result<BTreeSet<PathBuf>> {
+    let out = output(Command::new("ldd").arg(bin))?;
+    let mut libs = BTreeSet::new();
+    for line in out.lines() {
+        // "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)" or
+        // "/lib64/ld-linux-x86-64.so.2 (0x...)"
+        let path = match line.split_once("=>") {
+            Some((_, rhs)) => rhs.split_whitespace().next(),
+            None => line.split_whitespace().next(),
+        };
+        if let Some(p) = path.filter(|p| p.starts_with('/')) {
+            libs.insert(PathBuf::from(p));
+        }
+    }
+    Ok(libs)
+}
+
+fn copy_into(root: &Path, src: &Path, dest_rel: &Path) -> Result<()> {
+    let dest = root.join(dest_rel);
+    fs::create_dir_all(dest.parent().expect("has a parent"))?;
+    fs::copy(src, &dest).with_context(|| format!("copying {} into the initramfs", src.display()))?;
+    Ok(())
+}
+
+/// Quotes one word for /bin/sh.
+fn sh_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
+}
+
+fn build_initramfs(cmd: &[String], include: &[PathBuf]) -> Result<PathBuf> {
+    let dir = vm_dir();
+    // One staging tree and image per run: concurrent runs must not boot
+    // each other's.
+    let root = dir.join(format!("initramfs-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&root);
+    for d in ["bin", "proc", "sys", "dev", "tmp", "work"] {
+        fs::create_dir_all(root.join(d))?;
+    }
+    let busybox =
+        which("busybox").ok_or_else(|| anyhow!("busybox not found (apt-get install busybox-static)"))?;
+    copy_into(&root, &busybox, Path::new("bin/busybox"))?;
+    let release = workspace_root().join("target/release");
+    let mut libs = BTreeSet::new();
+    for bin in ["cow-trace", "cow-workload"] {
+        let path = release.join(bin);
+        copy_into(&root, &path, &Path::new("bin").join(bin))?;
+        libs.extend(libraries(&path)?);
+    }
+    for lib in &libs {
+        copy_into(&root, lib, lib.strip_prefix("/").expect("absolute"))?;
+    }
+    for f in include {
+        let name = f.file_name().ok_or_else(|| anyhow!("--include {}: not a file", f.display()))?;
+        copy_into(&root, f, &Path::new("work").join(name))?;
+    }
+    let command = cmd.iter().map(|w| sh_quote(w)).collect::<Vec<_>>().join(" ");
+    let init = format!(
+        "#!/bin/busybox sh\n\
+         /bin/busybox --install -s /bin\n\
+         export PATH=/bin\n\
+         mount -t proc proc /proc\n\
+         mount -t sysfs sys /sys\n\
+         mount -t devtmpfs dev /dev\n\
+         mount -t tmpfs tmp /tmp\n\
+         mount -t tracefs nodev /sys/kernel/tracing\n\
+         echo \"cow-trace-vm: kernel $(uname -r), BTF $(test -e /sys/kernel/btf/vmlinux && echo yes || echo no)\"\n\
+         cd /work\n\
+         {command}\n\
+         echo \"{VERDICT}$?\"\n\
+         poweroff -f\n"
+    );
+    let init_path = root.join("init");
+    fs::write(&init_path, init)?;
+    use std::os::unix::fs::PermissionsExt as _;
+    fs::set_permissions(&init_path, fs::Permissions::from_mode(0o755))?;
+    let initrd = dir.join(format!("initrd-{}.cpio.gz", std::process::id()));
+    run_cmd(Command::new("sh").arg("-c").arg(format!(
+        "cd {} && find . | cpio -o -H newc --quiet | gzip -1 > {}",
+        sh_quote(&root.to_string_lossy()),
+        sh_quote(&initrd.to_string_lossy())
+    )))?;
+    let _ = fs::remove_dir_all(&root);
+    Ok(initrd)
+}
+
+/// Boots the kernel, runs `cmd` in it and returns (exit status, console
+/// output). Console lines are echoed as they come when `echo` is set.
+pub fn run_in_vm(opts: &VmOptions, cmd: &[String], echo: bool) -> Result<(i32, String)> {
+    setup::ensure_packages(VM_COMMANDS)?;
+    build_release()?;
+    let kernel = kernel_image(&opts.kernel)?;
+    let initrd = build_initramfs(cmd, &opts.include)?;
+    say(&format!("booting {} under QEMU (TCG)", kernel.display()));
+    let mut child = Command::new("qemu-system-x86_64")
+        .args(["-accel", "tcg", "-cpu", "max", "-m", "2048", "-smp", "2", "-nographic", "-no-reboot"])
+        .arg("-kernel")
+        .arg(&kernel)
+        .arg("-initrd")
+        .arg(&initrd)
+        .args(["-append", "console=ttyS0 quiet panic=-1"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("cannot start qemu-system-x86_64")?;
+    let out = child.stdout.take().expect("piped");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).split(b'\n').map_while(Result::ok) {
+            if tx.send(String::from_utf8_lossy(&line).trim_end_matches('\r').to_string()).is_err() {
+                break;
+            }
+        }
+    });
+    let start = Instant::now();
+    let mut console = String::new();
+    let mut verdict = None;
+    loop {
+        match rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(line) => {
+                if let Some(code) = line.rsplit(VERDICT).next().filter(|_| line.contains(VERDICT)) {
+                    verdict = code.trim().parse::<i32>().ok();
+                }
+                if echo {
+                    println!("{line}");
+                }
+                console.push_str(&line);
+                console.push('\n');
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+        }
+        if start.elapsed() > opts.timeout {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("the VM did not finish within {:?}; killed it", opts.timeout);
+        }
+    }
+    let status = child.wait()?;
+    let _ = fs::remove_file(&initrd);
+    let mut err = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        let _ = e.read_to_string(&mut err);
+    }
+    match verdict {
+        Some(code) => Ok((code, console)),
+        None => bail!("the VM ended ({status}) without a verdict: {}", err.trim()),
+    }
+}
+
+pub fn vm(opts: &VmOptions, cmd: &[String]) -> Result<i32> {
+    if cmd.is_empty() {
+        bail!("give the command to run in the VM after `--`");
+    }
+    Ok(run_in_vm(opts, cmd, true)?.0)
+}
+
+/// The ground-truth workload of the host tests.
+const PAGES: u64 = 8192;
+const K: u64 = 3000;
+const M: u64 = 1200;
+const Z: u64 = 700;
+const SLACK: u64 = 64;
+const BACKENDS: [&str; 3] = ["fentry", "kprobe", "tracepoint"];
+
+fn u(v: &Value) -> u64 {
+    v.as_u64().unwrap_or(0)
+}
+
+/// Checks one backend's run against the workload's construction; returns
+/// the copies (child, parent) it counted.
+fn check_backend(section: &str) -> Result<(u64, u64, String)> {
+    let mut summary = None;
+    let mut report = None;
+    for line in section.lines() {
+        if let Ok(v) = serde_json::from_str::<Value>(line) {
+            if v["type"] == "summary" {
+                summary = Some(v);
+            } else if v.get("children").is_some() {
+                report = Some(v);
+            }
+        }
+    }
+    let s = summary.ok_or_else(|| anyhow!("no summary"))?;
+    let w = report.ok_or_else(|| anyhow!("no workload report"))?;
+    let row =
+        |pid: u64| s["processes"].as_array().and_then(|ps| ps.iter().find(|p| u(&p["pid"]) == pid).cloned());
+    let parent = row(u(&w["pid"])).ok_or_else(|| anyhow!("no row for the parent"))?;
+    let child = row(u(&w["children"][0])).ok_or_else(|| anyhow!("no row for the child"))?;
+    let (cc, pc, zf) = (u(&child["cow_copies"]), u(&parent["cow_copies"]), u(&parent["zero_fills"]));
+    let fork_ns = u(&parent["fork_latency_ns"]["max"]);
+    let mut wrong = Vec::new();
+    if u(&parent["forks"]) != 1 {
+        wrong.push(format!("{} forks, expected 1", u(&parent["forks"])));
+    }
+    if fork_ns == 0 {
+        wrong.push("fork latency 0".into());
+    }
+    if !(K..=K + SLACK).contains(&cc) {
+        wrong.push(format!("child copied {cc}, wrote {K}"));
+    }
+    if !(M..=M + SLACK).contains(&pc) {
+        wrong.push(format!("parent copied {pc}, wrote {M}"));
+    }
+    if !(Z..=Z + SLACK).contains(&zf) {
+        wrong.push(format!("parent zero-filled {zf}, wrote {Z}"));
+    }
+    if u(&s["dropped_events"]) != 0 {
+        wrong.push(format!("{} events dropped", u(&s["dropped_events"])));
+    }
+    for k in ["spawns", "cow_copies", "cow_reuses", "zero_fills", "exits"] {
+        if s["kernel_totals"][k] != s["events_received"][k] {
+            wrong.push(format!(
+                "{k}: kernel {} vs received {}",
+                s["kernel_totals"][k], s["events_received"][k]
+            ));
+        }
+    }
+    let figures = format!(
+        "child {cc} copies, parent {pc} copies, {zf} zero-fills, fork {:.2} ms",
+        fork_ns as f64 / 1e6
+    );
+    if wrong.is_empty() {
+        Ok((cc, pc, figures))
+    } else {
+        bail!("{figures}: {}", wrong.join("; "))
+    }
+}
+
+/// Runs the workload under every backend in one VM boot and checks each.
+pub fn vm_test(opts: &VmOptions) -> Result<Tally> {
+    let script = vm_dir().join("vm-test.sh");
+    fs::create_dir_all(vm_dir())?;
+    let workload =
+        format!("cow-workload --pages {PAGES} --child-writes {K} --parent-writes {M} --zero-fills {Z}");
+    let mut body = String::from("#!/bin/sh\n");
+    for b in BACKENDS {
+        body.push_str(&format!(
+            "echo '=== backend {b}'\ncow-trace --backend {b} --json -- {workload} > /tmp/out 2> /tmp/err\n\
+             echo \"=== rc $?\"\ncat /tmp/out\necho '=== stderr'\ncat /tmp/err\n"
+        ));
+    }
+    // With no --backend, the best backend the kernel accepts must be picked.
+    body.push_str("echo '=== auto'\ncow-trace --json -- true 2>&1 | head -n 1\necho '=== end auto'\n");
+    fs::write(&script, body)?;
+    let opts = VmOptions {
+        include: vec![script],
+        ..VmOptions { kernel: opts.kernel.clone(), include: vec![], timeout: opts.timeout }
+    };
+    let (_, console) = run_in_vm(&opts, &["sh".into(), "vm-test.sh".into()], false)?;
+    // The console line may follow the firmware's terminal escapes.
+    let kernel =
+        console.lines().find_map(|l| l.split_once("cow-trace-vm: kernel").map(|(_, k)| k)).unwrap_or("?");
+    println!("vm-test: kernel{kernel}");
+    let mut tally = Tally::default();
+    let mut copies = Vec::new();
+    for part in console.split("=== backend ").skip(1) {
+        let backend = part.lines().next().unwrap_or("").trim().to_string();
+        let rc: i32 = part
+            .lines()
+            .find_map(|l| l.strip_prefix("=== rc "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(-1);
+        let stderr = part.split("=== stderr").nth(1).unwrap_or("").trim();
+        if rc != 0 && (stderr.contains("is not available on this kernel") || stderr.contains("invalid value"))
+        {
+            println!("vm-test: backend {backend}: skipped: {}", stderr.lines().next().unwrap_or(""));
+            continue;
+        }
+        match check_backend(part)
+            .and_then(|r| if rc == 0 { Ok(r) } else { bail!("exit status {rc}: {stderr}") })
+        {
+            Ok((cc, pc, figures)) => {
+                println!("vm-test: backend {backend}: ok: {figures}");
+                copies.push((backend, cc, pc));
+                tally.passed += 1;
+            }
+            Err(e) => {
+                println!("vm-test: backend {backend}: FAILED: {e:#}");
+                tally.failed += 1;
+            }
+        }
+    }
+    // `auto` must choose the first backend, in fentry, kprobe, tracepoint
+    // order, that ran here.
+    let auto = console.split("=== auto").nth(1).and_then(|a| a.split("=== end auto").next()).unwrap_or("");
+    let chosen = auto
+        .lines()
+        .find_map(|l| serde_json::from_str::<Value>(l).ok().filter(|v| v["type"] == "start"))
+        .and_then(|v| v["backend"].as_str().map(str::to_string));
+    match (chosen, copies.first()) {
+        (Some(c), Some(first)) if c == first.0 => {
+            println!("vm-test: auto chose {c}, the first backend that ran");
+            tally.passed += 1;
+        }
+        (c, first) => {
+            println!("vm-test: FAILED: auto chose {c:?}, expected {:?}", first.map(|f| &f.0));
+            tally.failed += 1;
+        }
+    }
+    // The backends watch the same faults through different hooks: they
+    // must agree to within a few pages.
+    if copies.len() >= 2 {
+        let spread = |f: fn(&(String, u64, u64)) -> u64| {
+            let v: Vec<u64> = copies.iter().map(f).collect();
+            v.iter().max().unwrap() - v.iter().min().unwrap()
+        };
+        let (sc, sp) = (spread(|c| c.1), spread(|c| c.2));
+        let names: Vec<_> = copies.iter().map(|c| c.0.as_str()).collect();
+        if sc <= 8 && sp <= 8 {
+            println!(
+                "vm-test: {} agree: child copies within {sc} pages, parent within {sp}",
+                names.join(", ")
+            );
+            tally.passed += 1;
+        } else {
+            println!("vm-test: FAILED: {} disagree: child copies spread {sc}, parent {sp}", names.join(", "));
+            tally.failed += 1;
+        }
+    }
+    if tally.passed == 0 && tally.failed == 0 {
+        println!("vm-test: FAILED: no backend ran");
+        tally.failed += 1;
+    }
+    println!("vm-test: {} passed, {} failed", tally.passed, tally.failed);
+    Ok(tally)
+}
