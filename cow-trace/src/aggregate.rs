@@ -167,6 +167,8 @@ pub struct Aggregator {
     folded_count: u64,
     /// Processes whose end ends the run (`None`: whole system).
     targets: Option<HashSet<u32>>,
+    /// Targets found dead by the last [`Aggregator::sweep_targets`].
+    suspects: HashSet<u32>,
     follow: bool,
     ppid_of: Box<dyn Fn(u32) -> u32>,
     comm_of: Box<dyn Fn(u32) -> Option<String>>,
@@ -198,6 +200,7 @@ impl Aggregator {
             folded: None,
             folded_count: 0,
             targets,
+            suspects: HashSet::new(),
             follow,
             ppid_of,
             comm_of,
@@ -223,6 +226,24 @@ impl Aggregator {
     /// True once every traced target (and followed child) has exited.
     pub fn targets_gone(&self) -> bool {
         self.targets.as_ref().is_some_and(HashSet::is_empty)
+    }
+
+    /// Forgets targets that `alive` says are gone on two calls in a row,
+    /// and returns how many it forgot. A target's exit normally arrives as
+    /// an event; this is for the one whose exit event was dropped from a
+    /// full ring buffer, which would otherwise keep the run going forever.
+    /// Waiting for a second call gives any fork or exit event still in the
+    /// ring time to be drained first, so a child forked just before its
+    /// parent died is followed rather than missed.
+    pub fn sweep_targets(&mut self, alive: impl Fn(u32) -> bool) -> usize {
+        let Some(targets) = self.targets.as_mut() else { return 0 };
+        let dead: HashSet<u32> = targets.iter().copied().filter(|&p| !alive(p)).collect();
+        let gone: Vec<u32> = dead.intersection(&self.suspects).copied().collect();
+        for pid in &gone {
+            targets.remove(pid);
+        }
+        self.suspects = dead;
+        gone.len()
     }
 
     #[cfg(test)]
@@ -515,6 +536,30 @@ mod tests {
         assert!(nf.targets_gone(), "--no-follow: only the target counts");
 
         let whole = Aggregator::new(4096, None, true, Box::new(|_| 0), Box::new(|_| None));
+        assert!(!whole.targets_gone());
+    }
+
+    #[test]
+    fn targets_whose_exit_was_lost_are_swept_on_the_second_look() {
+        let mut a = agg(&[100, 300], true);
+        a.apply(&ev(EventKind::Spawn, 100, 200, 0, "p"));
+        a.apply(&ev(EventKind::Exit, 100, 0, 0, "p"));
+        // 200's and 300's exits were dropped; 300 is still running.
+        let dead = |pid: u32| pid != 300;
+        assert_eq!(a.sweep_targets(dead), 0, "a first look only makes 200 a suspect");
+        assert!(!a.targets_gone());
+        assert_eq!(a.sweep_targets(dead), 1);
+        assert!(!a.targets_gone(), "300 lives");
+        // A suspect that turns out alive (its PID answered) is cleared.
+        assert_eq!(a.sweep_targets(|_| false), 0);
+        assert_eq!(a.sweep_targets(|_| true), 0);
+        assert_eq!(a.sweep_targets(|_| false), 0);
+        assert!(!a.targets_gone(), "300 was seen alive in between: a fresh first look");
+        assert_eq!(a.sweep_targets(|_| false), 1);
+        assert!(a.targets_gone());
+
+        let mut whole = Aggregator::new(4096, None, true, Box::new(|_| 0), Box::new(|_| None));
+        assert_eq!(whole.sweep_targets(|_| false), 0);
         assert!(!whole.targets_gone());
     }
 

@@ -81,6 +81,49 @@ pub struct Args {
     /// Command to run and trace, with its arguments (after `--`).
     #[arg(last = true, value_name = "COMMAND")]
     pub command: Vec<OsString>,
+
+    /// Whether `--` was given: clap cannot tell `cow-trace --` (a command
+    /// forgotten) from plain `cow-trace` (the whole system).
+    #[arg(skip)]
+    pub dashdash: bool,
+}
+
+/// Why the command line was not accepted.
+#[derive(Debug)]
+pub enum ArgsError {
+    /// `--help` or `--version`: print it and exit 0 (clap does both).
+    Info(clap::Error),
+    /// A usage error, as one line (no `error: ` prefix).
+    Usage(String),
+}
+
+impl Args {
+    /// Parses `argv` (program name first). Usage errors come back as one
+    /// line naming the problem, like every other error of the tool; clap's
+    /// own rendering spans several (a blank line, a usage block, a tip).
+    pub fn try_parse_args<I, T>(argv: I) -> Result<Self, ArgsError>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<OsString> + Clone,
+    {
+        use clap::error::ErrorKind;
+        let argv: Vec<OsString> = argv.into_iter().map(Into::into).collect();
+        let mut args = Args::try_parse_from(&argv).map_err(|e| match e.kind() {
+            ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => ArgsError::Info(e),
+            _ => ArgsError::Usage(one_line(&e)),
+        })?;
+        args.dashdash = argv.iter().skip(1).any(|a| a == "--");
+        Ok(args)
+    }
+}
+
+fn one_line(e: &clap::Error) -> String {
+    let text = e.render().to_string();
+    let first = text.lines().find(|l| !l.trim().is_empty()).unwrap_or("invalid arguments");
+    let first = first.strip_prefix("error: ").unwrap_or(first);
+    format!("{first} (see cow-trace --help)")
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -130,6 +173,11 @@ pub enum Mode {
 impl Args {
     /// Checks the combinations clap cannot express.
     pub fn mode(&self) -> Result<Mode, String> {
+        if self.dashdash && self.command.is_empty() {
+            return Err("nothing follows `--`: name the command to run after it \
+                        (e.g. cow-trace -- ./job.sh), or leave `--` out"
+                .into());
+        }
         match (self.pids.is_empty(), self.command.is_empty()) {
             (false, false) => Err("use either -p PID or -- COMMAND, not both".into()),
             (false, true) => {
@@ -211,6 +259,42 @@ mod tests {
 
     fn parse(args: &[&str]) -> Result<Args, clap::Error> {
         Args::try_parse_from(std::iter::once("cow-trace").chain(args.iter().copied()))
+    }
+
+    fn parse_checked(args: &[&str]) -> Result<Args, ArgsError> {
+        Args::try_parse_args(std::iter::once("cow-trace").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn usage_errors_are_one_line_naming_the_problem() {
+        for (args, needle) in [
+            (&["-p", "abc"][..], "'abc' is not a PID"),
+            (&["--frobnicate"], "unexpected argument '--frobnicate'"),
+            (&["-i"], "a value is required for '--interval <SECS>'"),
+            (&["--backend", "magic"], "invalid value 'magic'"),
+        ] {
+            match parse_checked(args) {
+                Err(ArgsError::Usage(line)) => {
+                    assert!(line.contains(needle), "{args:?}: {line}");
+                    assert!(!line.contains('\n') && !line.starts_with("error:"), "{line:?}");
+                    assert!(line.ends_with("(see cow-trace --help)"), "{line}");
+                }
+                other => panic!("{args:?}: {other:?}"),
+            }
+        }
+        assert!(matches!(parse_checked(&["--help"]), Err(ArgsError::Info(_))));
+        assert!(matches!(parse_checked(&["--version"]), Err(ArgsError::Info(_))));
+    }
+
+    #[test]
+    fn a_bare_double_dash_is_a_forgotten_command_not_the_whole_system() {
+        for args in [&["--"][..], &["--json", "--"], &["-p", "1", "--"]] {
+            let err = parse_checked(args).unwrap().mode().unwrap_err();
+            assert!(err.contains("nothing follows `--`"), "{args:?}: {err}");
+        }
+        assert_eq!(parse_checked(&["--json"]).unwrap().mode().unwrap(), Mode::System);
+        let a = parse_checked(&["--", "sh", "-c", "echo --"]).unwrap();
+        assert_eq!(a.mode().unwrap(), Mode::Launch(vec!["sh".into(), "-c".into(), "echo --".into()]));
     }
 
     #[test]

@@ -158,7 +158,15 @@ pub struct Episodes {
     max_kept: usize,
     /// Finished episodes no longer kept for the summary.
     pub dropped: u64,
+    /// Fork latencies that came before their fork's spawn event, by child
+    /// PID: the kprobe and fentry backends time `copy_process`, which
+    /// returns before the kernel fires `sched_process_fork`.
+    early_latency: HashMap<u32, u64>,
 }
+
+/// Bound on `early_latency`: entries live from one event to the next
+/// unless the spawn event was dropped.
+const MAX_EARLY_LATENCIES: usize = 1024;
 
 impl Episodes {
     /// `read_maps(pid)` returns the text of `/proc/PID/maps`.
@@ -173,6 +181,7 @@ impl Episodes {
             kept: VecDeque::new(),
             max_kept: 4096,
             dropped: 0,
+            early_latency: HashMap::new(),
         }
     }
 
@@ -202,7 +211,7 @@ impl Episodes {
                         child: e.other,
                         child_comm: comm,
                         start_ns: e.ts_ns,
-                        fork_latency_ns: None,
+                        fork_latency_ns: self.early_latency.remove(&e.other),
                         exec_after_ns: None,
                         parent_copies: 0,
                         child_copies: 0,
@@ -212,11 +221,17 @@ impl Episodes {
                     },
                 );
             }
-            Some(EventKind::ForkLatency) => {
-                if let Some(o) = self.open.get_mut(&e.other) {
-                    o.fork_latency_ns = Some(e.latency_ns);
+            Some(EventKind::ForkLatency) => match self.open.get_mut(&e.other) {
+                Some(o) if o.parent == e.pid && o.fork_latency_ns.is_none() => {
+                    o.fork_latency_ns = Some(e.latency_ns)
                 }
-            }
+                _ => {
+                    if self.early_latency.len() >= MAX_EARLY_LATENCIES {
+                        self.early_latency.clear();
+                    }
+                    self.early_latency.insert(e.other, e.latency_ns);
+                }
+            },
             Some(EventKind::CowCopy) => self.copy(e),
             Some(EventKind::Exec) => {
                 if let Some(o) = self.open.get_mut(&e.pid) {
@@ -225,7 +240,14 @@ impl Episodes {
                 }
             }
             Some(EventKind::Exit) => {
-                if let Some(o) = self.open.remove(&e.pid) {
+                if let Some(mut o) = self.open.remove(&e.pid) {
+                    // The name it died with: Redis renames its child
+                    // (`redis-rdb-bgsave`) after the fork. The exit event
+                    // comes from the last thread to leave, the main
+                    // thread's name only when that is the main thread.
+                    if e.tid == e.pid && e.comm[0] != 0 {
+                        o.child_comm = comm_str(&e.comm);
+                    }
                     self.unlink(&o);
                     let lifetime = e.ts_ns.saturating_sub(o.start_ns);
                     let ep = self.finish(o, Some(lifetime), Some(e.other as i32));
@@ -268,10 +290,6 @@ impl Episodes {
         let o = self.open.get_mut(&key).expect("looked up above");
         if by_child {
             o.child_copies += 1;
-            if e.tid == e.pid && e.comm[0] != 0 {
-                // The child's main thread names it (Redis renames its child).
-                o.child_comm = comm_str(&e.comm);
-            }
         } else {
             o.parent_copies += 1;
         }
@@ -440,8 +458,8 @@ mod tests {
             eps.apply(&copy(100, 40 * MS + i, ARENA + i * 4096, 2_000));
         }
         eps.apply(&copy(100, 50 * MS, HEAP, 2_000));
-        let mut child = copy(200, 60 * MS, STACK, 3_000);
-        child.comm = *b"redis-rdb-bgsave";
+        // Fault events carry no comm: the child is named by its exit.
+        let child = Event { comm: [0; 16], ..copy(200, 60 * MS, STACK, 3_000) };
         eps.apply(&child);
         eps.apply(&child);
         assert!(eps.take_finished().is_empty(), "the child still runs");
@@ -473,6 +491,28 @@ mod tests {
             line.contains("top regions: [anon 7f2a34000000] 24.0KiB, [stack] 8.0KiB, [heap] 4.0KiB"),
             "{line}"
         );
+    }
+
+    #[test]
+    fn fork_latency_may_come_before_the_spawn() {
+        // kprobe/fentry order: copy_process returns (fork latency), then
+        // the kernel fires sched_process_fork (spawn).
+        let mut eps = episodes();
+        eps.apply(&Event { latency_ns: 3 * MS, ..ev(EventKind::ForkLatency, 100, 200, 13 * MS, "p") });
+        eps.apply(&ev(EventKind::Spawn, 100, 200, 13 * MS + 1, "p"));
+        // tracepoint order, for another child of the same parent.
+        eps.apply(&ev(EventKind::Spawn, 100, 201, 20 * MS, "p"));
+        eps.apply(&Event { latency_ns: 4 * MS, ..ev(EventKind::ForkLatency, 100, 201, 24 * MS, "p") });
+        eps.apply(&ev(EventKind::Exit, 200, 0, 30 * MS, "c"));
+        eps.apply(&ev(EventKind::Exit, 201, 0, 31 * MS, "c"));
+        let done = eps.take_finished();
+        let lat: Vec<_> = done.iter().map(|e| (e.child, e.fork_latency_ns)).collect();
+        assert_eq!(lat, vec![(200, Some(3 * MS)), (201, Some(4 * MS))]);
+        // A latency whose spawn never came does not land on a later child.
+        eps.apply(&Event { latency_ns: 9 * MS, ..ev(EventKind::ForkLatency, 100, 300, 40 * MS, "p") });
+        eps.apply(&ev(EventKind::Spawn, 100, 301, 50 * MS, "p"));
+        eps.apply(&ev(EventKind::Exit, 301, 0, 60 * MS, "c"));
+        assert_eq!(eps.take_finished()[0].fork_latency_ns, None);
     }
 
     #[test]

@@ -11,7 +11,6 @@ use cow_trace::{aggregate, episode, output, regions, stream};
 use std::{collections::HashSet, io::Write as _, os::fd::OwnedFd, process::ExitCode, time::Instant};
 
 use anyhow::{Context as _, Result};
-use clap::Parser as _;
 use cow_trace_common::counter;
 use tokio::{
     io::{unix::AsyncFd, Interest},
@@ -27,7 +26,14 @@ use crate::{
 };
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let args = match Args::try_parse_args(std::env::args_os()) {
+        Ok(a) => a,
+        Err(cli::ArgsError::Info(e)) => e.exit(),
+        Err(cli::ArgsError::Usage(line)) => {
+            eprintln!("cow-trace: error: {line}");
+            return ExitCode::from(2);
+        }
+    };
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
         .format_target(false)
         .init();
@@ -42,6 +48,9 @@ fn main() -> ExitCode {
 
 /// How often the ring buffer is drained when no event woke us.
 const DRAIN_PERIOD: std::time::Duration = std::time::Duration::from_millis(25);
+
+/// How often targets are checked for an exit the ring buffer did not bring.
+const SWEEP_PERIOD: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Why the run ended.
 enum End {
@@ -293,6 +302,13 @@ async fn trace(
     // Fault events do not wake us (see the BPF side): drain on a timer.
     let mut drain_tick = tokio::time::interval(DRAIN_PERIOD);
     drain_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Targets whose exit event was dropped are found by looking (see
+    // Aggregator::sweep_targets); a launched command has its pidfd instead.
+    let mut sweep_tick = (!launched).then(|| {
+        let mut t = tokio::time::interval_at(tokio::time::Instant::now() + SWEEP_PERIOD, SWEEP_PERIOD);
+        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        t
+    });
 
     let end = loop {
         tokio::select! {
@@ -309,6 +325,17 @@ async fn trace(
                 guard.clear_ready();
                 print_episodes(&mut stdout, &mut agg, args.json)?;
                 if !launched && agg.targets_gone() {
+                    break End::TargetsGone;
+                }
+            }
+            _ = next_tick(&mut sweep_tick) => {
+                stream::drain(ring.get_mut(), &mut agg);
+                print_episodes(&mut stdout, &mut agg, args.json)?;
+                let gone = agg.sweep_targets(preflight::alive);
+                if gone > 0 {
+                    log::warn!("{gone} traced processes ended without an exit event (dropped?); no longer waiting for them");
+                }
+                if agg.targets_gone() {
                     break End::TargetsGone;
                 }
             }

@@ -18,11 +18,15 @@ fn one_line_error(args: &[&str]) -> String {
     lines[0].to_string()
 }
 
-/// Argument errors are clap's: exit 2, first line names the problem.
+/// Argument errors: exit 2 (the usage-error convention), one line.
 fn usage_error(args: &[&str]) -> String {
     let r = run(args, Duration::from_secs(30));
     assert_eq!(r.status.code(), Some(2), "{args:?}: {}", r.stderr);
-    r.stderr.lines().next().unwrap_or_default().to_string()
+    let lines: Vec<_> = r.stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "{args:?}: expected one line, got:\n{}", r.stderr);
+    assert!(lines[0].starts_with("cow-trace: error: "), "{}", lines[0]);
+    assert!(r.stdout.is_empty(), "nothing on stdout on error: {}", r.stdout);
+    lines[0].to_string()
 }
 
 #[test]
@@ -37,6 +41,7 @@ fn malformed_arguments_are_refused_by_the_parser() {
         (&["-i", "soon"], "'soon' is not a number of seconds"),
         (&["--ring-buffer-size", "3M"], "not a power of two"),
         (&["--backend", "magic"], "invalid value 'magic'"),
+        (&["--no-such-option"], "unexpected argument '--no-such-option'"),
     ] {
         let first = usage_error(args);
         assert!(first.contains(needle), "{args:?}: {first}");
@@ -49,6 +54,9 @@ fn conflicting_options_are_refused() {
     assert!(one_line_error(&["-p", "1", "--", "true"]).contains("use either -p PID or -- COMMAND, not both"));
     assert!(one_line_error(&["--no-follow"]).contains("--no-follow needs -p PID or a command"));
     assert!(one_line_error(&["--", ""]).contains("the command after `--` is empty"));
+    // Not the whole system: a user who typed `--` meant to launch something.
+    assert!(one_line_error(&["--"]).contains("nothing follows `--`"));
+    assert!(one_line_error(&["--json", "--"]).contains("nothing follows `--`"));
 }
 
 #[test]

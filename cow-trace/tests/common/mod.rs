@@ -114,20 +114,20 @@ pub fn launch_workload(pages: u64, child_writes: u64, parent_writes: u64) -> Vec
     v
 }
 
-/// Starts cow-trace with its output piped to the test.
-fn spawn(args: &[&str]) -> Child {
-    cow_trace()
-        .args(args)
+/// Runs cow-trace to completion with a time limit.
+pub fn run(args: &[&str], limit: Duration) -> Run {
+    run_command(cow_trace().args(args), limit)
+}
+
+/// Runs `cmd` (cow-trace, or a wrapper that execs it) to completion with a
+/// time limit, its output piped to the test.
+pub fn run_command(cmd: &mut Command, limit: Duration) -> Run {
+    let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("spawn cow-trace")
-}
-
-/// Runs cow-trace to completion with a time limit.
-pub fn run(args: &[&str], limit: Duration) -> Run {
-    let mut child = spawn(args);
+        .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
     let t_out = slurp(child.stdout.take().unwrap());
     let t_err = slurp(child.stderr.take().unwrap());
     let status = wait_timeout(&mut child, limit);
@@ -144,7 +144,17 @@ pub struct Background {
 
 impl Background {
     pub fn start(args: &[&str]) -> Self {
-        let mut child = spawn(args);
+        Self::start_command(cow_trace().args(args))
+    }
+
+    /// Starts `cmd` (cow-trace, or a wrapper that execs it).
+    pub fn start_command(cmd: &mut Command) -> Self {
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
         let out = child.stdout.take().unwrap();
         let err = child.stderr.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
@@ -200,10 +210,24 @@ pub struct HeldWorkload {
 
 impl HeldWorkload {
     pub fn start(pages: u64, child_writes: u64, parent_writes: u64) -> Self {
+        Self::start_wrapped(&[], pages, child_writes, parent_writes)
+    }
+
+    /// The same, run through `wrapper` (a command that execs the rest, like
+    /// `taskset -c 0`), so that the reported PID is the workload's own.
+    pub fn start_wrapped(wrapper: &[&str], pages: u64, child_writes: u64, parent_writes: u64) -> Self {
         let go_file =
             std::env::temp_dir().join(format!("cow-trace-go-{}-{}", std::process::id(), rand_suffix()));
         let _ = std::fs::remove_file(&go_file);
-        let mut child = Command::new(WORKLOAD)
+        let mut cmd = match wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(WORKLOAD);
+                c
+            }
+            None => Command::new(WORKLOAD),
+        };
+        let mut child = cmd
             .args(["--pages", &pages.to_string()])
             .args(["--child-writes", &child_writes.to_string()])
             .args(["--parent-writes", &parent_writes.to_string()])
