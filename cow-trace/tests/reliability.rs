@@ -131,34 +131,23 @@ fn sigkill_and_failing_commands_leave_no_bpf_program_behind() {
     if !need_root("sigkill_and_failing_commands_leave_no_bpf_program_behind") {
         return;
     }
-    let gone = |ids: &std::collections::BTreeSet<u64>, what: &str| {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            let left: Vec<_> = ids.intersection(&bpf_prog_ids()).copied().collect();
-            if left.is_empty() {
-                return;
-            }
-            assert!(Instant::now() < deadline, "{what}: programs left behind: {left:?}");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    };
     // SIGKILL: no summary, but the kernel must still drop everything.
     let mut t = Background::start(&["-p", "1"]);
     t.wait_attached();
-    let ours = prog_ids_held_by(t.child.id());
-    assert!(!ours.is_empty());
+    let held = bpf_objects_held_by(t.child.id());
+    assert!(held.iter().all(|(_, ids)| !ids.is_empty()), "{held:?}");
     t.signal(libc::SIGKILL);
     let _ = t.finish(Duration::from_secs(30));
-    gone(&ours, "SIGKILL");
+    assert_released(&held, "SIGKILL");
 
     // A launched command that fails: its status is returned, with a summary.
     let mut t = Background::start(&["--", "sh", "-c", "sleep 0.5; exit 42"]);
     t.wait_attached();
-    let ours = prog_ids_held_by(t.child.id());
+    let held = bpf_objects_held_by(t.child.id());
     let r = t.finish(Duration::from_secs(30));
     assert_eq!(r.status.code(), Some(42), "{}", r.stderr);
     assert!(r.stdout.contains("=== summary"), "{}", r.stdout);
-    gone(&ours, "failed command");
+    assert_released(&held, "failed command");
 }
 
 /// Runs cow-trace inside a private mount namespace after `setup` (shell
@@ -285,9 +274,10 @@ fn a_fork_storm_system_wide_is_survived_with_bounded_memory_and_every_fork_accou
     assert!(r.status.success(), "{}", r.stderr);
     let s = r.summary();
     eprintln!("storm: {storm_forks} forks ({rate:.0}/s); tracer RSS samples (KiB): {rss:?}");
-    // About 1,400 forks/s on an idle 2-core machine of this kind; far less
-    // would not be a storm (a busy machine halves it).
-    assert!(rate > 200.0, "the storm was too slow to mean anything: {rate:.0} forks/s");
+    // About 1,400 forks/s on an idle 2-core machine of this kind, with the
+    // other tests of this file running beside it; far less would not be a
+    // storm.
+    assert!(rate > 500.0, "the storm was too slow to mean anything: {rate:.0} forks/s");
     // Every fork of the storm was counted by the kernel (other processes
     // fork too), and every counted event was received or reported dropped.
     assert!(u(&s["kernel_totals"]["spawns"]) >= storm_forks);

@@ -275,6 +275,57 @@ pub fn bpf_prog_ids() -> std::collections::BTreeSet<u64> {
     v.as_array().unwrap().iter().map(|p| u(&p["id"])).collect()
 }
 
+/// IDs of the BPF objects of one kind (`prog`, `map` or `link`) the kernel
+/// has right now, from bpftool.
+pub fn bpf_object_ids(kind: &str) -> std::collections::BTreeSet<u64> {
+    let out = Command::new("bpftool")
+        .args(["-j", kind, "show"])
+        .output()
+        .expect("bpftool is needed for this test (apt-get install bpftool)");
+    assert!(out.status.success(), "bpftool {kind} show: {}", String::from_utf8_lossy(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Array(vec![]));
+    v.as_array().map(|a| a.iter().map(|o| u(&o["id"])).collect()).unwrap_or_default()
+}
+
+/// IDs of the BPF objects of each kind (`prog`, `map`, `link`) a process
+/// holds open, from its fdinfo.
+pub fn bpf_objects_held_by(pid: u32) -> Vec<(&'static str, std::collections::BTreeSet<u64>)> {
+    let mut held: Vec<(&str, std::collections::BTreeSet<u64>)> =
+        vec![("prog", Default::default()), ("map", Default::default()), ("link", Default::default())];
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fdinfo")).expect("fdinfo").flatten() {
+        let info = std::fs::read_to_string(entry.path()).unwrap_or_default();
+        // A link's fdinfo names its program too: classify by the object's
+        // own first id line.
+        let key = if info.contains("link_type:") {
+            "link_id:"
+        } else if info.contains("map_type:") {
+            "map_id:"
+        } else {
+            "prog_id:"
+        };
+        let Some(id) = info.lines().find_map(|l| l.strip_prefix(key)) else { continue };
+        let slot = &mut held.iter_mut().find(|(k, _)| key.starts_with(k)).expect("known kind").1;
+        slot.insert(id.trim().parse().unwrap());
+    }
+    held
+}
+
+/// Waits until none of `held` is known to the kernel any more (freeing can
+/// lag the process exit by an RCU grace period).
+pub fn assert_released(held: &[(&'static str, std::collections::BTreeSet<u64>)], what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for (kind, ids) in held {
+        loop {
+            let left: Vec<_> = ids.intersection(&bpf_object_ids(kind)).copied().collect();
+            if left.is_empty() {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{what}: {kind}s left behind: {left:?}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
 /// IDs of the BPF programs a process holds open, from its fdinfo.
 pub fn prog_ids_held_by(pid: u32) -> std::collections::BTreeSet<u64> {
     let mut ids = std::collections::BTreeSet::new();
