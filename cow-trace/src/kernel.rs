@@ -204,6 +204,17 @@ pub fn tracefs() -> Result<PathBuf> {
         if Path::new(dir).join("events").is_dir() {
             return Ok(PathBuf::from(dir));
         }
+        // tracefs is mode 0700 root by default: mounted, but closed to a
+        // non-root user with CAP_BPF and CAP_PERFMON alone. Say that, not
+        // "not mounted".
+        if let Err(e) = fs::read_dir(dir) {
+            if e.kind() == io::ErrorKind::PermissionDenied {
+                bail!(
+                    "cannot read tracefs at {dir} ({e}): cow-trace reads tracepoint formats from it; \
+                     run it as root, or add CAP_DAC_READ_SEARCH to CAP_BPF and CAP_PERFMON"
+                );
+            }
+        }
     }
     let target = TRACEFS_MOUNTS[0];
     let rc = unsafe {

@@ -33,8 +33,8 @@ pub fn check_privileges() -> Result<()> {
     if !caps_suffice(caps) {
         bail!(
             "insufficient privileges: cow-trace loads BPF programs and needs root, or CAP_BPF and \
-             CAP_PERFMON (plus CAP_SYS_ADMIN to mount tracefs or on kernels before 5.8); run it \
-             with sudo"
+             CAP_PERFMON (plus CAP_DAC_READ_SEARCH to read a root-only tracefs, CAP_SYS_ADMIN to \
+             mount it or on kernels before 5.8); run it with sudo"
         );
     }
     Ok(())

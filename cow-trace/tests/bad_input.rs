@@ -119,3 +119,51 @@ fn unprivileged_users_are_told_what_is_needed() {
     assert!(stderr.contains("CAP_BPF and CAP_PERFMON"), "{stderr}");
     assert!(stderr.contains("sudo"), "{stderr}");
 }
+
+#[test]
+fn capabilities_without_root_are_enough_and_a_closed_tracefs_is_named() {
+    if !need_root(
+        "capabilities_without_root_are_enough_and_a_closed_tracefs_is_named (needs root to drop to nobody)",
+    ) {
+        return;
+    }
+    // Have tracefs mounted, as cow-trace run as root would leave it.
+    let tracing = std::path::Path::new("/sys/kernel/tracing");
+    if !tracing.join("events").is_dir() {
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tracefs", "nodev", "/sys/kernel/tracing"])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "cannot mount tracefs for this test");
+    }
+    // User nobody with exactly the capabilities named.
+    let as_nobody_with = |caps: &str| {
+        let set = format!("-all,{caps}");
+        std::process::Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(format!("--inh-caps={set}"))
+            .arg(format!("--ambient-caps={set}"))
+            .args([COW_TRACE, "--json", "-d", "1"])
+            .output()
+            .expect("setpriv (util-linux)")
+    };
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(tracing).unwrap().permissions().mode();
+    if mode & 0o005 == 0 {
+        let r = as_nobody_with("+bpf,+perfmon");
+        let stderr = String::from_utf8_lossy(&r.stderr);
+        assert_eq!(r.status.code(), Some(1), "{stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(stderr.contains("cannot read tracefs at /sys/kernel/tracing"), "{stderr}");
+        assert!(stderr.contains("CAP_DAC_READ_SEARCH"), "{stderr}");
+    } else {
+        eprintln!(
+            "note: tracefs is mode {mode:o} here, readable by all: the closed-tracefs case is not exercised"
+        );
+    }
+    let r = as_nobody_with("+bpf,+perfmon,+dac_read_search");
+    let stdout = String::from_utf8_lossy(&r.stdout);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let summary = Run::from_output(0, r.status, stdout.to_string(), String::new());
+    assert_eq!(summary.summary()["ended_by"], "duration");
+}

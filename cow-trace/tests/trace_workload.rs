@@ -190,7 +190,8 @@ fn every_ending_gives_a_summary_and_leaves_no_program_map_or_link() {
         // Started here, so that it is alive when cow-trace attaches.
         let mut short = std::process::Command::new("sleep").arg("2").spawn().unwrap();
         let short_id = short.id().to_string();
-        let args: Vec<&str> = args.iter().map(|&a| if a == short_pid { short_id.as_str() } else { a }).collect();
+        let args: Vec<&str> =
+            args.iter().map(|&a| if a == short_pid { short_id.as_str() } else { a }).collect();
         let mut t = Background::start(&args);
         t.wait_attached();
         // Other tests run cow-trace in parallel: look only at this one's.
