@@ -26,28 +26,11 @@ fn a_tiny_ring_buffer_drops_are_counted_reported_and_add_up() {
     // gets no CPU until the child's 12,800-page write loop is over. A 4 KiB
     // ring holds about 56 records; nearly all the copies cannot fit.
     const PAGES: u64 = 12800;
-    let r = run_command(
-        Command::new("taskset").env("RUST_LOG", "warn").args([
-            "-c",
-            "0",
-            COW_TRACE,
-            "--json",
-            "--ring-buffer-size",
-            "4K",
-            "--",
-            "chrt",
-            "-f",
-            "1",
-            WORKLOAD,
-            "--pages",
-            &PAGES.to_string(),
-            "--child-writes",
-            &PAGES.to_string(),
-            "--parent-writes",
-            "0",
-        ]),
-        Duration::from_secs(120),
-    );
+    let pages = PAGES.to_string();
+    let mut args = vec!["--json", "--ring-buffer-size", "4K", "--"];
+    args.extend(&FIFO_ON_CPU0[3..]); // cow-trace itself is on CPU 0 already
+    args.extend([WORKLOAD, "--pages", &pages, "--child-writes", &pages, "--parent-writes", "0"]);
+    let r = run_command(&mut cow_trace_on_cpu0(&args), Duration::from_secs(120));
     assert!(r.status.success(), "{}", r.stderr);
     let s = r.summary();
     let dropped = u(&s["dropped_events"]);
@@ -70,12 +53,9 @@ fn a_pid_run_ends_when_its_targets_exit_even_if_their_exit_events_were_dropped()
     // child and then the parent exit while it is still full, so both exit
     // events are dropped. The run must still end, by itself.
     const PAGES: u64 = 12800;
-    let w = HeldWorkload::start_wrapped(&["taskset", "-c", "0", "chrt", "-f", "1"], PAGES, PAGES, 0);
+    let w = HeldWorkload::start_wrapped(&FIFO_ON_CPU0, PAGES, PAGES, 0);
     let pid = w.pid.to_string();
-    let mut t = Background::start_command(Command::new("taskset").env("RUST_LOG", "warn").args([
-        "-c",
-        "0",
-        COW_TRACE,
+    let mut t = Background::start_command(&mut cow_trace_on_cpu0(&[
         "--json",
         "--ring-buffer-size",
         "4K",

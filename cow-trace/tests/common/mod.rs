@@ -114,6 +114,27 @@ pub fn launch_workload(pages: u64, child_writes: u64, parent_writes: u64) -> Vec
     v
 }
 
+/// Starts `cmd` with no input and its output piped to the test.
+fn spawn_piped(cmd: &mut Command) -> Child {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"))
+}
+
+/// cow-trace with `args`, confined to CPU 0 (`taskset`). With a workload
+/// run SCHED_FIFO on the same CPU, its reader cannot run while the workload
+/// faults: the way to make ring-buffer overflow certain rather than likely.
+pub fn cow_trace_on_cpu0(args: &[&str]) -> Command {
+    let mut c = Command::new("taskset");
+    c.env("RUST_LOG", "warn").args(["-c", "0", COW_TRACE]).args(args);
+    c
+}
+
+/// The wrapper that runs a workload SCHED_FIFO on CPU 0 (see above).
+pub const FIFO_ON_CPU0: [&str; 6] = ["taskset", "-c", "0", "chrt", "-f", "1"];
+
 /// Runs cow-trace to completion with a time limit.
 pub fn run(args: &[&str], limit: Duration) -> Run {
     run_command(cow_trace().args(args), limit)
@@ -122,12 +143,7 @@ pub fn run(args: &[&str], limit: Duration) -> Run {
 /// Runs `cmd` (cow-trace, or a wrapper that execs it) to completion with a
 /// time limit, its output piped to the test.
 pub fn run_command(cmd: &mut Command, limit: Duration) -> Run {
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+    let mut child = spawn_piped(cmd);
     let t_out = slurp(child.stdout.take().unwrap());
     let t_err = slurp(child.stderr.take().unwrap());
     let status = wait_timeout(&mut child, limit);
@@ -149,12 +165,7 @@ impl Background {
 
     /// Starts `cmd` (cow-trace, or a wrapper that execs it).
     pub fn start_command(cmd: &mut Command) -> Self {
-        let mut child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+        let mut child = spawn_piped(cmd);
         let out = child.stdout.take().unwrap();
         let err = child.stderr.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
@@ -324,20 +335,6 @@ pub fn assert_released(held: &[(&'static str, std::collections::BTreeSet<u64>)],
             std::thread::sleep(Duration::from_millis(100));
         }
     }
-}
-
-/// IDs of the BPF programs a process holds open, from its fdinfo.
-pub fn prog_ids_held_by(pid: u32) -> std::collections::BTreeSet<u64> {
-    let mut ids = std::collections::BTreeSet::new();
-    for entry in std::fs::read_dir(format!("/proc/{pid}/fdinfo")).expect("fdinfo").flatten() {
-        let info = std::fs::read_to_string(entry.path()).unwrap_or_default();
-        for line in info.lines() {
-            if let Some(id) = line.strip_prefix("prog_id:") {
-                ids.insert(id.trim().parse().unwrap());
-            }
-        }
-    }
-    ids
 }
 
 /// IDs of the BPF maps a process holds open, from its fdinfo.
