@@ -76,11 +76,12 @@ fn bpf_linker_works() -> bool {
     Command::new("bpf-linker").arg("--version").output().map(|o| o.status.success()).unwrap_or(false)
 }
 
+/// The libLLVM a binary is dynamically linked against, from `ldd` output.
+fn linked_libllvm(ldd: &str) -> Option<&str> {
+    ldd.lines().map(str::trim).find(|l| l.starts_with("libLLVM")).and_then(|l| l.split_whitespace().next())
+}
+
 fn ensure_bpf_linker() -> Result<()> {
-    if bpf_linker_works() {
-        say("bpf-linker: present");
-        return Ok(());
-    }
     let major = nightly_llvm_major()?;
     let sysroot = output(Command::new("rustup").args(["run", NIGHTLY, "rustc", "--print", "sysroot"]))?;
     let nightly_lib = PathBuf::from(sysroot.trim()).join("lib");
@@ -89,6 +90,25 @@ fn ensure_bpf_linker() -> Result<()> {
         .map(|e| e.path())
         .find(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("libLLVM.so.")))
         .ok_or_else(|| anyhow!("no libLLVM.so.* in {}", nightly_lib.display()))?;
+    let want = lib.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
+    if bpf_linker_works() {
+        // A bpf-linker built against another LLVM (an older nightly's, or a
+        // system one) runs, then fails on the nightly's bitcode with an
+        // obscure error: rebuild it rather than call it present.
+        let ldd = which("bpf-linker")
+            .and_then(|b| Command::new("ldd").arg(b).output().ok())
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        match linked_libllvm(&ldd) {
+            Some(have) if have != want => {
+                say(&format!("bpf-linker: linked against {have}, not the nightly's {want}; rebuilding it"))
+            }
+            _ => {
+                say("bpf-linker: present");
+                return Ok(());
+            }
+        }
+    }
     // bpf-linker's build looks for $LLVM_PREFIX/lib/libLLVM.so and records
     // the directory as its rpath: keep it somewhere that outlives the build.
     let prefix = cargo_home().join("bpf-linker-llvm");
@@ -163,4 +183,18 @@ pub fn ensure_packages(commands: &[(&str, &str)]) -> Result<()> {
 
 pub fn ensure_test_packages() -> Result<()> {
     ensure_packages(TEST_COMMANDS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::linked_libllvm;
+
+    #[test]
+    fn finds_the_libllvm_a_binary_links() {
+        let ldd = "\tlinux-vdso.so.1 (0x00007ffc)\n\
+                   \tlibLLVM.so.22.1-rust-1.97.0-nightly => /x/lib/libLLVM.so.22.1-rust-1.97.0-nightly (0x7fc2)\n\
+                   \tlibc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x7fc1)\n";
+        assert_eq!(linked_libllvm(ldd), Some("libLLVM.so.22.1-rust-1.97.0-nightly"));
+        assert_eq!(linked_libllvm("\tlibc.so.6 => /lib/libc.so.6 (0x1)\n"), None, "a static build");
+    }
 }
