@@ -185,12 +185,10 @@ fn sh(cmd: &str, args: &[&str]) -> String {
 
 pub fn bench(repeats: usize, rounds: usize, forks: usize) -> Result<()> {
     build_release()?;
-    let mut tracers = vec![Tracer::Untraced, Tracer::CowTrace, Tracer::Floor];
-    if Command::new("bpftrace").arg("--version").output().is_ok_and(|o| o.status.success()) {
-        tracers.push(Tracer::Bpftrace);
-    } else {
-        eprintln!("xtask: bpftrace not installed: peer comparison skipped (apt-get install bpftrace)");
-    }
+    // The peer runs the same logic: a comparison the benchmark owes its
+    // reader, so it is installed like everything else, not skipped.
+    crate::setup::ensure_packages(&[("bpftrace", "bpftrace"), ("bpftool", "bpftool")])?;
+    let tracers = [Tracer::Untraced, Tracer::CowTrace, Tracer::Floor, Tracer::Bpftrace];
     let pages = 50 * 1024 * 1024 / 4096;
     let storms = [
         Storm {

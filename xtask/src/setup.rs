@@ -162,16 +162,18 @@ pub fn ensure_packages(commands: &[(&str, &str)]) -> Result<()> {
     missing.sort_unstable();
     missing.dedup();
     if missing.is_empty() {
-        say("test packages: present");
+        let mut have: Vec<&str> = commands.iter().map(|&(_, pkg)| pkg).collect();
+        have.dedup();
+        say(&format!("Debian packages ({}): present", have.join(", ")));
         return Ok(());
     }
     if !crate::is_root() {
         bail!(
-            "the tests need these Debian packages: {}; install them as root (apt-get install ...)",
+            "these Debian packages are needed: {}; install them as root (apt-get install ...)",
             missing.join(" ")
         );
     }
-    say(&format!("installing Debian packages the tests use: {}", missing.join(" ")));
+    say(&format!("installing missing Debian packages: {}", missing.join(" ")));
     run_cmd(Command::new("apt-get").args(["update", "-qq"]))?;
     run_cmd(
         Command::new("apt-get")
