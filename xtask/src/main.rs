@@ -43,6 +43,10 @@ enum Cli {
         /// Copy FILE into the command's working directory (repeatable).
         #[arg(long, value_name = "FILE")]
         include: Vec<PathBuf>,
+        /// Put this host program in the VM's /bin, with the shared
+        /// libraries it needs (repeatable), e.g. `--bin $(which redis-server)`.
+        #[arg(long = "bin", value_name = "PROGRAM")]
+        bins: Vec<PathBuf>,
         /// Give up on the VM after SECS seconds.
         #[arg(long, value_name = "SECS", default_value_t = 900)]
         timeout: u64,
@@ -154,16 +158,20 @@ fn main() {
 
 fn real_main() -> Result<()> {
     match Cli::parse() {
-        Cli::Vm { kernel, include, timeout, command } => {
+        Cli::Vm { kernel, include, bins, timeout, command } => {
             setup::ensure_toolchain()?;
-            let opts = vm::VmOptions { kernel, include, timeout: std::time::Duration::from_secs(timeout) };
+            let opts =
+                vm::VmOptions { kernel, include, bins, timeout: std::time::Duration::from_secs(timeout) };
             let code = vm::vm(&opts, &command)?;
             std::process::exit(code);
         }
         Cli::VmTest { kernel, timeout } => {
             setup::ensure_toolchain()?;
-            let opts =
-                vm::VmOptions { kernel, include: vec![], timeout: std::time::Duration::from_secs(timeout) };
+            let opts = vm::VmOptions {
+                kernel,
+                timeout: std::time::Duration::from_secs(timeout),
+                ..Default::default()
+            };
             let t = vm::vm_test(&opts)?;
             if t.failed > 0 {
                 bail!("vm-test: {} failed", t.failed);
@@ -212,7 +220,7 @@ fn real_main() -> Result<()> {
             let mut tally = run_tests(&mut cmd)?;
             // The same workload on a kernel with kprobes and BPF trampolines.
             let vm_opts =
-                vm::VmOptions { kernel: None, include: vec![], timeout: std::time::Duration::from_secs(900) };
+                vm::VmOptions { timeout: std::time::Duration::from_secs(900), ..Default::default() };
             match vm::vm_test(&vm_opts) {
                 Ok(t) => {
                     tally.passed += t.passed;

@@ -38,9 +38,13 @@ const VM_COMMANDS: &[(&str, &str)] = &[
     ("dpkg-deb", "dpkg"),
 ];
 
+#[derive(Clone, Default)]
 pub struct VmOptions {
     pub kernel: Option<PathBuf>,
+    /// Files for the command's working directory.
     pub include: Vec<PathBuf>,
+    /// Host programs for the VM's /bin, with their shared libraries.
+    pub bins: Vec<PathBuf>,
     pub timeout: Duration,
 }
 
@@ -145,7 +149,7 @@ fn sh_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', "'\\''"))
 }
 
-fn build_initramfs(cmd: &[String], include: &[PathBuf]) -> Result<PathBuf> {
+fn build_initramfs(cmd: &[String], include: &[PathBuf], bins: &[PathBuf]) -> Result<PathBuf> {
     let dir = vm_dir();
     // One staging tree and image per run: concurrent runs must not boot
     // each other's.
@@ -159,10 +163,11 @@ fn build_initramfs(cmd: &[String], include: &[PathBuf]) -> Result<PathBuf> {
     copy_into(&root, &busybox, Path::new("bin/busybox"))?;
     let release = workspace_root().join("target/release");
     let mut libs = BTreeSet::new();
-    for bin in ["cow-trace", "cow-workload"] {
-        let path = release.join(bin);
-        copy_into(&root, &path, &Path::new("bin").join(bin))?;
-        libs.extend(libraries(&path)?);
+    let ours = ["cow-trace", "cow-workload"].map(|b| release.join(b));
+    for path in ours.iter().chain(bins) {
+        let name = path.file_name().ok_or_else(|| anyhow!("--bin {}: not a program", path.display()))?;
+        copy_into(&root, path, &Path::new("bin").join(name))?;
+        libs.extend(libraries(path)?);
     }
     for lib in &libs {
         copy_into(&root, lib, lib.strip_prefix("/").expect("absolute"))?;
@@ -207,7 +212,7 @@ pub fn run_in_vm(opts: &VmOptions, cmd: &[String], echo: bool) -> Result<(i32, S
     setup::ensure_packages(VM_COMMANDS)?;
     build_release()?;
     let kernel = kernel_image(&opts.kernel)?;
-    let initrd = build_initramfs(cmd, &opts.include)?;
+    let initrd = build_initramfs(cmd, &opts.include, &opts.bins)?;
     say(&format!("booting {} under QEMU (TCG)", kernel.display()));
     let mut child = Command::new("qemu-system-x86_64")
         .args(["-accel", "tcg", "-cpu", "max", "-m", "2048", "-smp", "2", "-nographic", "-no-reboot"])
@@ -428,6 +433,138 @@ fn sections(console: &str) -> Vec<(String, String)> {
         .collect()
 }
 
+/// Redis in the VM: a BGSAVE under a write load, traced once under each
+/// kernel backend, each followed by Redis's own figures. A unix socket
+/// spares the VM any networking.
+const REDIS_SCRIPT: &str = r#"#!/bin/sh
+S=/tmp/redis.sock
+R="redis-cli -s $S"
+for b in fentry kprobe; do
+  echo "=== begin redis $b"
+  # A fresh server per run: a second save on the same data set would be
+  # measured against the first one's load.
+  redis-server --port 0 --unixsocket $S --save "" --appendonly no --enable-debug-command local     --daemonize yes --dir /tmp --logfile /tmp/redis-$b.log --pidfile /tmp/redis-$b.pid
+  i=0
+  until $R PING 2>/dev/null | grep -q PONG; do
+    i=$((i+1)); [ $i -gt 600 ] && { echo "redis did not start"; cat /tmp/redis-$b.log; break; }; usleep 100000
+  done
+  $R DEBUG POPULATE 200000 key 256 > /dev/null
+  # A fresh file per run: the wait below must see this run's start record.
+  OUT=/tmp/trace-$b.out
+  cow-trace --backend $b --json -p $(cat /tmp/redis-$b.pid) > $OUT 2> /tmp/trace-$b.err &
+  CT=$!
+  i=0
+  until [ -s $OUT ]; do i=$((i+1)); [ $i -gt 1200 ] && break; usleep 100000; done
+  redis-benchmark -s $S -t set -n 200000 -P 16 -r 200000 -d 256 -q > /tmp/bench.out 2>&1 &
+  B=$!
+  usleep 500000
+  $R BGSAVE
+  until $R INFO persistence | grep -q "rdb_bgsave_in_progress:0"; do usleep 200000; done
+  wait $B
+  echo "benchmark rc $?"
+  $R INFO persistence | grep -E "rdb_last_cow_size|rdb_last_bgsave_status"
+  $R INFO stats | grep latest_fork_usec
+  $R SHUTDOWN NOSAVE > /dev/null 2>&1
+  # The server's exit is the targets' end: cow-trace stops by itself.
+  wait $CT
+  echo "=== rc $?"
+  cat $OUT
+  echo "=== stderr"
+  cat /tmp/trace-$b.err
+  echo "=== end"
+done
+"#;
+
+/// A numeric `field:value` line of Redis's INFO in `text`.
+fn redis_field(text: &str, field: &str) -> Option<u64> {
+    text.lines().find_map(|l| l.trim().strip_prefix(field)?.strip_prefix(':')?.trim().parse().ok())
+}
+
+/// Checks one traced BGSAVE against Redis's own figures: the episode's
+/// copied bytes within 5% of `rdb_last_cow_size`; its fork latency, the
+/// time spent in `copy_process` on these backends, above 0 and within the
+/// `fork()` that Redis timed (`latest_fork_usec`, which also holds the
+/// rest of the syscall and the allocator's fork handlers in user space).
+fn check_redis(section: &str) -> Result<String> {
+    let summary = section
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|v| v["type"] == "summary")
+        .ok_or_else(|| anyhow!("no summary"))?;
+    let cow = redis_field(section, "rdb_last_cow_size").ok_or_else(|| anyhow!("no rdb_last_cow_size"))?;
+    let fork_us = redis_field(section, "latest_fork_usec").ok_or_else(|| anyhow!("no latest_fork_usec"))?;
+    if !section.contains("rdb_last_bgsave_status:ok") || !section.contains("benchmark rc 0") {
+        bail!("the save or the benchmark failed");
+    }
+    let eps = summary["episodes"].as_array().cloned().unwrap_or_default();
+    let [ep] = eps.as_slice() else { bail!("{} episodes, expected the BGSAVE alone", eps.len()) };
+    let copied = u(&ep["copied_bytes"]);
+    let fork_ns = u(&ep["fork_latency_ns"]);
+    let figures = format!(
+        "episode copied {copied} bytes (parent {} + child {} pages), Redis {cow}; fork {fork_ns} ns in copy_process, \
+         Redis's fork() {fork_us} us",
+        u(&ep["parent_copies"]),
+        u(&ep["child_copies"])
+    );
+    // A save under no load copies next to nothing: nothing to compare.
+    if cow < 4 << 20 {
+        bail!("{figures}: Redis copied too little for a comparison; was the load running?");
+    }
+    let apart = (copied as f64 - cow as f64).abs() / cow as f64;
+    if apart > 0.05 {
+        bail!("{figures}: {:.1}% apart", apart * 100.0);
+    }
+    if fork_ns == 0 || fork_ns > fork_us * 1000 {
+        bail!("{figures}: fork latency outside Redis's fork()");
+    }
+    if u(&summary["dropped_events"]) != 0 {
+        bail!("{figures}: {} events dropped", u(&summary["dropped_events"]));
+    }
+    Ok(format!("{figures}: {:.1}% apart", apart * 100.0))
+}
+
+/// Commands the Redis check puts in the VM.
+const REDIS_COMMANDS: &[(&str, &str)] =
+    &[("redis-server", "redis-server"), ("redis-cli", "redis-tools"), ("redis-benchmark", "redis-tools")];
+
+/// Runs the Redis BGSAVE comparison under the kernel backends in one boot.
+fn vm_redis(opts: &VmOptions, tally: &mut Tally) -> Result<()> {
+    setup::ensure_packages(REDIS_COMMANDS)?;
+    let script = vm_dir().join("redis-vm.sh");
+    fs::write(&script, REDIS_SCRIPT)?;
+    let bins = REDIS_COMMANDS
+        .iter()
+        .map(|(cmd, _)| which(cmd).ok_or_else(|| anyhow!("{cmd} not on PATH")))
+        .collect::<Result<Vec<_>>>()?;
+    let redis_opts = VmOptions { include: vec![script], bins, ..opts.clone() };
+    let (_, console) = run_in_vm(&redis_opts, &["sh".into(), "redis-vm.sh".into()], false)?;
+    let mut ran = 0;
+    for (name, part) in sections(&console) {
+        ran += 1;
+        let rc = part.lines().find_map(|l| l.strip_prefix("=== rc ")).map(str::trim).unwrap_or("?");
+        let checked = if rc == "0" {
+            check_redis(&part)
+        } else {
+            Err(anyhow!("exit status {rc}: {}", part.split("=== stderr").nth(1).unwrap_or("").trim()))
+        };
+        match checked {
+            Ok(figures) => {
+                println!("vm-test: {name}: ok: {figures}");
+                tally.passed += 1;
+            }
+            Err(e) => {
+                println!("vm-test: {name}: FAILED: {e:#}");
+                tally.failed += 1;
+            }
+        }
+    }
+    if ran != 2 {
+        println!("vm-test: FAILED: the Redis runs did not all happen:\n{console}");
+        tally.failed += 1;
+    }
+    Ok(())
+}
+
 /// Runs the workload under every backend in one VM boot and checks each.
 /// On the default kernel (Debian's) every backend must run: a backend that
 /// is refused there is a failure, not a skip. A kernel given with
@@ -454,7 +591,7 @@ pub fn vm_test(opts: &VmOptions) -> Result<Tally> {
     // With no --backend, the best backend the kernel accepts must be picked.
     section(&mut body, "auto", "cow-trace --json -- true");
     fs::write(&script, body)?;
-    let vm_opts = VmOptions { kernel: opts.kernel.clone(), include: vec![script], timeout: opts.timeout };
+    let vm_opts = VmOptions { include: vec![script], ..opts.clone() };
     let (_, console) = run_in_vm(&vm_opts, &["sh".into(), "vm-test.sh".into()], false)?;
     // The console line may follow the firmware's terminal escapes.
     let kernel =
@@ -546,8 +683,13 @@ pub fn vm_test(opts: &VmOptions) -> Result<Tally> {
         println!("vm-test: FAILED: no backend ran");
         tally.failed += 1;
     }
+    // The same episodes against a real peer, on the production backends.
+    if let Err(e) = vm_redis(opts, &mut tally) {
+        println!("vm-test: FAILED: Redis boot: {e:#}");
+        tally.failed += 1;
+    }
     // `cargo xtask vm` hands back the command's own exit status.
-    let exit_opts = VmOptions { kernel: opts.kernel.clone(), include: vec![], timeout: opts.timeout };
+    let exit_opts = VmOptions { include: vec![], ..opts.clone() };
     match run_in_vm(&exit_opts, &["sh".into(), "-c".into(), "cow-trace --version && exit 7".into()], false) {
         Ok((7, console)) if console.contains("cow-trace ") => {
             println!("vm-test: a command's exit status comes back from the VM (7)");
