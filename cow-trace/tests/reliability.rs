@@ -81,6 +81,57 @@ fn a_pid_run_ends_when_its_targets_exit_even_if_their_exit_events_were_dropped()
 }
 
 #[test]
+fn a_reused_pid_starts_a_new_record_and_does_not_inherit_the_dead_ones_figures() {
+    if !need_root("a_reused_pid_starts_a_new_record_and_does_not_inherit_the_dead_ones_figures") {
+        return;
+    }
+    // Two rounds; the second child is given the first child's PID. Each
+    // child copies K pages: a record that inherited the first one's figures
+    // would show 2K.
+    let k = K.to_string();
+    for attempt in 1..=3 {
+        let r = run(
+            &[
+                "--json",
+                "--",
+                WORKLOAD,
+                "--pages",
+                "4096",
+                "--child-writes",
+                &k,
+                "--parent-writes",
+                "0",
+                "--rounds",
+                "2",
+                "--reuse-pid",
+            ],
+            Duration::from_secs(60),
+        );
+        assert!(r.status.success(), "{}", r.stderr);
+        let report = r.workload();
+        let (a, b) = (u(&report["children"][0]), u(&report["children"][1]));
+        if a != b {
+            eprintln!("attempt {attempt}: another process took PID {a} before the second fork ({b}); again");
+            continue;
+        }
+        let s = r.summary();
+        let rows: Vec<_> = s["processes"].as_array().unwrap().iter().filter(|p| u(&p["pid"]) == a).collect();
+        assert_eq!(rows.len(), 2, "two lives of PID {a}, two records: {s}");
+        for row in rows {
+            let copies = u(&row["cow_copies"]);
+            assert!((K..=K + SLACK).contains(&copies), "PID {a}: {copies} copies, each life wrote {K}: {s}");
+            assert_eq!(row["exited"], true);
+        }
+        let eps: Vec<_> = s["episodes"].as_array().unwrap().iter().filter(|e| u(&e["child"]) == a).collect();
+        assert_eq!(eps.len(), 2, "{s}");
+        assert!(eps.iter().all(|e| (K..=K + SLACK).contains(&u(&e["child_copies"]))), "{s}");
+        assert_totals_add_up(s);
+        return;
+    }
+    panic!("PID reuse could not be arranged in 3 attempts (a busy machine?)");
+}
+
+#[test]
 fn two_instances_trace_the_same_process_without_interfering() {
     if !need_root("two_instances_trace_the_same_process_without_interfering") {
         return;

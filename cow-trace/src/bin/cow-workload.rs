@@ -29,6 +29,12 @@
 //! first write to each shared huge page then takes a huge-page write fault,
 //! which splits the mapping; the 4 KiB copies are the same as without it.
 //!
+//! `--reuse-pid` (root) asks the kernel, before each round after the first,
+//! to give the new child the first child's PID again (through
+//! /proc/sys/kernel/ns_last_pid): a dead process's PID reused, as happens on
+//! busy hosts. Another process can take that PID first; the report's
+//! `children` say which PIDs the children really had.
+//!
 //! With `--go-file PATH` it prints `ready PID` and waits for PATH to exist
 //! before forking, so a tracer can attach to a running process first.
 //! It ends by printing one JSON line with what it did.
@@ -36,7 +42,7 @@
 use std::{io::Write as _, path::PathBuf, ptr, time::Duration};
 
 const USAGE: &str = "usage: cow-workload [--pages N] [--child-writes K] [--parent-writes M] \
-                     [--zero-fills Z] [--rounds R] [--seconds S] [--pause-ms P] [--fork-storm N] [--huge] [--go-file PATH]";
+                     [--zero-fills Z] [--rounds R] [--seconds S] [--pause-ms P] [--fork-storm N] [--huge] [--reuse-pid] [--go-file PATH]";
 
 struct Opts {
     pages: usize,
@@ -48,6 +54,7 @@ struct Opts {
     seconds: u64,
     pause_ms: u64,
     huge: bool,
+    reuse_pid: bool,
     go_file: Option<PathBuf>,
 }
 
@@ -62,6 +69,7 @@ fn parse() -> Result<Opts, String> {
         seconds: 0,
         pause_ms: 0,
         huge: false,
+        reuse_pid: false,
         go_file: None,
     };
     let mut args = std::env::args().skip(1);
@@ -79,6 +87,7 @@ fn parse() -> Result<Opts, String> {
             "--pause-ms" => o.pause_ms = num(val()?)? as u64,
             "--go-file" => o.go_file = Some(PathBuf::from(val()?)),
             "--huge" => o.huge = true,
+            "--reuse-pid" => o.reuse_pid = true,
             _ => return Err(USAGE.to_string()),
         }
     }
@@ -202,6 +211,15 @@ fn main() {
         }
         if round > 0 && o.pause_ms > 0 {
             std::thread::sleep(Duration::from_millis(o.pause_ms));
+        }
+        if o.reuse_pid {
+            if let Some(&first) = children.first() {
+                // The next PID handed out is ns_last_pid + 1, if it is free.
+                if let Err(e) = std::fs::write("/proc/sys/kernel/ns_last_pid", format!("{}", first - 1)) {
+                    eprintln!("cow-workload: --reuse-pid: cannot write /proc/sys/kernel/ns_last_pid: {e}");
+                    std::process::exit(1);
+                }
+            }
         }
         let (mut done, mut exit) = ([0; 2], [0; 2]);
         check(unsafe { libc::pipe(done.as_mut_ptr()) }, "pipe");
