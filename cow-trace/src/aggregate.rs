@@ -242,7 +242,9 @@ impl Aggregator {
         for pid in &gone {
             targets.remove(pid);
         }
-        self.suspects = dead;
+        // A PID just forgotten starts afresh if it comes back (reused by a
+        // followed child): two looks again.
+        self.suspects = dead.difference(&gone.iter().copied().collect()).copied().collect();
         gone.len()
     }
 

@@ -161,12 +161,22 @@ pub struct Episodes {
     /// Fork latencies that came before their fork's spawn event, by child
     /// PID: the kprobe and fentry backends time `copy_process`, which
     /// returns before the kernel fires `sched_process_fork`.
-    early_latency: HashMap<u32, u64>,
+    early_latency: HashMap<u32, EarlyLatency>,
+}
+
+struct EarlyLatency {
+    parent: u32,
+    ts_ns: u64,
+    latency_ns: u64,
 }
 
 /// Bound on `early_latency`: entries live from one event to the next
 /// unless the spawn event was dropped.
 const MAX_EARLY_LATENCIES: usize = 1024;
+/// How long before its spawn event a fork latency can come: the rest of
+/// `kernel_clone` after `copy_process` returns. Anything older belongs to
+/// an earlier process with the same PID.
+const EARLY_LATENCY_WINDOW_NS: u64 = 100_000_000;
 
 impl Episodes {
     /// `read_maps(pid)` returns the text of `/proc/PID/maps`.
@@ -211,7 +221,15 @@ impl Episodes {
                         child: e.other,
                         child_comm: comm,
                         start_ns: e.ts_ns,
-                        fork_latency_ns: self.early_latency.remove(&e.other),
+                        fork_latency_ns: self
+                            .early_latency
+                            .remove(&e.other)
+                            .filter(|l| {
+                                l.parent == e.pid
+                                    && e.ts_ns >= l.ts_ns
+                                    && e.ts_ns - l.ts_ns <= EARLY_LATENCY_WINDOW_NS
+                            })
+                            .map(|l| l.latency_ns),
                         exec_after_ns: None,
                         parent_copies: 0,
                         child_copies: 0,
@@ -221,17 +239,7 @@ impl Episodes {
                     },
                 );
             }
-            Some(EventKind::ForkLatency) => match self.open.get_mut(&e.other) {
-                Some(o) if o.parent == e.pid && o.fork_latency_ns.is_none() => {
-                    o.fork_latency_ns = Some(e.latency_ns)
-                }
-                _ => {
-                    if self.early_latency.len() >= MAX_EARLY_LATENCIES {
-                        self.early_latency.clear();
-                    }
-                    self.early_latency.insert(e.other, e.latency_ns);
-                }
-            },
+            Some(EventKind::ForkLatency) => self.fork_latency(e),
             Some(EventKind::CowCopy) => self.copy(e),
             Some(EventKind::Exec) => {
                 if let Some(o) = self.open.get_mut(&e.pid) {
@@ -262,6 +270,43 @@ impl Episodes {
             // follow are what the episode counts.
             Some(EventKind::CowReuse | EventKind::ZeroFill | EventKind::HugeCow) | None => {}
         }
+    }
+
+    /// Gives a fork latency to its episode. On the tracepoint backend it is
+    /// measured at the parent's syscall exit, which can come after a short
+    /// child's exit (vfork, posix_spawn): then the episode is already
+    /// finished, and is completed in place. On the kprobe and fentry
+    /// backends it comes before the spawn event, and waits for it.
+    fn fork_latency(&mut self, e: &Event) {
+        let matches = |parent: u32, child: u32, start_ns: u64, lat: Option<u64>| {
+            parent == e.pid && child == e.other && lat.is_none() && e.ts_ns >= start_ns
+        };
+        if let Some(o) = self.open.get_mut(&e.other) {
+            if matches(o.parent, o.child, o.start_ns, o.fork_latency_ns) {
+                o.fork_latency_ns = Some(e.latency_ns);
+                return;
+            }
+        }
+        // A finished episode sits in two lists (to print, and kept for the
+        // summary): complete both copies.
+        let is_it = |ep: &&mut Episode| matches(ep.parent, ep.child, ep.start_ns, ep.fork_latency_ns);
+        let mut done = false;
+        if let Some(ep) = self.finished.iter_mut().rev().find(is_it) {
+            ep.fork_latency_ns = Some(e.latency_ns);
+            done = true;
+        }
+        if let Some(ep) = self.kept.iter_mut().rev().find(is_it) {
+            ep.fork_latency_ns = Some(e.latency_ns);
+            done = true;
+        }
+        if done {
+            return;
+        }
+        if self.early_latency.len() >= MAX_EARLY_LATENCIES {
+            self.early_latency.clear();
+        }
+        self.early_latency
+            .insert(e.other, EarlyLatency { parent: e.pid, ts_ns: e.ts_ns, latency_ns: e.latency_ns });
     }
 
     fn copy(&mut self, e: &Event) {
@@ -508,10 +553,23 @@ mod tests {
         let done = eps.take_finished();
         let lat: Vec<_> = done.iter().map(|e| (e.child, e.fork_latency_ns)).collect();
         assert_eq!(lat, vec![(200, Some(3 * MS)), (201, Some(4 * MS))]);
-        // A latency whose spawn never came does not land on a later child.
-        eps.apply(&Event { latency_ns: 9 * MS, ..ev(EventKind::ForkLatency, 100, 300, 40 * MS, "p") });
-        eps.apply(&ev(EventKind::Spawn, 100, 301, 50 * MS, "p"));
-        eps.apply(&ev(EventKind::Exit, 301, 0, 60 * MS, "c"));
+        // tracepoint order for a short child (vfork): it exits before its
+        // parent's syscall returns; the finished episode is completed.
+        eps.apply(&ev(EventKind::Spawn, 100, 300, 40 * MS, "p"));
+        eps.apply(&ev(EventKind::Exit, 300, 0, 41 * MS, "c"));
+        eps.apply(&Event { latency_ns: 2 * MS, ..ev(EventKind::ForkLatency, 100, 300, 42 * MS, "p") });
+        assert_eq!(eps.take_finished()[0].fork_latency_ns, Some(2 * MS));
+        assert_eq!(eps.all().iter().find(|e| e.child == 300).unwrap().fork_latency_ns, Some(2 * MS));
+        // A latency whose spawn never came does not land on a later process
+        // that reuses the PID, even from the same parent.
+        eps.apply(&Event { latency_ns: 9 * MS, ..ev(EventKind::ForkLatency, 100, 400, 50 * MS, "p") });
+        eps.apply(&ev(EventKind::Spawn, 100, 400, 50 * MS + EARLY_LATENCY_WINDOW_NS + 1, "p"));
+        eps.apply(&ev(EventKind::Exit, 400, 0, 900 * MS, "c"));
+        assert_eq!(eps.take_finished()[0].fork_latency_ns, None);
+        // Nor on a child of another parent.
+        eps.apply(&Event { latency_ns: 9 * MS, ..ev(EventKind::ForkLatency, 100, 401, 1_000 * MS, "p") });
+        eps.apply(&ev(EventKind::Spawn, 555, 401, 1_000 * MS + 1, "q"));
+        eps.apply(&ev(EventKind::Exit, 401, 0, 1_100 * MS, "c"));
         assert_eq!(eps.take_finished()[0].fork_latency_ns, None);
     }
 

@@ -206,7 +206,11 @@ pub fn tracefs() -> Result<PathBuf> {
         }
         // tracefs is mode 0700 root by default: mounted, but closed to a
         // non-root user with CAP_BPF and CAP_PERFMON alone. Say that, not
-        // "not mounted".
+        // "not mounted". (Only for its own mount point: the debugfs path
+        // is closed whenever debugfs is, tracefs or not.)
+        if dir != TRACEFS_MOUNTS[0] {
+            continue;
+        }
         if let Err(e) = fs::read_dir(dir) {
             if e.kind() == io::ErrorKind::PermissionDenied {
                 bail!(

@@ -97,7 +97,7 @@ pub fn check_pid(pid: u32) -> Result<ProcInfo> {
             info.name
         );
     }
-    if is_zombie(pid) {
+    if is_zombie(pid) && !any_task_running(pid) {
         bail!(
             "PID {pid} ({}) has already exited (a zombie its parent has not reaped): there is \
              nothing left to trace",
@@ -119,8 +119,19 @@ pub fn alive(pid: u32) -> bool {
     // SAFETY: signal 0 only checks for existence.
     let rc = unsafe { libc::kill(pid as libc::pid_t, 0) };
     // A zombie still answers signal 0 but will never exit again: waiting
-    // for its exit event would wait forever.
-    (rc == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)) && !is_zombie(pid)
+    // for its exit event would wait forever. A process whose main thread
+    // has exited also shows as a zombie while its other threads run on:
+    // that one is alive, and its exit event is still to come.
+    (rc == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM))
+        && (!is_zombie(pid) || any_task_running(pid))
+}
+
+/// Whether any thread of `pid` is not dead, from /proc/PID/task.
+fn any_task_running(pid: u32) -> bool {
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else { return false };
+    tasks
+        .flatten()
+        .any(|t| fs::read_to_string(t.path().join("stat")).is_ok_and(|stat| !stat_state_is_dead(&stat)))
 }
 
 /// Whether /proc/PID/stat shows the process dead but not yet reaped.
@@ -137,6 +148,12 @@ fn stat_state_is_dead(stat: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_running_process_has_a_running_task_and_a_missing_one_none() {
+        assert!(any_task_running(std::process::id()));
+        assert!(!any_task_running(crate::cli::PID_MAX_LIMIT));
+    }
 
     #[test]
     fn zombie_state_is_read_after_the_comm() {

@@ -187,8 +187,9 @@ fn every_ending_gives_a_summary_and_leaves_no_program_map_or_link() {
         (&["--", "sleep", "1"], None, "command exited"),
     ];
     for (args, sig, ended_by) in endings {
-        // Started here, so that it is alive when cow-trace attaches.
-        let mut short = std::process::Command::new("sleep").arg("2").spawn().unwrap();
+        // Alive until cow-trace is attached, however long that takes; then
+        // ended (for the run that traces it) or left to its sleep.
+        let mut short = std::process::Command::new("sleep").arg("600").spawn().unwrap();
         let short_id = short.id().to_string();
         let args: Vec<&str> =
             args.iter().map(|&a| if a == short_pid { short_id.as_str() } else { a }).collect();
@@ -204,6 +205,7 @@ fn every_ending_gives_a_summary_and_leaves_no_program_map_or_link() {
         if let Some((sig, _)) = sig {
             t.signal(sig);
         }
+        short.kill().unwrap();
         short.wait().unwrap();
         let r = t.finish(Duration::from_secs(30));
         assert!(r.status.success(), "{ended_by}: {}", r.stderr);

@@ -35,6 +35,11 @@
 //! busy hosts. Another process can take that PID first; the report's
 //! `children` say which PIDs the children really had.
 //!
+//! `--main-exits-first MS` does nothing but this: its main thread exits at
+//! once (the `exit` syscall, which ends one thread), and another thread keeps the process alive MS
+//! milliseconds longer. Meanwhile /proc shows the process as a zombie (its
+//! main thread's state), though it has not exited.
+//!
 //! With `--go-file PATH` it prints `ready PID` and waits for PATH to exist
 //! before forking, so a tracer can attach to a running process first.
 //! It ends by printing one JSON line with what it did.
@@ -42,7 +47,7 @@
 use std::{io::Write as _, path::PathBuf, ptr, time::Duration};
 
 const USAGE: &str = "usage: cow-workload [--pages N] [--child-writes K] [--parent-writes M] \
-                     [--zero-fills Z] [--rounds R] [--seconds S] [--pause-ms P] [--fork-storm N] [--huge] [--reuse-pid] [--go-file PATH]";
+                     [--zero-fills Z] [--rounds R] [--seconds S] [--pause-ms P] [--fork-storm N] [--huge] [--reuse-pid] [--main-exits-first MS] [--go-file PATH]";
 
 struct Opts {
     pages: usize,
@@ -55,6 +60,7 @@ struct Opts {
     pause_ms: u64,
     huge: bool,
     reuse_pid: bool,
+    main_exits_first_ms: u64,
     go_file: Option<PathBuf>,
 }
 
@@ -70,6 +76,7 @@ fn parse() -> Result<Opts, String> {
         pause_ms: 0,
         huge: false,
         reuse_pid: false,
+        main_exits_first_ms: 0,
         go_file: None,
     };
     let mut args = std::env::args().skip(1);
@@ -88,6 +95,7 @@ fn parse() -> Result<Opts, String> {
             "--go-file" => o.go_file = Some(PathBuf::from(val()?)),
             "--huge" => o.huge = true,
             "--reuse-pid" => o.reuse_pid = true,
+            "--main-exits-first" => o.main_exits_first_ms = num(val()?)? as u64,
             _ => return Err(USAGE.to_string()),
         }
     }
@@ -161,6 +169,21 @@ fn main() {
             std::process::exit(2);
         }
     };
+    if o.main_exits_first_ms > 0 {
+        println!("ready {}", std::process::id());
+        std::io::stdout().flush().ok();
+        let ms = o.main_exits_first_ms;
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(ms));
+            std::process::exit(0);
+        });
+        // The raw exit syscall ends this thread alone (exit_group would end
+        // the process) and, unlike pthread_exit, unwinds nothing through
+        // Rust frames.
+        // SAFETY: the other thread owns nothing of this one's stack.
+        unsafe { libc::syscall(libc::SYS_exit, 0) };
+        unreachable!("the exit syscall returned");
+    }
     let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
     let base = map(o.pages, page, o.huge);
     write_pages(base, page, 0..o.pages, 1);
