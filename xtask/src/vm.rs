@@ -527,6 +527,20 @@ fn check_redis(section: &str) -> Result<String> {
     Ok(format!("{figures}: {:.1}% apart", apart * 100.0))
 }
 
+/// Prints one check's line and counts it.
+fn report(tally: &mut Tally, name: &str, checked: Result<String>) {
+    match checked {
+        Ok(figures) => {
+            println!("vm-test: {name}: ok: {figures}");
+            tally.passed += 1;
+        }
+        Err(e) => {
+            println!("vm-test: {name}: FAILED: {e:#}");
+            tally.failed += 1;
+        }
+    }
+}
+
 /// Commands the Redis check puts in the VM.
 const REDIS_COMMANDS: &[(&str, &str)] =
     &[("redis-server", "redis-server"), ("redis-cli", "redis-tools"), ("redis-benchmark", "redis-tools")];
@@ -551,16 +565,7 @@ fn vm_redis(opts: &VmOptions, tally: &mut Tally) -> Result<()> {
         } else {
             Err(anyhow!("exit status {rc}: {}", part.split("=== stderr").nth(1).unwrap_or("").trim()))
         };
-        match checked {
-            Ok(figures) => {
-                println!("vm-test: {name}: ok: {figures}");
-                tally.passed += 1;
-            }
-            Err(e) => {
-                println!("vm-test: {name}: FAILED: {e:#}");
-                tally.failed += 1;
-            }
-        }
+        report(tally, &name, checked);
     }
     if ran != 2 {
         println!("vm-test: FAILED: the Redis runs did not all happen:\n{console}");
@@ -636,16 +641,7 @@ pub fn vm_test(opts: &VmOptions) -> Result<Tally> {
                 figures
             })
         };
-        match checked {
-            Ok(figures) => {
-                println!("vm-test: {name}: ok: {figures}");
-                tally.passed += 1;
-            }
-            Err(e) => {
-                println!("vm-test: {name}: FAILED: {e:#}");
-                tally.failed += 1;
-            }
-        }
+        report(&mut tally, &name, checked);
     }
     // `auto` must choose the first backend, in fentry, kprobe, tracepoint
     // order, that ran here.
