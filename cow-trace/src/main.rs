@@ -302,19 +302,23 @@ async fn trace(
     // Fault events do not wake us (see the BPF side): drain on a timer.
     let mut drain_tick = tokio::time::interval(DRAIN_PERIOD);
     drain_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // Targets whose exit event was dropped are found by looking (see
-    // Aggregator::sweep_targets); a launched command has its pidfd instead.
-    let mut sweep_tick = (!launched).then(|| {
-        let mut t = tokio::time::interval_at(tokio::time::Instant::now() + SWEEP_PERIOD, SWEEP_PERIOD);
-        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        t
-    });
+    // Targets whose exit event was dropped are found by looking, on the
+    // drain tick (see Aggregator::sweep_targets); a launched command has
+    // its pidfd instead.
+    let mut last_sweep = Instant::now();
 
     let end = loop {
         tokio::select! {
             _ = drain_tick.tick() => {
                 stream::drain(ring.get_mut(), &mut agg);
                 print_episodes(&mut stdout, &mut agg, args.json)?;
+                if !launched && last_sweep.elapsed() >= SWEEP_PERIOD {
+                    last_sweep = Instant::now();
+                    let gone = agg.sweep_targets(preflight::alive);
+                    if gone > 0 {
+                        log::warn!("{gone} traced processes ended without an exit event (dropped?); no longer waiting for them");
+                    }
+                }
                 if !launched && agg.targets_gone() {
                     break End::TargetsGone;
                 }
@@ -325,17 +329,6 @@ async fn trace(
                 guard.clear_ready();
                 print_episodes(&mut stdout, &mut agg, args.json)?;
                 if !launched && agg.targets_gone() {
-                    break End::TargetsGone;
-                }
-            }
-            _ = next_tick(&mut sweep_tick) => {
-                stream::drain(ring.get_mut(), &mut agg);
-                print_episodes(&mut stdout, &mut agg, args.json)?;
-                let gone = agg.sweep_targets(preflight::alive);
-                if gone > 0 {
-                    log::warn!("{gone} traced processes ended without an exit event (dropped?); no longer waiting for them");
-                }
-                if agg.targets_gone() {
                     break End::TargetsGone;
                 }
             }

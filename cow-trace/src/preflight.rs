@@ -97,7 +97,7 @@ pub fn check_pid(pid: u32) -> Result<ProcInfo> {
             info.name
         );
     }
-    if is_zombie(pid) && !any_task_running(pid) {
+    if is_zombie(pid) {
         bail!(
             "PID {pid} ({}) has already exited (a zombie its parent has not reaped): there is \
              nothing left to trace",
@@ -119,11 +119,8 @@ pub fn alive(pid: u32) -> bool {
     // SAFETY: signal 0 only checks for existence.
     let rc = unsafe { libc::kill(pid as libc::pid_t, 0) };
     // A zombie still answers signal 0 but will never exit again: waiting
-    // for its exit event would wait forever. A process whose main thread
-    // has exited also shows as a zombie while its other threads run on:
-    // that one is alive, and its exit event is still to come.
-    (rc == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM))
-        && (!is_zombie(pid) || any_task_running(pid))
+    // for its exit event would wait forever.
+    (rc == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)) && !is_zombie(pid)
 }
 
 /// Whether any thread of `pid` is not dead, from /proc/PID/task.
@@ -134,9 +131,12 @@ fn any_task_running(pid: u32) -> bool {
         .any(|t| fs::read_to_string(t.path().join("stat")).is_ok_and(|stat| !stat_state_is_dead(&stat)))
 }
 
-/// Whether /proc/PID/stat shows the process dead but not yet reaped.
+/// Whether the process is dead but not yet reaped. /proc/PID/stat shows
+/// the main thread's state, which is also a zombie's while the process's
+/// other threads run on: that process is alive, its exit still to come.
 pub fn is_zombie(pid: u32) -> bool {
-    fs::read_to_string(format!("/proc/{pid}/stat")).map(|s| stat_state_is_dead(&s)).unwrap_or(false)
+    fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| stat_state_is_dead(&s))
+        && !any_task_running(pid)
 }
 
 /// The state field follows the last ')' of the comm.

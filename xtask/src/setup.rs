@@ -82,7 +82,6 @@ fn linked_libllvm(ldd: &str) -> Option<&str> {
 }
 
 fn ensure_bpf_linker() -> Result<()> {
-    let major = nightly_llvm_major()?;
     let sysroot = output(Command::new("rustup").args(["run", NIGHTLY, "rustc", "--print", "sysroot"]))?;
     let nightly_lib = PathBuf::from(sysroot.trim()).join("lib");
     let lib = fs::read_dir(&nightly_lib)?
@@ -109,6 +108,7 @@ fn ensure_bpf_linker() -> Result<()> {
             }
         }
     }
+    let major = nightly_llvm_major()?;
     // bpf-linker's build looks for $LLVM_PREFIX/lib/libLLVM.so and records
     // the directory as its rpath: keep it somewhere that outlives the build.
     let prefix = cargo_home().join("bpf-linker-llvm");
@@ -163,6 +163,7 @@ pub fn ensure_packages(commands: &[(&str, &str)]) -> Result<()> {
     missing.dedup();
     if missing.is_empty() {
         let mut have: Vec<&str> = commands.iter().map(|&(_, pkg)| pkg).collect();
+        have.sort_unstable();
         have.dedup();
         say(&format!("Debian packages ({}): present", have.join(", ")));
         return Ok(());
