@@ -235,6 +235,11 @@ fn main() {
         if round > 0 && o.pause_ms > 0 {
             std::thread::sleep(Duration::from_millis(o.pause_ms));
         }
+        let (mut done, mut exit) = ([0; 2], [0; 2]);
+        check(unsafe { libc::pipe(done.as_mut_ptr()) }, "pipe");
+        check(unsafe { libc::pipe(exit.as_mut_ptr()) }, "pipe");
+        // Last thing before the fork: any fork on the machine in between
+        // takes the PID.
         if o.reuse_pid {
             if let Some(&first) = children.first() {
                 // The next PID handed out is ns_last_pid + 1, if it is free.
@@ -244,9 +249,6 @@ fn main() {
                 }
             }
         }
-        let (mut done, mut exit) = ([0; 2], [0; 2]);
-        check(unsafe { libc::pipe(done.as_mut_ptr()) }, "pipe");
-        check(unsafe { libc::pipe(exit.as_mut_ptr()) }, "pipe");
         let value = round as u8 + 2;
         // SAFETY: the child only writes to the mapping and uses pipes before
         // _exit; nothing that needs locks held by other threads.
