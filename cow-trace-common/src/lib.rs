@@ -16,7 +16,10 @@ pub enum EventKind {
     /// `latency_ns` = syscall entry to exit as seen by the parent thread.
     ForkLatency = 2,
     /// A write fault on a present page that was resolved by copying it.
-    /// `latency_ns` = fault entry to the allocation of the new page.
+    /// `latency_ns` = fault entry to the allocation of the new page, 0 when
+    /// the fault was not timed; `other` = how many copies that latency
+    /// stands for in a histogram when it is one timed sample of several
+    /// (tracepoint backend, see [`Config::sample_every`]), else 0 (itself).
     CowCopy = 3,
     /// A write fault on a present, write-protected page that needed no copy
     /// (the page was exclusive and was reused in place).
@@ -82,6 +85,73 @@ pub struct Event {
     pub flags: u32,
     pub _reserved: u32,
 }
+
+/// First `u32` of a [`FaultBatch`] record, where an [`Event`] has its kind
+/// (1..=15): tells the two record types apart in the ring buffer.
+pub const FAULT_BATCH: u32 = 0x4642_4154; // "TABF"
+
+/// Records per [`FaultBatch`].
+pub const FAULT_BATCH_LEN: usize = 64;
+
+/// One CoW-fault outcome (copy, reuse or zero-fill) in a [`FaultBatch`]:
+/// what an [`Event`] of that kind carries, in 16 bytes instead of 64. Its
+/// time is its batch's.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FaultRecord {
+    /// The faulting address rounded down to 4 KiB; the [`EventKind`] in
+    /// bits 0-3; [`FaultRecord::SAMPLED`] in bit 4.
+    pub addr_kind: u64,
+    /// As [`Event::latency_ns`], saturated at `u32::MAX` (4.3 s); 0 when
+    /// the fault was not timed.
+    pub latency_ns: u32,
+    /// Thread-group id.
+    pub pid: u32,
+}
+
+impl FaultRecord {
+    pub const KIND_MASK: u64 = 0xf;
+    /// The fault was timed as the sample of the run of
+    /// [`Config::sample_every`] faults it closes, so its latency stands for
+    /// that many in a histogram.
+    pub const SAMPLED: u64 = 0x10;
+    pub const ADDR_MASK: u64 = !0xfff;
+
+    pub fn kind(&self) -> u32 {
+        (self.addr_kind & Self::KIND_MASK) as u32
+    }
+
+    pub fn addr(&self) -> u64 {
+        self.addr_kind & Self::ADDR_MASK
+    }
+
+    pub fn sampled(&self) -> bool {
+        self.addr_kind & Self::SAMPLED != 0
+    }
+}
+
+/// Fault outcomes of one CPU, sent as one ring-buffer record: the fault
+/// hooks fire for every page a storm copies, and one ring-buffer record per
+/// fault costs more than the rest of the hook. The header and the first
+/// `count` records are sent; the fields after them are the CPU's own
+/// bookkeeping, never sent.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct FaultBatch {
+    /// Always [`FAULT_BATCH`].
+    pub magic: u32,
+    pub count: u32,
+    /// `bpf_ktime_get_ns()` at the first record: the time of every record
+    /// in the batch, at most `BATCH_MAX_AGE_NS` early (see the BPF side).
+    pub ts_ns: u64,
+    pub records: [FaultRecord; FAULT_BATCH_LEN],
+    /// Write faults the running task took since it was scheduled in.
+    pub slice_faults: u32,
+    pub _pad: u32,
+}
+
+/// Bytes of a [`FaultBatch`] before its records.
+pub const FAULT_BATCH_HEADER: usize = 16;
 
 /// Spawn, tracepoint backend: the parent was not inside a clone/fork
 /// syscall (kernel-created process), so no fork latency will follow. The
@@ -167,8 +237,16 @@ pub struct Config {
     /// fault that entered it copied; 0: it is inlined, and a fault that
     /// allocated an order-0 user page copied.
     pub wp_copy_hooked: u32,
-    pub _pad: u32,
+    /// Tracepoint backend: after the first [`TIMED_PER_SLICE`] write faults
+    /// of a task's time slice, time one fault in this many (1: every
+    /// fault). Each clock read costs about as much as the rest of the hook.
+    pub sample_every: u32,
 }
+
+/// Write faults a task takes after being scheduled in that are all timed,
+/// before sampling starts: a task that faults now and then has every fault
+/// timed; only bursts are sampled.
+pub const TIMED_PER_SLICE: u32 = 64;
 
 /// Value stored in the `TRACED` map for each traced tgid.
 pub const TRACED_ROOT: u8 = 1;
@@ -179,8 +257,11 @@ mod user {
     // SAFETY: both are `#[repr(C)]`, made of integers only, with no padding.
     unsafe impl aya::Pod for super::Event {}
     unsafe impl aya::Pod for super::Config {}
+    unsafe impl aya::Pod for super::FaultBatch {}
 }
 
 // Layout checks: a change that introduces padding fails to compile.
 const _: () = assert!(core::mem::size_of::<Event>() == 64);
 const _: () = assert!(core::mem::size_of::<Config>() == 56);
+const _: () = assert!(core::mem::size_of::<FaultRecord>() == 16);
+const _: () = assert!(core::mem::size_of::<FaultBatch>() == FAULT_BATCH_HEADER + FAULT_BATCH_LEN * 16 + 8);

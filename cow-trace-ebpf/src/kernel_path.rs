@@ -15,7 +15,7 @@ use aya_ebpf::{
 };
 use cow_trace_common::{counter, EventKind, FLAG_DUP_MMAP};
 
-use crate::{bump, config, current_ids, emit, is_traced, now, read_at, GFP_MOVABLE, GFP_ZERO};
+use crate::{bump, current_ids, emit, is_traced, now, read_at, setting, GFP_MOVABLE, GFP_ZERO};
 
 /// `copy_process` calls in flight in traced threads, keyed by thread id.
 #[map]
@@ -55,9 +55,8 @@ const HUGE: u32 = 8;
 const MAX_ERRNO: u64 = 4095;
 
 pub fn clone_enter() {
-    let cfg = config();
     let (tgid, tid) = current_ids();
-    if !is_traced(&cfg, tgid) {
+    if !is_traced(tgid) {
         return;
     }
     let _ = CLONES.insert(&tid, &CloneStart { ts: now(), dup_ts: 0, dup_ns: 0 }, 0);
@@ -85,9 +84,9 @@ pub fn clone_exit(task: u64) {
 /// The new task's tgid, or an error for a thread (pid != tgid).
 #[inline(always)]
 fn child_process(task: *const u8) -> Result<u32, i32> {
-    let cfg = config();
     // SAFETY: a task pointer the kernel just returned; offsets from its BTF.
-    let (pid, tgid): (i32, i32) = unsafe { (read_at(task, cfg.task_pid)?, read_at(task, cfg.task_tgid)?) };
+    let (pid, tgid): (i32, i32) =
+        unsafe { (read_at(task, setting!(task_pid))?, read_at(task, setting!(task_tgid))?) };
     if pid != tgid {
         return Err(0);
     }
@@ -117,13 +116,12 @@ pub fn dup_exit() {
 
 /// `vmf`: the `struct vm_fault *` of `do_wp_page` / `do_huge_pmd_wp_page`.
 pub fn fault_enter(vmf: *const u8, huge: bool) {
-    let cfg = config();
     let (tgid, tid) = current_ids();
-    if !is_traced(&cfg, tgid) {
+    if !is_traced(tgid) {
         return;
     }
     // SAFETY: the kernel's own argument; offset from its BTF.
-    let addr: u64 = unsafe { read_at(vmf, cfg.vmf_address) }.unwrap_or(0);
+    let addr: u64 = unsafe { read_at(vmf, setting!(vmf_address)) }.unwrap_or(0);
     let seen = if huge { HUGE } else { 0 };
     if FAULTS.insert(&tid, &Fault { ts: now(), addr, bytes: 0, tgid, seen }, 0).is_err() {
         bump(counter::UNCLASSIFIED);
@@ -153,7 +151,7 @@ pub fn fault_exit(ret: u32) {
         emit(EventKind::HugeCow, tgid, tid, bytes as u32, t, lat, addr, ret);
         return;
     }
-    let copied = if config().wp_copy_hooked != 0 { seen & SEEN_COPY_PATH } else { seen & SEEN_ALLOC };
+    let copied = if setting!(wp_copy_hooked) != 0 { seen & SEEN_COPY_PATH } else { seen & SEEN_ALLOC };
     let kind = if copied == 0 {
         EventKind::CowReuse
     } else if seen & SEEN_ZERO != 0 {

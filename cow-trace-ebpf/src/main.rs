@@ -37,7 +37,10 @@ use aya_ebpf::{
     programs::{RawTracePointContext, TracePointContext},
 };
 use aya_log_ebpf::warn;
-use cow_trace_common::{counter, Config, Event, EventKind, FLAG_NO_SYSCALL, TRACED_CHILD};
+use cow_trace_common::{
+    counter, Config, Event, EventKind, FaultBatch, FaultRecord, FAULT_BATCH, FAULT_BATCH_HEADER,
+    FAULT_BATCH_LEN, FLAG_NO_SYSCALL, TIMED_PER_SLICE, TRACED_CHILD,
+};
 
 /// Written by the loader before the object is loaded (read-only after).
 #[unsafe(no_mangle)]
@@ -53,7 +56,7 @@ static CONFIG: Config = Config {
     self_tgid: 0,
     empty: 0,
     wakeup_bytes: 0,
-    _pad: 0,
+    sample_every: 1,
     vmf_address: 0,
     wp_copy_hooked: 0,
 };
@@ -81,16 +84,28 @@ const PENDING_SLOTS: u32 = 1 << 16;
 #[map]
 static FORKS: HashMap<u32, ForkStart> = HashMap::with_max_entries(16384, 0);
 
+/// Each CPU's fault outcomes not yet sent (see `batch_fault`). The loader
+/// reads what is left here after detaching the programs.
+#[map]
+static BATCH: PerCpuArray<FaultBatch> = PerCpuArray::with_max_entries(1, 0);
+
+/// A batch older than this is sent with its next record.
+const BATCH_MAX_AGE_NS: u64 = 50_000_000;
+
 /// In-kernel totals and drop counts, indexed by `counter::*`.
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
 
 #[repr(C)]
 struct Pending {
-    /// Fault time; 0 when the slot holds no open fault.
-    ts: u64,
+    /// Fault time when the fault is timed, else 0.
+    start: u64,
+    /// The faulting address rounded down to 4 KiB, with
+    /// `FaultRecord::SAMPLED` when the fault is a timed sample.
     addr: u64,
     tgid: u32,
+    /// The thread whose fault is open in this slot; 0 when none is (thread
+    /// 0 is the idle task, which takes no user faults).
     tid: u32,
 }
 
@@ -120,12 +135,18 @@ const GFP_MOVABLE: u32 = 0x08;
 /// copy does not.
 const GFP_ZERO: u32 = 0x100;
 
-#[inline(always)]
-fn config() -> Config {
-    // SAFETY: CONFIG is plain data; the volatile read stops the compiler from
-    // folding the zeros it was compiled with.
-    unsafe { core::ptr::read_volatile(&CONFIG) }
+/// One field of `CONFIG`. A volatile read stops the compiler from folding
+/// the zeros the object was compiled with; reading one field at a time keeps
+/// the hot hooks from loading the whole struct for the one or two they use.
+macro_rules! setting {
+    ($field:ident) => {{
+        // SAFETY: CONFIG is plain data, written only before loading.
+        #[allow(unused_unsafe)]
+        let v = unsafe { core::ptr::read_volatile(&crate::CONFIG.$field) };
+        v
+    }};
 }
+pub(crate) use setting;
 
 #[inline(always)]
 fn current_ids() -> (u32, u32) {
@@ -134,9 +155,9 @@ fn current_ids() -> (u32, u32) {
 }
 
 #[inline(always)]
-fn is_traced(cfg: &Config, tgid: u32) -> bool {
+fn is_traced(tgid: u32) -> bool {
     // SAFETY: lookup result is only tested for presence.
-    tgid != cfg.self_tgid && (cfg.trace_all != 0 || unsafe { TRACED.get(&tgid).is_some() })
+    tgid != setting!(self_tgid) && (setting!(trace_all) != 0 || unsafe { TRACED.get(&tgid).is_some() })
 }
 
 #[inline(always)]
@@ -158,7 +179,7 @@ fn submit_flags(kind: EventKind) -> u64 {
         // soon as it waits.
         EventKind::Spawn | EventKind::Exit | EventKind::ForkLatency | EventKind::Exec => 0,
         _ => {
-            if EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= config().wakeup_bytes as u64 {
+            if EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= setting!(wakeup_bytes) as u64 {
                 BPF_RB_FORCE_WAKEUP as u64
             } else {
                 BPF_RB_NO_WAKEUP as u64
@@ -199,6 +220,93 @@ fn emit(kind: EventKind, pid: u32, tid: u32, other: u32, ts: u64, latency_ns: u6
     }
 }
 
+/// This CPU's batch. Only for hooks that run with preemption disabled
+/// (the kernel's ordinary tracepoints): two tasks interleaving on one CPU's
+/// batch would corrupt it. `sys_enter` can be preempted on recent kernels,
+/// so it emits directly.
+///
+/// Ordering: a batch holds only the running task's records, because
+/// `sched_switch` sends it whenever a task leaves the CPU; and the fork,
+/// exec and exit hooks send it before their own event. So a process's
+/// fault outcomes always reach userspace before its exit, a parent's
+/// outcomes from before a fork before the fork, and a task's records never
+/// wait on a CPU it has left.
+#[inline(always)]
+fn batch() -> Option<*mut FaultBatch> {
+    BATCH.get_ptr_mut(0)
+}
+
+/// Adds a fault outcome to batch `b`. `addr` may carry
+/// `FaultRecord::SAMPLED`; `now_ns` is the caller's clock reading, 0 if it
+/// has none (the clock is read only when the batch starts: each read costs
+/// about as much as the rest of the hook). A full batch is sent at once,
+/// and so is one whose first record is more than `BATCH_MAX_AGE_NS` old
+/// when a clock reading shows it.
+#[inline(always)]
+unsafe fn batch_fault(
+    b: *mut FaultBatch,
+    kind: EventKind,
+    pid: u32,
+    latency_ns: u64,
+    addr: u64,
+    now_ns: u64,
+) {
+    bump(kind as u32);
+    // SAFETY: this CPU's slot; preemption is off, so no other task touches it.
+    unsafe {
+        let mut n = (*b).count as usize;
+        if n >= FAULT_BATCH_LEN {
+            send_batch(b); // cannot happen: a full batch is sent at once
+            n = 0;
+        }
+        if n == 0 {
+            (*b).ts_ns = if now_ns != 0 { now_ns } else { now() };
+        }
+        let Some(r) = (*b).records.get_mut(n) else {
+            return;
+        };
+        *r = FaultRecord {
+            addr_kind: addr | kind as u64,
+            latency_ns: if latency_ns > u32::MAX as u64 { u32::MAX } else { latency_ns as u32 },
+            pid,
+        };
+        (*b).count = n as u32 + 1;
+        if n + 1 >= FAULT_BATCH_LEN || (now_ns != 0 && now_ns.wrapping_sub((*b).ts_ns) > BATCH_MAX_AGE_NS) {
+            send_batch(b);
+        }
+    }
+}
+
+/// Sends this CPU's batch, if it holds anything.
+#[inline(always)]
+fn flush_batch() {
+    if let Some(b) = batch() {
+        // SAFETY: see `batch`; callers run with preemption off.
+        unsafe { send_batch(b) };
+    }
+}
+
+#[inline(always)]
+unsafe fn send_batch(b: *mut FaultBatch) {
+    let n = unsafe { (*b).count } as usize;
+    if n == 0 {
+        return;
+    }
+    // The bound lets the verifier check the length against the map value.
+    let n = if n > FAULT_BATCH_LEN { FAULT_BATCH_LEN } else { n };
+    let len = FAULT_BATCH_HEADER + n * size_of::<FaultRecord>();
+    unsafe {
+        (*b).magic = FAULT_BATCH;
+        let bytes = core::slice::from_raw_parts(b as *const u8, len);
+        if EVENTS.output::<[u8]>(bytes, submit_flags(EventKind::CowCopy)).is_err() {
+            if let Some(c) = COUNTERS.get_ptr_mut(counter::DROPPED) {
+                *c += n as u64;
+            }
+        }
+        (*b).count = 0;
+    }
+}
+
 #[inline(always)]
 fn now() -> u64 {
     // SAFETY: helper has no preconditions.
@@ -210,17 +318,27 @@ unsafe fn read_at<T>(base: *const u8, offset: u32) -> Result<T, i32> {
     unsafe { bpf_probe_read_kernel(base.add(offset as usize) as *const T) }
 }
 
-/// Resolves the thread's pending write fault, if any, as a reuse.
+/// Resolves the thread's pending write fault, if any, as a reuse: into
+/// this CPU's batch when `batched` (preemption off), else directly.
 #[inline(always)]
-fn settle_pending(tid: u32) {
-    if let Some(p) = pending_slot(tid) {
-        // SAFETY: a valid slot; only a thread with a colliding id could
-        // write it concurrently.
-        unsafe {
-            if (*p).ts != 0 && (*p).tid == tid {
-                (*p).ts = 0;
-                emit(EventKind::CowReuse, (*p).tgid, tid, 0, now(), 0, (*p).addr, 0);
+fn settle_pending(tid: u32, batched: bool) {
+    let Some(p) = pending_slot(tid) else {
+        return;
+    };
+    // SAFETY: a valid slot; only a thread with a colliding id could write
+    // it concurrently.
+    unsafe {
+        if (*p).tid != tid {
+            return;
+        }
+        (*p).tid = 0;
+        if batched {
+            if let Some(b) = batch() {
+                batch_fault(b, EventKind::CowReuse, (*p).tgid, 0, (*p).addr & !FaultRecord::SAMPLED, 0);
             }
+        } else {
+            let addr = (*p).addr & FaultRecord::ADDR_MASK;
+            emit(EventKind::CowReuse, (*p).tgid, tid, 0, now(), 0, addr, 0);
         }
     }
 }
@@ -229,7 +347,7 @@ fn settle_pending(tid: u32) {
 
 #[raw_tracepoint(tracepoint = "sched_process_fork")]
 pub fn sched_process_fork(ctx: RawTracePointContext) -> i32 {
-    if config().empty != 0 {
+    if setting!(empty) != 0 {
         return 0;
     }
     let _ = try_fork(&ctx);
@@ -237,22 +355,22 @@ pub fn sched_process_fork(ctx: RawTracePointContext) -> i32 {
 }
 
 fn try_fork(ctx: &RawTracePointContext) -> Result<(), i32> {
-    let cfg = config();
     let child: *const u8 = ctx.arg(1);
     let (child_pid, child_tgid): (i32, i32) =
-        unsafe { (read_at(child, cfg.task_pid)?, read_at(child, cfg.task_tgid)?) };
+        unsafe { (read_at(child, setting!(task_pid))?, read_at(child, setting!(task_tgid))?) };
     if child_pid != child_tgid {
         return Ok(()); // a new thread, not a new process
     }
     let (tgid, tid) = current_ids();
-    if !is_traced(&cfg, tgid) {
+    if !is_traced(tgid) {
         return Ok(());
     }
     let child = child_tgid as u32;
-    if cfg.follow != 0 && cfg.trace_all == 0 && TRACED.insert(&child, &TRACED_CHILD, 0).is_err() {
+    if setting!(follow) != 0 && setting!(trace_all) == 0 && TRACED.insert(&child, &TRACED_CHILD, 0).is_err() {
         bump(counter::TRACED_FULL);
         warn!(ctx, "cow-trace: cannot follow pid {}: traced-process map is full", child);
     }
+    flush_batch(); // the parent's copies before the fork, ahead of it
     let mut flags = FLAG_NO_SYSCALL;
     if let Some(f) = FORKS.get_ptr_mut(&tid) {
         // SAFETY: entry owned by this thread until its syscall exits.
@@ -265,9 +383,8 @@ fn try_fork(ctx: &RawTracePointContext) -> Result<(), i32> {
 
 #[inline(always)]
 fn fork_enter() {
-    let cfg = config();
     let (tgid, tid) = current_ids();
-    if !is_traced(&cfg, tgid) {
+    if !is_traced(tgid) {
         return;
     }
     let _ = FORKS.insert(&tid, &ForkStart { ts: now(), child: 0, _pad: 0 }, 0);
@@ -282,7 +399,7 @@ fn fork_exit(ctx: &TracePointContext) {
     };
     let (ts, child) = (start.ts, start.child);
     let _ = FORKS.remove(&tid);
-    let ret: i64 = unsafe { ctx.read_at(config().sys_exit_ret as usize) }.unwrap_or(-1);
+    let ret: i64 = unsafe { ctx.read_at(setting!(sys_exit_ret) as usize) }.unwrap_or(-1);
     // A failed clone, or one that made a thread: nothing to report.
     if child == 0 || ret <= 0 {
         return;
@@ -295,7 +412,7 @@ macro_rules! fork_syscall {
     ($enter:ident, $exit:ident, $enter_tp:literal, $exit_tp:literal) => {
         #[tracepoint(category = "syscalls", name = $enter_tp)]
         pub fn $enter(_ctx: TracePointContext) -> u32 {
-            if config().empty != 0 {
+            if setting!(empty) != 0 {
                 return 0;
             }
             fork_enter();
@@ -304,7 +421,7 @@ macro_rules! fork_syscall {
 
         #[tracepoint(category = "syscalls", name = $exit_tp)]
         pub fn $exit(ctx: TracePointContext) -> u32 {
-            if config().empty != 0 {
+            if setting!(empty) != 0 {
                 return 0;
             }
             fork_exit(&ctx);
@@ -322,7 +439,7 @@ fork_syscall!(enter_vfork, exit_vfork, "sys_enter_vfork", "sys_exit_vfork");
 
 #[raw_tracepoint(tracepoint = "sched_process_exit")]
 pub fn sched_process_exit(_ctx: RawTracePointContext) -> i32 {
-    if config().empty != 0 {
+    if setting!(empty) != 0 {
         return 0;
     }
     let _ = try_exit();
@@ -331,22 +448,23 @@ pub fn sched_process_exit(_ctx: RawTracePointContext) -> i32 {
 
 fn try_exit() -> Result<(), i32> {
     let (tgid, tid) = current_ids();
-    settle_pending(tid);
-    let cfg = config();
-    if !is_traced(&cfg, tgid) {
+    settle_pending(tid, true);
+    // Every fault outcome of this thread reaches userspace before its exit.
+    flush_batch();
+    if !is_traced(tgid) {
         return Ok(());
     }
     // The process is gone when its last thread exits: `signal->live` has
     // already been decremented to zero by then (kernel/exit.c, do_exit).
     // SAFETY: current task pointer, offsets from this kernel's BTF.
     let task = unsafe { bpf_get_current_task() } as *const u8;
-    let signal: *const u8 = unsafe { read_at(task, cfg.task_signal)? };
-    let live: i32 = unsafe { read_at(signal, cfg.signal_live)? };
+    let signal: *const u8 = unsafe { read_at(task, setting!(task_signal))? };
+    let live: i32 = unsafe { read_at(signal, setting!(signal_live))? };
     if live != 0 {
         return Ok(());
     }
-    let code: i32 = unsafe { read_at(task, cfg.task_exit_code)? };
-    if cfg.trace_all == 0 {
+    let code: i32 = unsafe { read_at(task, setting!(task_exit_code))? };
+    if setting!(trace_all) == 0 {
         let _ = TRACED.remove(&tgid);
     }
     emit(EventKind::Exit, tgid, tid, code as u32, now(), 0, 0, 0);
@@ -359,12 +477,12 @@ fn try_exit() -> Result<(), i32> {
 /// the fork's copy window here (fork-and-exec children).
 #[raw_tracepoint(tracepoint = "sched_process_exec")]
 pub fn sched_process_exec(_ctx: RawTracePointContext) -> i32 {
-    let cfg = config();
-    if cfg.empty != 0 {
+    if setting!(empty) != 0 {
         return 0;
     }
     let (tgid, tid) = current_ids();
-    if is_traced(&cfg, tgid) {
+    if is_traced(tgid) {
+        flush_batch();
         emit(EventKind::Exec, tgid, tid, 0, now(), 0, 0, 0);
     }
     0
@@ -372,10 +490,14 @@ pub fn sched_process_exec(_ctx: RawTracePointContext) -> i32 {
 
 // ------------------------------------------------------------ CoW faults ----
 
+/// Opens a pending fault for the thread; its outcome is known at its page
+/// allocation (a copy) or at the thread's next fault, syscall or exit (a
+/// reuse). The first `TIMED_PER_SLICE` faults of a time slice are timed,
+/// then one in `sample_every`: in a burst, two clock reads per fault would
+/// cost more than the rest of the two hooks together.
 #[raw_tracepoint(tracepoint = "page_fault_user")]
 pub fn page_fault_user(ctx: RawTracePointContext) -> i32 {
-    let cfg = config();
-    if cfg.empty != 0 {
+    if setting!(empty) != 0 {
         return 0;
     }
     // TP_PROTO(unsigned long address, struct pt_regs *regs, unsigned long error_code)
@@ -384,31 +506,44 @@ pub fn page_fault_user(ctx: RawTracePointContext) -> i32 {
         return 0;
     }
     let (tgid, tid) = current_ids();
-    if !is_traced(&cfg, tgid) {
+    if !is_traced(tgid) {
         return 0;
     }
     let addr: u64 = ctx.arg(0);
-    let ts = now();
-    if let Some(p) = pending_slot(tid) {
-        // SAFETY: a valid slot (see settle_pending).
-        unsafe {
-            if (*p).ts != 0 {
-                if (*p).tid == tid {
-                    // The previous fault of this thread allocated nothing.
-                    emit(EventKind::CowReuse, (*p).tgid, tid, 0, ts, 0, (*p).addr, 0);
-                } else {
-                    bump(counter::UNCLASSIFIED);
-                }
-            }
-            *p = Pending { ts, addr, tgid, tid };
+    let (Some(p), Some(b)) = (pending_slot(tid), batch()) else {
+        return 0;
+    };
+    // SAFETY: a valid slot (see settle_pending); this CPU's batch, with
+    // preemption off.
+    unsafe {
+        if (*p).tid == tid {
+            // The previous fault of this thread allocated nothing.
+            batch_fault(b, EventKind::CowReuse, (*p).tgid, 0, (*p).addr & !FaultRecord::SAMPLED, 0);
+        } else if (*p).tid != 0 {
+            bump(counter::UNCLASSIFIED);
         }
+        let n = (*b).slice_faults;
+        (*b).slice_faults = n.wrapping_add(1);
+        let every = setting!(sample_every);
+        // Past the first faults, fault n is timed when it closes a run of
+        // `every` (counting from the first untimed fault), and stands for
+        // that run: each sample describes faults that happened, never
+        // faults that may not come.
+        let (start, flag) = if n < TIMED_PER_SLICE || every <= 1 {
+            (now(), 0)
+        } else if (n + 1 - TIMED_PER_SLICE) & (every - 1) == 0 {
+            (now(), FaultRecord::SAMPLED)
+        } else {
+            (0, 0)
+        };
+        *p = Pending { start, addr: (addr & FaultRecord::ADDR_MASK) | flag, tgid, tid };
     }
     0
 }
 
 #[raw_tracepoint(tracepoint = "mm_page_alloc")]
 pub fn mm_page_alloc(ctx: RawTracePointContext) -> i32 {
-    if config().empty != 0 {
+    if setting!(empty) != 0 {
         return 0;
     }
     // TP_PROTO(struct page *page, unsigned int order, gfp_t gfp_flags, int migratetype)
@@ -418,17 +553,28 @@ pub fn mm_page_alloc(ctx: RawTracePointContext) -> i32 {
         return 0;
     }
     let (_, tid) = current_ids();
-    if let Some(p) = pending_slot(tid) {
-        // SAFETY: a valid slot (see settle_pending).
-        unsafe {
-            if (*p).ts != 0 && (*p).tid == tid {
-                let ts = now();
-                let kind =
-                    if (gfp as u32) & GFP_ZERO != 0 { EventKind::ZeroFill } else { EventKind::CowCopy };
-                emit(kind, (*p).tgid, tid, 0, ts, ts.saturating_sub((*p).ts), (*p).addr, 0);
-                (*p).ts = 0;
-            }
+    let Some(p) = pending_slot(tid) else {
+        return 0;
+    };
+    // SAFETY: a valid slot (see settle_pending); this CPU's batch, with
+    // preemption off.
+    unsafe {
+        if (*p).tid != tid {
+            return 0;
         }
+        (*p).tid = 0;
+        let Some(b) = batch() else {
+            return 0;
+        };
+        let kind = if (gfp as u32) & GFP_ZERO != 0 { EventKind::ZeroFill } else { EventKind::CowCopy };
+        let (t, latency) = match (*p).start {
+            0 => (0, 0),
+            start => {
+                let t = now();
+                (t, t.saturating_sub(start))
+            }
+        };
+        batch_fault(b, kind, (*p).tgid, latency, (*p).addr, t);
     }
     0
 }
@@ -437,11 +583,29 @@ pub fn mm_page_alloc(ctx: RawTracePointContext) -> i32 {
 /// be a copy: allocations made by the syscall are the syscall's.
 #[raw_tracepoint(tracepoint = "sys_enter")]
 pub fn sys_enter(_ctx: RawTracePointContext) -> i32 {
-    if config().empty != 0 {
+    if setting!(empty) != 0 {
         return 0;
     }
     let (_, tid) = current_ids();
-    settle_pending(tid);
+    settle_pending(tid, false);
+    0
+}
+
+/// A task leaving the CPU takes its batched fault outcomes with it (see
+/// `batch_fault`): the batch never holds another task's records, and no
+/// record waits behind a task that sleeps.
+#[raw_tracepoint(tracepoint = "sched_switch")]
+pub fn sched_switch(_ctx: RawTracePointContext) -> i32 {
+    if setting!(empty) != 0 {
+        return 0;
+    }
+    if let Some(b) = batch() {
+        // SAFETY: see `batch`; preemption is off in the scheduler.
+        unsafe {
+            send_batch(b);
+            (*b).slice_faults = 0;
+        }
+    }
     0
 }
 

@@ -95,6 +95,12 @@ pub struct ProcRow {
     pub exit_status: Option<i32>,
 }
 
+/// How many copies a copy event's latency stands for in a histogram: more
+/// than one for a timed sample of a burst (see `EventKind::CowCopy`).
+pub fn latency_weight(e: &Event) -> u64 {
+    (e.other as u64).max(1)
+}
+
 /// Decodes the comm the kernel wrote (NUL-padded, not always UTF-8).
 pub fn comm_str(raw: &[u8; 16]) -> String {
     let end = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
@@ -336,9 +342,10 @@ impl Aggregator {
                 p.total.copies += 1;
                 p.interval.copies += 1;
                 if e.latency_ns > 0 {
-                    p.total.cow_lat.record(e.latency_ns);
-                    p.interval.cow_lat.record(e.latency_ns);
-                    self.cow_lat_all.record(e.latency_ns);
+                    let n = latency_weight(e);
+                    p.total.cow_lat.record_n(e.latency_ns, n);
+                    p.interval.cow_lat.record_n(e.latency_ns, n);
+                    self.cow_lat_all.record_n(e.latency_ns, n);
                 }
             }
             EventKind::CowReuse => {

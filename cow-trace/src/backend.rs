@@ -10,7 +10,7 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use btf_rs::Btf;
-use cow_trace_common::{counter, Config, TRACED_ROOT};
+use cow_trace_common::{counter, Config, FaultBatch, FaultRecord, TRACED_ROOT};
 
 use crate::{
     cli::BackendChoice,
@@ -24,7 +24,7 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/co
 const SHARED_RAW_TRACEPOINTS: [&str; 3] = ["sched_process_fork", "sched_process_exit", "sched_process_exec"];
 
 /// Raw tracepoints of the tracepoint backend: typed arguments, no record copy.
-const TP_RAW_TRACEPOINTS: [&str; 3] = ["page_fault_user", "mm_page_alloc", "sys_enter"];
+const TP_RAW_TRACEPOINTS: [&str; 4] = ["page_fault_user", "mm_page_alloc", "sys_enter", "sched_switch"];
 
 /// Classic syscall tracepoints, one pair per syscall that can create a
 /// process. Not every architecture has all four.
@@ -74,7 +74,9 @@ impl BackendKind {
 
     pub fn cow_latency_means(self) -> &'static str {
         match self {
-            BackendKind::Tracepoint => "write fault to the copy's page allocation (copies only)",
+            BackendKind::Tracepoint => {
+                "write fault to the copy's page allocation (copies only; bursts sampled, see --sample-every)"
+            }
             _ => "do_wp_page entry to return (every write-protect fault)",
         }
     }
@@ -254,6 +256,7 @@ pub struct LoadOptions {
     pub follow: bool,
     pub ring_buffer_size: u32,
     pub empty_programs: bool,
+    pub sample_every: u32,
 }
 
 fn raise_memlock() {
@@ -306,7 +309,7 @@ impl Tracer {
             self_tgid: std::process::id(),
             empty: opts.empty_programs as u32,
             wakeup_bytes: (opts.ring_buffer_size / 4).min(256 << 10),
-            _pad: 0,
+            sample_every: opts.sample_every,
             vmf_address,
             wp_copy_hooked: funcs.contains(&"wp_page_copy") as u32,
         };
@@ -379,6 +382,27 @@ impl Tracer {
     pub fn take_ring(&mut self) -> Result<RingBuf<MapData>> {
         let map = self.ebpf.take_map("EVENTS").context("EVENTS map missing")?;
         Ok(RingBuf::try_from(map)?)
+    }
+
+    /// Fault outcomes still in the programs' per-CPU batches, with each
+    /// batch's time. Only complete once the programs are detached: until
+    /// then the kernel is still adding to them and sending them.
+    pub fn unsent_faults(&self) -> Result<Vec<(u64, FaultRecord)>> {
+        let arr: PerCpuArray<_, FaultBatch> =
+            PerCpuArray::try_from(self.ebpf.map("BATCH").context("BATCH map missing")?)?;
+        let mut out = Vec::new();
+        for batch in arr.get(&0, 0)?.iter() {
+            let n = (batch.count as usize).min(batch.records.len());
+            out.extend(batch.records[..n].iter().map(|r| (batch.ts_ns, *r)));
+        }
+        Ok(out)
+    }
+
+    /// The time of the oldest fault outcome some CPU holds unsent, if any.
+    pub fn oldest_unsent(&self) -> Result<Option<u64>> {
+        let arr: PerCpuArray<_, FaultBatch> =
+            PerCpuArray::try_from(self.ebpf.map("BATCH").context("BATCH map missing")?)?;
+        Ok(arr.get(&0, 0)?.iter().filter(|b| b.count > 0).map(|b| b.ts_ns).min())
     }
 
     /// The kernel's counters, summed over CPUs, indexed by `counter::*`.

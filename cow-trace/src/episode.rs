@@ -12,8 +12,15 @@
 //! each of its copies once, so each goes to its newest fork whose window is
 //! still open: that fork is the one that write-protected the page last.
 //!
-//! Pure like the aggregator: the only outside input is the maps reader,
-//! injected so tests run without a kernel.
+//! A child's exit does not finish its episode at once. The tracepoint
+//! backend batches fault outcomes per CPU, so the parent's last copies
+//! before the exit can still sit in the batch of the CPU it runs on when the
+//! exit arrives. The episode waits, *closing*, until no CPU holds an unsent
+//! outcome from before the exit (see [`Episodes::settle`]); meanwhile the
+//! parent's copies up to the exit still count.
+//!
+//! Pure like the aggregator: the only outside inputs are the maps reader,
+//! injected so tests run without a kernel, and what `settle` is told.
 
 use std::collections::{HashMap, VecDeque};
 
@@ -21,7 +28,7 @@ use cow_trace_common::{Event, EventKind};
 use serde::Serialize;
 
 use crate::{
-    aggregate::comm_str,
+    aggregate::{comm_str, latency_weight},
     histogram::{Histogram, Summary},
     output::{fmt_bytes, fmt_ns},
     regions::Maps,
@@ -130,11 +137,26 @@ struct Open {
     per_second: HashMap<u64, u64>,
     /// Pages copied per region name.
     regions: HashMap<String, u64>,
+    /// Set when the child has exited; the episode is closing.
+    closed: Option<Closed>,
+}
+
+#[derive(Clone, Copy)]
+struct Closed {
+    end_ns: u64,
+    status: i32,
+    /// `Episodes::settles` when the exit was seen.
+    seen_at: u64,
 }
 
 impl Open {
     fn window_open(&self) -> bool {
         self.exec_after_ns.is_none()
+    }
+
+    /// Whether a copy made at `ts_ns` can be this fork's.
+    fn covers(&self, ts_ns: u64) -> bool {
+        self.window_open() && ts_ns >= self.start_ns && self.closed.is_none_or(|c| ts_ns <= c.end_ns)
     }
 }
 
@@ -162,6 +184,8 @@ pub struct Episodes {
     /// PID: the kprobe and fentry backends time `copy_process`, which
     /// returns before the kernel fires `sched_process_fork`.
     early_latency: HashMap<u32, EarlyLatency>,
+    /// Calls to `settle` so far.
+    settles: u64,
 }
 
 struct EarlyLatency {
@@ -177,6 +201,12 @@ const MAX_EARLY_LATENCIES: usize = 1024;
 /// `kernel_clone` after `copy_process` returns. Anything older belongs to
 /// an earlier process with the same PID.
 const EARLY_LATENCY_WINDOW_NS: u64 = 100_000_000;
+/// A closing episode is finished after this many calls to `settle` even if
+/// a CPU still holds outcomes from before the exit: the task running there
+/// has neither faulted nor left the CPU since (the event loop calls it
+/// every 25 ms: a second). Copies that arrive later count for their
+/// process, not for the episode.
+const MAX_CLOSING_SETTLES: u64 = 40;
 
 impl Episodes {
     /// `read_maps(pid)` returns the text of `/proc/PID/maps`.
@@ -192,6 +222,7 @@ impl Episodes {
             max_kept: 4096,
             dropped: 0,
             early_latency: HashMap::new(),
+            settles: 0,
         }
     }
 
@@ -207,9 +238,7 @@ impl Episodes {
                 // An open episode under this PID lost its exit: close it
                 // as it stands rather than let the new child inherit it.
                 if let Some(stale) = self.open.remove(&e.other) {
-                    self.unlink(&stale);
-                    let ep = self.finish(stale, None, None);
-                    self.keep(ep);
+                    self.close_out(stale);
                 }
                 let comm = comm_str(&e.comm);
                 self.by_parent.entry(e.pid).or_default().push(e.other);
@@ -236,6 +265,7 @@ impl Episodes {
                         cow_lat: Histogram::default(),
                         per_second: HashMap::new(),
                         regions: HashMap::new(),
+                        closed: None,
                     },
                 );
             }
@@ -248,7 +278,8 @@ impl Episodes {
                 }
             }
             Some(EventKind::Exit) => {
-                if let Some(mut o) = self.open.remove(&e.pid) {
+                let settles = self.settles;
+                if let Some(o) = self.open.get_mut(&e.pid).filter(|o| o.closed.is_none()) {
                     // The name it died with: Redis renames its child
                     // (`redis-rdb-bgsave`) after the fork. The exit event
                     // comes from the last thread to leave, the main
@@ -256,11 +287,7 @@ impl Episodes {
                     if e.tid == e.pid && e.comm[0] != 0 {
                         o.child_comm = comm_str(&e.comm);
                     }
-                    self.unlink(&o);
-                    let lifetime = e.ts_ns.saturating_sub(o.start_ns);
-                    let ep = self.finish(o, Some(lifetime), Some(e.other as i32));
-                    self.finished.push(ep.clone());
-                    self.keep(ep);
+                    o.closed = Some(Closed { end_ns: e.ts_ns, status: e.other as i32, seen_at: settles });
                 }
                 // Its own episodes as a parent go on; its maps are no
                 // longer readable, but the cached copy still describes
@@ -312,7 +339,7 @@ impl Episodes {
     fn copy(&mut self, e: &Event) {
         // The child's own copies, while its window is open...
         let child = match self.open.get(&e.pid) {
-            Some(o) if o.window_open() && e.ts_ns >= o.start_ns => Some(e.pid),
+            Some(o) if o.covers(e.ts_ns) => Some(e.pid),
             _ => None,
         };
         // ...else the parent's, for its newest fork still sharing memory.
@@ -320,10 +347,7 @@ impl Episodes {
             Some(c) => (c, true),
             None => {
                 let Some(kids) = self.by_parent.get(&e.pid) else { return };
-                let newest = kids
-                    .iter()
-                    .rev()
-                    .find(|c| self.open.get(c).is_some_and(|o| o.window_open() && e.ts_ns >= o.start_ns));
+                let newest = kids.iter().rev().find(|c| self.open.get(c).is_some_and(|o| o.covers(e.ts_ns)));
                 match newest {
                     Some(&c) => (c, false),
                     None => return,
@@ -339,7 +363,7 @@ impl Episodes {
             o.parent_copies += 1;
         }
         if e.latency_ns > 0 {
-            o.cow_lat.record(e.latency_ns);
+            o.cow_lat.record_n(e.latency_ns, latency_weight(e));
         }
         *o.per_second.entry((e.ts_ns - o.start_ns) / RATE_BUCKET_NS).or_default() += 1;
         *o.regions.entry(region).or_default() += 1;
@@ -409,6 +433,69 @@ impl Episodes {
         }
     }
 
+    /// Finishes an episode taken out of `open`: a closing one as the
+    /// finished episode it is, one whose exit was lost as it stands.
+    fn close_out(&mut self, o: Open) {
+        self.unlink(&o);
+        match o.closed {
+            Some(c) => {
+                let lifetime = c.end_ns.saturating_sub(o.start_ns);
+                let ep = self.finish(o, Some(lifetime), Some(c.status));
+                self.finished.push(ep.clone());
+                self.keep(ep);
+            }
+            None => {
+                let ep = self.finish(o, None, None);
+                self.keep(ep);
+            }
+        }
+    }
+
+    /// Whether any episode is closing (waiting for `settle`).
+    pub fn closing(&self) -> bool {
+        self.open.values().any(|o| o.closed.is_some())
+    }
+
+    /// Finishes the closing episodes that can no longer receive a copy.
+    /// `oldest_unsent_ns` is the time of the oldest fault outcome that some
+    /// CPU still holds unsent (`None`: none), read *before* the ring buffer
+    /// was last drained: an episode whose exit came after that reading waits
+    /// for the next call, so that the reading describes the time after its
+    /// exit. An episode finishes when nothing older than its exit is unsent,
+    /// or after `MAX_CLOSING_SETTLES` calls.
+    pub fn settle(&mut self, oldest_unsent_ns: Option<u64>) {
+        let now = self.settles;
+        self.settles += 1;
+        let mut ready: Vec<(u64, u32)> = self
+            .open
+            .iter()
+            .filter_map(|(&pid, o)| {
+                let c = o.closed?;
+                let seen_before = c.seen_at < now;
+                let nothing_older = oldest_unsent_ns.is_none_or(|t| t > c.end_ns);
+                (seen_before && (nothing_older || now - c.seen_at >= MAX_CLOSING_SETTLES))
+                    .then_some((c.end_ns, pid))
+            })
+            .collect();
+        ready.sort_unstable();
+        for (_, pid) in ready {
+            let o = self.open.remove(&pid).expect("listed above");
+            self.close_out(o);
+        }
+    }
+
+    /// Finishes every closing episode: once the programs are detached and
+    /// everything they sent or left unsent has been applied.
+    pub fn finish_closing(&mut self) {
+        let mut ready: Vec<(u64, u32)> =
+            self.open.iter().filter_map(|(&pid, o)| Some((o.closed?.end_ns, pid))).collect();
+        ready.sort_unstable();
+        for (_, pid) in ready {
+            let o = self.open.remove(&pid).expect("listed above");
+            self.close_out(o);
+        }
+    }
+
     fn keep(&mut self, ep: Episode) {
         self.kept.push_back(ep);
         while self.kept.len() > self.max_kept {
@@ -422,12 +509,15 @@ impl Episodes {
         std::mem::take(&mut self.finished)
     }
 
-    /// Every kept episode, finished ones in exit order, then the ones
-    /// still running (lifetime `None`) by fork time.
+    /// Every kept episode, finished ones in exit order (closing ones count
+    /// as finished), then the ones still running (lifetime `None`) by fork
+    /// time.
     pub fn all(&self) -> Vec<Episode> {
-        let mut running: Vec<_> = self
-            .open
-            .values()
+        let mut closing: Vec<_> = self.open.values().filter(|o| o.closed.is_some()).collect();
+        closing.sort_by_key(|o| (o.closed.map(|c| c.end_ns), o.child));
+        let mut running: Vec<_> = closing
+            .into_iter()
+            .chain(self.open.values().filter(|o| o.closed.is_none()))
             .map(|o| {
                 let copy = Open {
                     parent: o.parent,
@@ -442,11 +532,17 @@ impl Episodes {
                     cow_lat: o.cow_lat.clone(),
                     per_second: o.per_second.clone(),
                     regions: o.regions.clone(),
+                    closed: o.closed,
                 };
-                self.finish(copy, None, None)
+                match o.closed {
+                    Some(c) => self.finish(copy, Some(c.end_ns.saturating_sub(o.start_ns)), Some(c.status)),
+                    None => self.finish(copy, None, None),
+                }
             })
             .collect();
-        running.sort_by_key(|e| (e.start_ns, e.child));
+        // Closing ones keep their exit order, ahead of the running ones.
+        let n_closing = running.iter().filter(|e| e.child_lifetime_ns.is_some()).count();
+        running[n_closing..].sort_by_key(|e| (e.start_ns, e.child));
         self.kept.iter().cloned().chain(running).collect()
     }
 }
@@ -486,6 +582,14 @@ mod tests {
         Event { addr, latency_ns, ..ev(EventKind::CowCopy, pid, 0, ts_ns, "redis-server") }
     }
 
+    /// What a run prints once no CPU holds unsent outcomes: the first
+    /// `settle` only marks exits as seen.
+    fn settled(eps: &mut Episodes) -> Vec<Episode> {
+        eps.settle(None);
+        eps.settle(None);
+        eps.take_finished()
+    }
+
     fn episodes() -> Episodes {
         Episodes::new(4096, Box::new(|_| Some(MAPS.to_string())))
     }
@@ -507,10 +611,10 @@ mod tests {
         let child = Event { comm: [0; 16], ..copy(200, 60 * MS, STACK, 3_000) };
         eps.apply(&child);
         eps.apply(&child);
-        assert!(eps.take_finished().is_empty(), "the child still runs");
+        assert!(settled(&mut eps).is_empty(), "the child still runs");
         eps.apply(&ev(EventKind::Exit, 200, 0, 1_010 * MS, "redis-rdb-bgsave"));
         eps.apply(&copy(100, 1_100 * MS, HEAP, 2_000)); // after the child: not counted
-        let done = eps.take_finished();
+        let done = settled(&mut eps);
         assert_eq!(done.len(), 1);
         let e = &done[0];
         assert_eq!((e.kind, e.parent, e.child), ("fork", 100, 200));
@@ -550,7 +654,7 @@ mod tests {
         eps.apply(&Event { latency_ns: 4 * MS, ..ev(EventKind::ForkLatency, 100, 201, 24 * MS, "p") });
         eps.apply(&ev(EventKind::Exit, 200, 0, 30 * MS, "c"));
         eps.apply(&ev(EventKind::Exit, 201, 0, 31 * MS, "c"));
-        let done = eps.take_finished();
+        let done = settled(&mut eps);
         let lat: Vec<_> = done.iter().map(|e| (e.child, e.fork_latency_ns)).collect();
         assert_eq!(lat, vec![(200, Some(3 * MS)), (201, Some(4 * MS))]);
         // tracepoint order for a short child (vfork): it exits before its
@@ -558,19 +662,19 @@ mod tests {
         eps.apply(&ev(EventKind::Spawn, 100, 300, 40 * MS, "p"));
         eps.apply(&ev(EventKind::Exit, 300, 0, 41 * MS, "c"));
         eps.apply(&Event { latency_ns: 2 * MS, ..ev(EventKind::ForkLatency, 100, 300, 42 * MS, "p") });
-        assert_eq!(eps.take_finished()[0].fork_latency_ns, Some(2 * MS));
+        assert_eq!(settled(&mut eps)[0].fork_latency_ns, Some(2 * MS));
         assert_eq!(eps.all().iter().find(|e| e.child == 300).unwrap().fork_latency_ns, Some(2 * MS));
         // A latency whose spawn never came does not land on a later process
         // that reuses the PID, even from the same parent.
         eps.apply(&Event { latency_ns: 9 * MS, ..ev(EventKind::ForkLatency, 100, 400, 50 * MS, "p") });
         eps.apply(&ev(EventKind::Spawn, 100, 400, 50 * MS + EARLY_LATENCY_WINDOW_NS + 1, "p"));
         eps.apply(&ev(EventKind::Exit, 400, 0, 900 * MS, "c"));
-        assert_eq!(eps.take_finished()[0].fork_latency_ns, None);
+        assert_eq!(settled(&mut eps)[0].fork_latency_ns, None);
         // Nor on a child of another parent.
         eps.apply(&Event { latency_ns: 9 * MS, ..ev(EventKind::ForkLatency, 100, 401, 1_000 * MS, "p") });
         eps.apply(&ev(EventKind::Spawn, 555, 401, 1_000 * MS + 1, "q"));
         eps.apply(&ev(EventKind::Exit, 401, 0, 1_100 * MS, "c"));
-        assert_eq!(eps.take_finished()[0].fork_latency_ns, None);
+        assert_eq!(settled(&mut eps)[0].fork_latency_ns, None);
     }
 
     #[test]
@@ -584,7 +688,7 @@ mod tests {
             eps.apply(&copy(200, 2_500 * MS + i, HEAP, 0));
         }
         eps.apply(&ev(EventKind::Exit, 200, 0, 3_000 * MS, "p"));
-        let e = &eps.take_finished()[0];
+        let e = &settled(&mut eps)[0];
         assert_eq!(e.peak_copy_bytes_per_s, 5 * 4096);
         assert_eq!(e.copied_bytes, 8 * 4096);
         assert_eq!(e.cow_latency_ns.count, 0, "no latency known, none recorded");
@@ -602,7 +706,7 @@ mod tests {
         eps.apply(&copy(300, MS, HEAP, 900));
         eps.apply(&copy(100, MS, HEAP, 900));
         eps.apply(&ev(EventKind::Exit, 300, 0, 4 * MS, "ls"));
-        let e = &eps.take_finished()[0];
+        let e = &settled(&mut eps)[0];
         assert_eq!((e.kind, e.child_comm.as_str()), ("fork+exec", "ls"));
         assert_eq!((e.parent_copies, e.child_copies), (1, 1));
         assert_eq!(e.exec_after_ns, Some(MS / 2));
@@ -622,7 +726,7 @@ mod tests {
         eps.apply(&ev(EventKind::Exit, 201, 0, 5 * MS, "prefork"));
         eps.apply(&copy(100, 6 * MS, HEAP, 0)); // no sharing fork left
         eps.apply(&ev(EventKind::Exit, 202, 0, 7 * MS, "worker"));
-        let done = eps.take_finished();
+        let done = settled(&mut eps);
         let by_child = |c| done.iter().find(|e| e.child == c).unwrap();
         assert_eq!(by_child(201).parent_copies, 1);
         assert_eq!(by_child(202).parent_copies, 1);
@@ -655,7 +759,7 @@ mod tests {
         eps.apply(&copy(100, 201 * MS, 0x10, 0)); // miss, too soon again
         assert_eq!(reads.get(), 2);
         eps.apply(&ev(EventKind::Exit, 200, 0, 300 * MS, "p"));
-        let regions = &eps.take_finished()[0].top_regions;
+        let regions = &settled(&mut eps)[0].top_regions;
         assert_eq!(regions[0], RegionBytes { region: UNMAPPED.into(), bytes: 2 * 4096 });
         assert!(regions.contains(&RegionBytes { region: "[anon 7f0000000000]".into(), bytes: 4096 }));
         assert!(regions.contains(&RegionBytes { region: "[heap]".into(), bytes: 4096 }));
@@ -668,7 +772,7 @@ mod tests {
         eps.apply(&ev(EventKind::Exit, 100, 0, MS, "p"));
         eps.apply(&copy(200, 2 * MS, STACK, 0));
         eps.apply(&ev(EventKind::Exit, 200, 0, 3 * MS, "p"));
-        let e = &eps.take_finished()[0];
+        let e = &settled(&mut eps)[0];
         assert_eq!(e.top_regions, vec![RegionBytes { region: "[stack]".into(), bytes: 4096 }]);
     }
 
@@ -681,13 +785,106 @@ mod tests {
         eps.apply(&ev(EventKind::Spawn, 100, 200, 2 * MS, "p"));
         eps.apply(&ev(EventKind::Spawn, 100, 201, 3 * MS, "p"));
         eps.apply(&ev(EventKind::Exit, 201, 0, 4 * MS, "p"));
+        let finished = settled(&mut eps);
         let all = eps.all();
         assert_eq!(eps.dropped, 1, "the lost one fell out of the bound of 1");
         assert_eq!(all.len(), 2);
         assert_eq!((all[0].child, all[0].child_lifetime_ns), (201, Some(MS)));
         assert_eq!((all[1].child, all[1].child_lifetime_ns, all[1].child_copies), (200, None, 0));
         assert!(all[1].line().contains("child still running"));
-        assert_eq!(eps.take_finished().len(), 1, "only real exits are reported as they happen");
+        assert_eq!(finished.len(), 1, "only real exits are reported as they happen");
+    }
+
+    #[test]
+    fn a_closing_episode_takes_the_parents_late_copies_until_no_cpu_holds_older_ones() {
+        let mut eps = episodes();
+        eps.apply(&ev(EventKind::Spawn, 100, 200, 10 * MS, "p"));
+        eps.apply(&copy(200, 20 * MS, HEAP, 1_000));
+        eps.apply(&ev(EventKind::Exit, 200, 0, 50 * MS, "c"));
+        // The exit was seen after the last reading of the CPUs' batches:
+        // even with nothing unsent then, the episode waits for a reading
+        // taken after it.
+        eps.settle(None);
+        assert!(eps.take_finished().is_empty() && eps.closing());
+        // A CPU still holds the parent's outcomes from 40 ms: keep waiting.
+        eps.settle(Some(40 * MS));
+        assert!(eps.take_finished().is_empty());
+        // They arrive, batched at 40 ms (before the exit): the fork's. A
+        // copy from after the exit is not.
+        for i in 0..3 {
+            eps.apply(&copy(100, 40 * MS, ARENA + i * 4096, 1_000));
+        }
+        eps.apply(&copy(100, 60 * MS, HEAP, 1_000));
+        // Only outcomes from after the exit are left unsent: done.
+        eps.settle(Some(55 * MS));
+        let done = eps.take_finished();
+        assert_eq!(done.len(), 1);
+        assert_eq!((done[0].parent_copies, done[0].child_copies), (3, 1));
+        assert_eq!((done[0].child_lifetime_ns, done[0].exit_status), (Some(40 * MS), Some(0)));
+        assert!(!eps.closing());
+    }
+
+    #[test]
+    fn a_closing_episode_is_finished_after_a_bounded_wait_or_at_the_end() {
+        let mut eps = episodes();
+        eps.apply(&ev(EventKind::Spawn, 100, 200, 10 * MS, "p"));
+        eps.apply(&ev(EventKind::Exit, 200, 0, 50 * MS, "c"));
+        eps.apply(&ev(EventKind::Spawn, 100, 201, 60 * MS, "p"));
+        eps.apply(&ev(EventKind::Exit, 201, 0, 70 * MS, "c"));
+        // A CPU whose task neither faults nor leaves it holds an old
+        // outcome for ever: the wait is bounded.
+        for _ in 0..MAX_CLOSING_SETTLES {
+            eps.settle(Some(MS));
+            assert!(eps.take_finished().is_empty());
+        }
+        eps.settle(Some(MS));
+        let done = eps.take_finished();
+        assert_eq!(done.iter().map(|e| e.child).collect::<Vec<_>>(), [200, 201], "in exit order");
+        // At the end of a run every closing episode is finished at once.
+        eps.apply(&ev(EventKind::Spawn, 100, 202, 80 * MS, "p"));
+        eps.apply(&ev(EventKind::Exit, 202, 0, 90 * MS, "c"));
+        assert_eq!(
+            eps.all().last().map(|e| e.child_lifetime_ns),
+            Some(Some(10 * MS)),
+            "closing counts as finished"
+        );
+        eps.finish_closing();
+        assert_eq!(eps.take_finished().len(), 1);
+        assert!(!eps.closing());
+    }
+
+    #[test]
+    fn a_pid_reused_while_its_episode_is_closing_starts_a_new_one() {
+        let mut eps = episodes();
+        eps.apply(&ev(EventKind::Spawn, 100, 200, 10 * MS, "p"));
+        eps.apply(&copy(200, 20 * MS, HEAP, 0));
+        eps.apply(&ev(EventKind::Exit, 200, 0, 30 * MS, "c"));
+        eps.apply(&ev(EventKind::Spawn, 100, 200, 40 * MS, "p"));
+        eps.apply(&copy(200, 50 * MS, HEAP, 0));
+        eps.apply(&copy(200, 50 * MS, STACK, 0));
+        // The first life is finished as it ended, not as a lost exit.
+        let done = eps.take_finished();
+        assert_eq!(done.len(), 1);
+        assert_eq!((done[0].child_lifetime_ns, done[0].child_copies), (Some(20 * MS), 1));
+        eps.apply(&ev(EventKind::Exit, 200, 0, 60 * MS, "c"));
+        let done = settled(&mut eps);
+        assert_eq!((done[0].start_ns, done[0].child_copies), (40 * MS, 2));
+    }
+
+    #[test]
+    fn a_sampled_latency_stands_for_the_copies_around_it() {
+        let mut eps = episodes();
+        eps.apply(&ev(EventKind::Spawn, 100, 200, 0, "p"));
+        eps.apply(&copy(200, MS, HEAP, 1_000)); // timed, stands for itself
+        eps.apply(&Event { other: 16, ..copy(200, MS, HEAP, 3_000) }); // one timed of 16
+        for _ in 0..15 {
+            eps.apply(&copy(200, MS, HEAP, 0)); // not timed
+        }
+        eps.apply(&ev(EventKind::Exit, 200, 0, 2 * MS, "c"));
+        let e = &settled(&mut eps)[0];
+        assert_eq!(e.child_copies, 17);
+        assert_eq!((e.cow_latency_ns.count, e.cow_latency_ns.min, e.cow_latency_ns.max), (17, 1_000, 3_000));
+        assert!(e.cow_latency_ns.p50 >= 2_900, "16 of 17 weigh 3 us: {:?}", e.cow_latency_ns);
     }
 
     #[test]
@@ -695,7 +892,7 @@ mod tests {
         let mut eps = episodes();
         eps.apply(&ev(EventKind::Spawn, 100, 200, 0, "p"));
         eps.apply(&ev(EventKind::Exit, 200, 0, MS, "p"));
-        let v = serde_json::to_value(&eps.take_finished()[0]).unwrap();
+        let v = serde_json::to_value(&settled(&mut eps)[0]).unwrap();
         for key in [
             "kind",
             "parent",

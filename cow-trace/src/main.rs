@@ -91,6 +91,7 @@ fn run(args: Args) -> Result<i32> {
         follow: !args.no_follow,
         ring_buffer_size: args.ring_buffer_size,
         empty_programs: args.bench_empty_programs,
+        sample_every: args.sample_every,
     };
     // A command that cannot run is refused before anything is loaded; it
     // waits at its gate until it is in the traced set.
@@ -222,6 +223,7 @@ async fn trace(
     mut gated: Option<&mut launch::Gated>,
 ) -> Result<i32> {
     let backend = sel.kind.name();
+    let sample_every = args.sample_every;
     let page_size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as u64;
     let launched = gated.is_some();
     let mut agg = Aggregator::new(
@@ -310,7 +312,13 @@ async fn trace(
     let end = loop {
         tokio::select! {
             _ = drain_tick.tick() => {
-                stream::drain(ring.get_mut(), &mut agg);
+                // Read before draining: see Episodes::settle.
+                let closing = agg.episodes.as_ref().is_some_and(Episodes::closing);
+                let oldest_unsent = if closing { tracer.oldest_unsent()? } else { None };
+                stream::drain(ring.get_mut(), &mut agg, sample_every);
+                if let Some(eps) = agg.episodes.as_mut() {
+                    eps.settle(oldest_unsent);
+                }
                 print_episodes(&mut stdout, &mut agg, args.json)?;
                 if !launched && last_sweep.elapsed() >= SWEEP_PERIOD {
                     last_sweep = Instant::now();
@@ -325,7 +333,7 @@ async fn trace(
             }
             guard = ring.readable_mut() => {
                 let mut guard = guard?;
-                stream::drain(guard.get_inner_mut(), &mut agg);
+                stream::drain(guard.get_inner_mut(), &mut agg, sample_every);
                 guard.clear_ready();
                 print_episodes(&mut stdout, &mut agg, args.json)?;
                 if !launched && agg.targets_gone() {
@@ -333,7 +341,7 @@ async fn trace(
                 }
             }
             _ = next_tick(&mut ticker) => {
-                stream::drain(ring.get_mut(), &mut agg);
+                stream::drain(ring.get_mut(), &mut agg, sample_every);
                 print_episodes(&mut stdout, &mut agg, args.json)?;
                 let dropped = tracer.counters()?[counter::DROPPED as usize];
                 let rows = agg.take_interval();
@@ -364,7 +372,15 @@ async fn trace(
     // describe exactly the events it could have received.
     tracer.detach();
     tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    stream::drain(ring.get_mut(), &mut agg);
+    stream::drain(ring.get_mut(), &mut agg, sample_every);
+    // Fault outcomes the programs batched but never sent: each CPU's are
+    // newer than anything it sent, so they come last.
+    for (ts, r) in tracer.unsent_faults()? {
+        agg.apply(&stream::fault_event(ts, &r, sample_every));
+    }
+    if let Some(eps) = agg.episodes.as_mut() {
+        eps.finish_closing();
+    }
     print_episodes(&mut stdout, &mut agg, args.json)?;
     let c = tracer.counters()?;
     let totals = KernelTotals {

@@ -245,6 +245,21 @@ pub fn bench(repeats: usize, rounds: usize, forks: usize) -> Result<()> {
             }
             eprintln!("xtask: {} repeat {}/{repeats} done", storm.name, rep + 1);
         }
+        // Each configuration against the untraced run of the same repeat,
+        // minutes apart at most: the machine's slow drift cancels out.
+        let paired: Vec<f64> = times
+            .iter()
+            .map(|t| {
+                let mut r: Vec<f64> = t.iter().zip(&times[0]).map(|(&a, &b)| a as f64 / b as f64).collect();
+                r.sort_by(f64::total_cmp);
+                let n = r.len();
+                if n % 2 == 1 {
+                    r[n / 2]
+                } else {
+                    (r[n / 2 - 1] + r[n / 2]) / 2.0
+                }
+            })
+            .collect();
         let meds: Vec<u64> = times.iter_mut().map(|t| median(t)).collect();
         // `median` sorted the samples: the first is the fastest run, the
         // figure least disturbed by anything else the machine did.
@@ -252,8 +267,8 @@ pub fn bench(repeats: usize, rounds: usize, forks: usize) -> Result<()> {
         let _ = writeln!(report, "{}:", storm.name);
         let _ = writeln!(
             report,
-            "  {:<26} {:>12} {:>8} {:>12} {:>9} {:>12} {:>8}",
-            "configuration", "median", "ratio", "fastest", "ratio", "tracer RSS", "dropped"
+            "  {:<26} {:>12} {:>8} {:>12} {:>9} {:>8} {:>12} {:>8}",
+            "configuration", "median", "ratio", "fastest", "ratio", "paired", "tracer RSS", "dropped"
         );
         let mut entries = Vec::new();
         for (i, t) in tracers.iter().enumerate() {
@@ -267,18 +282,19 @@ pub fn bench(repeats: usize, rounds: usize, forks: usize) -> Result<()> {
             };
             let _ = writeln!(
                 report,
-                "  {:<26} {:>9.1} ms {:>8.3} {:>9.1} ms {:>9.3} {:>12} {:>8}",
+                "  {:<26} {:>9.1} ms {:>8.3} {:>9.1} ms {:>9.3} {:>8.3} {:>12} {:>8}",
                 t.name(),
                 meds[i] as f64 / 1e6,
                 ratio,
                 mins[i] as f64 / 1e6,
                 min_ratio,
+                paired[i],
                 rss_s,
                 drop_s
             );
             entries.push(serde_json::json!({
                 "configuration": t.name(), "median_ns": meds[i], "ratio": ratio,
-                "min_ns": mins[i], "min_ratio": min_ratio,
+                "min_ns": mins[i], "min_ratio": min_ratio, "paired_ratio": paired[i],
                 "samples_ns": times[i], "tracer_peak_rss_kib": rss[i], "dropped_events": drops[i],
             }));
         }

@@ -343,8 +343,15 @@ fn check_backend(backend: &str, section: &str) -> Result<(u64, u64, String)> {
     if !(Z..=Z + SLACK).contains(&zf) {
         wrong.push(format!("parent zero-filled {zf}, wrote {Z}"));
     }
-    if u(&child["cow_latency_ns"]["count"]) < K {
-        wrong.push(format!("{} CoW latencies for {cc} child copies", u(&child["cow_latency_ns"]["count"])));
+    // The kernel backends time every fault; the tracepoint backend, in a
+    // burst, one in 16 that stands for 16 (so a few short per time slice).
+    let lat_n = u(&child["cow_latency_ns"]["count"]);
+    let lat_ok = match backend {
+        "tracepoint" => lat_n <= cc + SLACK && lat_n + cc / 10 >= cc,
+        _ => lat_n >= K,
+    };
+    if !lat_ok {
+        wrong.push(format!("{lat_n} CoW latencies for {cc} child copies"));
     }
     // The kernel backends time dup_mmap inside copy_process: one fork, one
     // share, and a share cannot exceed the whole.

@@ -40,6 +40,15 @@
 //! milliseconds longer. Meanwhile /proc shows the process as a zombie (its
 //! main thread's state), though it has not exited.
 //!
+//! `--child-cpu N` moves the child to CPU N right after the fork.
+//! `--child-spin-ms MS` makes the child, after its writes, busy-loop MS
+//! milliseconds in user space (no syscall, so no reason to leave its CPU)
+//! before telling the parent it is done; `--parent-spin-ms MS` does the same
+//! in the parent after its writes and after telling the child to exit, before
+//! waiting for it. With the workload SCHED_FIFO on a CPU of its own, a
+//! spinning process is never switched out: tests use this to hold fault
+//! outcomes in a tracer's per-CPU batch.
+//!
 //! With `--go-file PATH` it prints `ready PID` and waits for PATH to exist
 //! before forking, so a tracer can attach to a running process first.
 //! It ends by printing one JSON line with what it did.
@@ -47,7 +56,8 @@
 use std::{io::Write as _, path::PathBuf, ptr, time::Duration};
 
 const USAGE: &str = "usage: cow-workload [--pages N] [--child-writes K] [--parent-writes M] \
-                     [--zero-fills Z] [--rounds R] [--seconds S] [--pause-ms P] [--fork-storm N] [--huge] [--reuse-pid] [--main-exits-first MS] [--go-file PATH]";
+                     [--zero-fills Z] [--rounds R] [--seconds S] [--pause-ms P] [--fork-storm N] [--huge] [--reuse-pid] [--main-exits-first MS] [--child-cpu N] [--child-spin-ms MS] \
+                     [--parent-spin-ms MS] [--go-file PATH]";
 
 struct Opts {
     pages: usize,
@@ -61,6 +71,9 @@ struct Opts {
     huge: bool,
     reuse_pid: bool,
     main_exits_first_ms: u64,
+    child_cpu: Option<usize>,
+    child_spin_ms: u64,
+    parent_spin_ms: u64,
     go_file: Option<PathBuf>,
 }
 
@@ -77,6 +90,9 @@ fn parse() -> Result<Opts, String> {
         huge: false,
         reuse_pid: false,
         main_exits_first_ms: 0,
+        child_cpu: None,
+        child_spin_ms: 0,
+        parent_spin_ms: 0,
         go_file: None,
     };
     let mut args = std::env::args().skip(1);
@@ -96,6 +112,9 @@ fn parse() -> Result<Opts, String> {
             "--huge" => o.huge = true,
             "--reuse-pid" => o.reuse_pid = true,
             "--main-exits-first" => o.main_exits_first_ms = num(val()?)? as u64,
+            "--child-cpu" => o.child_cpu = Some(num(val()?)?),
+            "--child-spin-ms" => o.child_spin_ms = num(val()?)? as u64,
+            "--parent-spin-ms" => o.parent_spin_ms = num(val()?)? as u64,
             _ => return Err(USAGE.to_string()),
         }
     }
@@ -103,6 +122,15 @@ fn parse() -> Result<Opts, String> {
         return Err("--child-writes + --parent-writes must not exceed --pages".into());
     }
     Ok(o)
+}
+
+/// Busy-loops `ms` milliseconds without a syscall (the clock is read
+/// through the vDSO).
+fn spin(ms: u64) {
+    let until = std::time::Instant::now() + Duration::from_millis(ms);
+    while std::time::Instant::now() < until {
+        std::hint::spin_loop();
+    }
 }
 
 fn check(rc: libc::c_int, what: &str) {
@@ -256,7 +284,16 @@ fn main() {
         check(pid, "fork");
         if pid == 0 {
             unsafe {
+                if let Some(cpu) = o.child_cpu {
+                    let mut set: libc::cpu_set_t = std::mem::zeroed();
+                    libc::CPU_SET(cpu, &mut set);
+                    check(
+                        libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set),
+                        "sched_setaffinity",
+                    );
+                }
                 write_pages(base, page, 0..o.child_writes, value);
+                spin(o.child_spin_ms);
                 let b = 0u8;
                 libc::write(done[1], (&b as *const u8).cast(), 1);
                 let mut r = 0u8;
@@ -270,6 +307,7 @@ fn main() {
         write_pages(base, page, o.child_writes..o.child_writes + o.parent_writes, value);
         unsafe {
             libc::write(exit[1], (&b as *const u8).cast(), 1);
+            spin(o.parent_spin_ms);
             let mut status = 0;
             libc::waitpid(pid, &mut status, 0);
             for fd in done.into_iter().chain(exit) {

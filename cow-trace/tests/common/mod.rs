@@ -227,6 +227,17 @@ impl HeldWorkload {
     /// The same, run through `wrapper` (a command that execs the rest, like
     /// `taskset -c 0`), so that the reported PID is the workload's own.
     pub fn start_wrapped(wrapper: &[&str], pages: u64, child_writes: u64, parent_writes: u64) -> Self {
+        Self::start_with(wrapper, pages, child_writes, parent_writes, &[])
+    }
+
+    /// The same, with more workload options (`extra`).
+    pub fn start_with(
+        wrapper: &[&str],
+        pages: u64,
+        child_writes: u64,
+        parent_writes: u64,
+        extra: &[&str],
+    ) -> Self {
         let go_file =
             std::env::temp_dir().join(format!("cow-trace-go-{}-{}", std::process::id(), rand_suffix()));
         let _ = std::fs::remove_file(&go_file);
@@ -242,6 +253,7 @@ impl HeldWorkload {
             .args(["--pages", &pages.to_string()])
             .args(["--child-writes", &child_writes.to_string()])
             .args(["--parent-writes", &parent_writes.to_string()])
+            .args(extra)
             .arg("--go-file")
             .arg(&go_file)
             .stdout(Stdio::piped())
@@ -397,4 +409,22 @@ pub fn assert_totals_add_up(summary: &Value) {
         })
         .sum();
     assert_eq!(lost, u(&summary["dropped_events"]), "kernel {kt} vs received {seen}");
+}
+
+/// Checks a CoW latency summary of `copies` copies taken with the default
+/// sampling (`--sample-every 16`): a task's first 64 write faults after it
+/// is scheduled in are timed, then one in 16, which stands for the 16 it
+/// closes. So the weighted count never exceeds the write faults, and falls
+/// short of the copies by fewer than 16 per time slice (a few here).
+pub fn assert_sampled_latencies(lat: &Value, copies: u64) {
+    let count = u(&lat["count"]);
+    assert!(count <= copies + 64, "{count} latencies stand for more than the {copies} copies: {lat}");
+    assert!(
+        count + copies / 10 >= copies,
+        "{count} latencies stand for too few of the {copies} copies: {lat}"
+    );
+    assert!(
+        u(&lat["min"]) > 0 && u(&lat["p50"]) >= u(&lat["min"]) && u(&lat["max"]) >= u(&lat["p99"]),
+        "{lat}"
+    );
 }

@@ -1,0 +1,109 @@
+//! Integration tests of the tracepoint backend's per-CPU batches of fault
+//! outcomes: whatever a batch still holds when it matters is not lost.
+//!
+//! To hold outcomes in a batch on purpose, the workload runs SCHED_FIFO on
+//! CPU 1 and busy-loops after its writes (`--child-spin-ms`,
+//! `--parent-spin-ms`): a task that makes no syscall and that nothing can
+//! preempt never leaves its CPU, so its batch is not sent. cow-trace runs on
+//! CPU 0. They need root (see `common::need_root`) and two CPUs.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+
+/// Pages a process touches besides the workload's own (stack, libc).
+const SLACK: u64 = 64;
+/// The workload on CPU 1, first in line there.
+const FIFO_ON_CPU1: [&str; 6] = ["taskset", "-c", "1", "chrt", "-f", "99"];
+
+/// Both tests take CPU 1 for themselves.
+static CPU1: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn two_cpus(test: &str) -> bool {
+    let n = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    if n < 2 {
+        eprintln!("SKIPPED {test}: needs two CPUs, this machine has {n}");
+        return false;
+    }
+    true
+}
+
+#[test]
+fn outcomes_still_batched_when_the_run_ends_are_reported() {
+    let name = "outcomes_still_batched_when_the_run_ends_are_reported";
+    if !need_root(name) || !two_cpus(name) {
+        return;
+    }
+    let _cpu1 = CPU1.lock().unwrap_or_else(|e| e.into_inner());
+    // The child copies 40 pages (fewer than a batch holds), then spins for
+    // a second on CPU 1: its copies stay in CPU 1's batch while the run is
+    // ended under it.
+    const K: u64 = 40;
+    let w = HeldWorkload::start_with(&FIFO_ON_CPU1, 256, K, 0, &["--child-spin-ms", "1000"]);
+    let mut t = Background::start_command(&mut cow_trace_on_cpu0(&["--json", "-p", &w.pid.to_string()]));
+    t.wait_attached();
+    w.go();
+    std::thread::sleep(Duration::from_millis(300));
+    t.signal(libc::SIGINT);
+    let r = t.finish(Duration::from_secs(30));
+    let report = w.finish();
+    assert!(r.status.success(), "{}", r.stderr);
+    let s = r.summary();
+    let child_pid = u(&report["children"][0]);
+    let child = row(s, child_pid).unwrap_or_else(|| panic!("no row for child {child_pid}: {s}"));
+    // Still spinning when the run ended: it never left CPU 1 or exited, so
+    // nothing sent its batch; the copies come from reading it at the end.
+    assert_eq!(child["exited"], false, "{child}");
+    let cc = u(&child["cow_copies"]);
+    assert!((K..=K + SLACK).contains(&cc), "child copied {cc} pages, wrote {K}: {child}");
+    assert_eq!(u(&child["cow_latency_ns"]["count"]), cc, "the first 64 faults of a slice are all timed");
+    assert_eq!(u(&s["dropped_events"]), 0);
+    assert_totals_add_up(s);
+}
+
+#[test]
+fn a_parents_copies_sent_after_its_childs_exit_count_for_the_fork() {
+    let name = "a_parents_copies_sent_after_its_childs_exit_count_for_the_fork";
+    if !need_root(name) || !two_cpus(name) {
+        return;
+    }
+    let _cpu1 = CPU1.lock().unwrap_or_else(|e| e.into_inner());
+    // The child (moved to CPU 0) copies K pages and waits; the parent on
+    // CPU 1 copies M, lets the child exit, and spins 300 ms before waiting
+    // for it. The child's exit reaches cow-trace at once; the parent's
+    // copies, made before it, only when the parent leaves CPU 1.
+    const K: u64 = 100;
+    const M: u64 = 40;
+    let mut args = vec!["--json".to_string(), "--".to_string()];
+    args.extend(FIFO_ON_CPU1.iter().map(|s| s.to_string()));
+    args.push(WORKLOAD.into());
+    for a in ["--pages", "512", "--child-writes", "100", "--parent-writes", "40"] {
+        args.push(a.into());
+    }
+    for a in ["--child-cpu", "0", "--parent-spin-ms", "300"] {
+        args.push(a.into());
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let r = run(&args, Duration::from_secs(60));
+    assert!(r.status.success(), "{}\n{}", r.stdout, r.stderr);
+    let report = r.workload();
+    let (parent, child) = (u(&report["pid"]), u(&report["children"][0]));
+    let s = r.summary();
+    let eps: Vec<&Value> =
+        s["episodes"].as_array().unwrap().iter().filter(|e| u(&e["parent"]) == parent).collect();
+    assert_eq!(eps.len(), 1, "{eps:?}");
+    let e = eps[0];
+    assert_eq!(u(&e["child"]), child);
+    let (pc, cc) = (u(&e["parent_copies"]), u(&e["child_copies"]));
+    assert!((K..=K + SLACK).contains(&cc), "child copied {cc} pages, wrote {K}: {e}");
+    assert!((M..=M + SLACK).contains(&pc), "parent copied {pc} pages while the child lived, wrote {M}: {e}");
+    // The parent row agrees: its copies are the fork's.
+    let prow = row(s, parent).unwrap();
+    assert!(u(&prow["cow_copies"]) >= pc, "{prow}");
+    assert!(u(&e["child_lifetime_ns"]) > 0);
+    assert_eq!(u(&s["dropped_events"]), 0);
+    assert_totals_add_up(s);
+}
