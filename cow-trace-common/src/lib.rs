@@ -142,12 +142,16 @@ pub struct FaultBatch {
     pub magic: u32,
     pub count: u32,
     /// `bpf_ktime_get_ns()` at the first record: the time of every record
-    /// in the batch, at most `BATCH_MAX_AGE_NS` early (see the BPF side).
+    /// in the batch, never before a fork, exec or exit the record followed
+    /// (see `batch_fault` on the BPF side).
     pub ts_ns: u64,
     pub records: [FaultRecord; FAULT_BATCH_LEN],
     /// Write faults the running task took since it was scheduled in.
     pub slice_faults: u32,
     pub _pad: u32,
+    /// The BPF side's count of traced forks, execs and exits when the batch
+    /// started.
+    pub window_events: u64,
 }
 
 /// Bytes of a [`FaultBatch`] before its records.
@@ -264,4 +268,4 @@ mod user {
 const _: () = assert!(core::mem::size_of::<Event>() == 64);
 const _: () = assert!(core::mem::size_of::<Config>() == 56);
 const _: () = assert!(core::mem::size_of::<FaultRecord>() == 16);
-const _: () = assert!(core::mem::size_of::<FaultBatch>() == FAULT_BATCH_HEADER + FAULT_BATCH_LEN * 16 + 8);
+const _: () = assert!(core::mem::size_of::<FaultBatch>() == FAULT_BATCH_HEADER + FAULT_BATCH_LEN * 16 + 16);

@@ -89,8 +89,18 @@ static FORKS: HashMap<u32, ForkStart> = HashMap::with_max_entries(16384, 0);
 #[map]
 static BATCH: PerCpuArray<FaultBatch> = PerCpuArray::with_max_entries(1, 0);
 
-/// A batch older than this is sent with its next record.
+/// A batch older than this when a clock reading shows it is sent before
+/// the record is added.
 const BATCH_MAX_AGE_NS: u64 = 50_000_000;
+
+/// Counts the traced process events that open or close a fork's copy
+/// window: forks, execs and exits. A batch started before the latest one is
+/// sent before a record is added to it, so that no batch spans such an
+/// event: its records, which carry the batch's start time, are then never
+/// dated before an event they followed (another thread of the process, or
+/// the parent, keeps faulting on its own CPU).
+#[map]
+static WINDOW_EVENTS: Array<u64> = Array::with_max_entries(1, 0);
 
 /// In-kernel totals and drop counts, indexed by `counter::*`.
 #[map]
@@ -222,15 +232,21 @@ fn emit(kind: EventKind, pid: u32, tid: u32, other: u32, ts: u64, latency_ns: u6
 
 /// This CPU's batch. Only for hooks that run with preemption disabled
 /// (the kernel's ordinary tracepoints): two tasks interleaving on one CPU's
-/// batch would corrupt it. `sys_enter` can be preempted on recent kernels,
-/// so it emits directly.
+/// batch would corrupt it. `sys_enter` belongs to the syscall tracepoints,
+/// which may fault (and so be preemptible) from 6.13, so it emits directly.
+/// The one writer that can nest is `mm_page_alloc` from an interrupt, and it
+/// touches the batch only for a thread with an open pending fault, whose
+/// slot every batched writer clears first.
 ///
 /// Ordering: a batch holds only the running task's records, because
 /// `sched_switch` sends it whenever a task leaves the CPU; and the fork,
-/// exec and exit hooks send it before their own event. So a process's
-/// fault outcomes always reach userspace before its exit, a parent's
-/// outcomes from before a fork before the fork, and a task's records never
-/// wait on a CPU it has left.
+/// exec and exit hooks send it before their own event. So a thread's fault
+/// outcomes reach userspace before its own exit, a parent thread's outcomes
+/// from before a fork before the fork, and a task's records never wait on a
+/// CPU it has left. Another thread of the same process can still be running
+/// elsewhere with outcomes unsent; userspace allows for that (episodes wait
+/// for the CPUs' batches, and late outcomes of a process that has exited go
+/// to its record).
 #[inline(always)]
 fn batch() -> Option<*mut FaultBatch> {
     BATCH.get_ptr_mut(0)
@@ -238,10 +254,14 @@ fn batch() -> Option<*mut FaultBatch> {
 
 /// Adds a fault outcome to batch `b`. `addr` may carry
 /// `FaultRecord::SAMPLED`; `now_ns` is the caller's clock reading, 0 if it
-/// has none (the clock is read only when the batch starts: each read costs
-/// about as much as the rest of the hook). A full batch is sent at once,
-/// and so is one whose first record is more than `BATCH_MAX_AGE_NS` old
-/// when a clock reading shows it.
+/// has none (the clock is read only when a batch starts: each read costs
+/// about as much as the rest of the hook). A full batch is sent at once. A
+/// batch started before the latest fork, exec or exit of a traced process,
+/// or older than `BATCH_MAX_AGE_NS` by `now_ns`, is sent before the record
+/// is added, which starts a new one. So a record's time is never before
+/// such an event it followed, and at most `BATCH_MAX_AGE_NS` early, except
+/// for the untimed faults of a burst (at most `sample_every - 1` in a row)
+/// after a pause in which the task was never switched out.
 #[inline(always)]
 unsafe fn batch_fault(
     b: *mut FaultBatch,
@@ -254,13 +274,20 @@ unsafe fn batch_fault(
     bump(kind as u32);
     // SAFETY: this CPU's slot; preemption is off, so no other task touches it.
     unsafe {
+        let events = match WINDOW_EVENTS.get_ptr(0) {
+            Some(f) => core::ptr::read_volatile(f),
+            None => 0,
+        };
         let mut n = (*b).count as usize;
-        if n >= FAULT_BATCH_LEN {
-            send_batch(b); // cannot happen: a full batch is sent at once
+        let stale = events != (*b).window_events
+            || (now_ns != 0 && now_ns.wrapping_sub((*b).ts_ns) > BATCH_MAX_AGE_NS);
+        if n >= FAULT_BATCH_LEN || (n > 0 && stale) {
+            send_batch(b);
             n = 0;
         }
         if n == 0 {
             (*b).ts_ns = if now_ns != 0 { now_ns } else { now() };
+            (*b).window_events = events;
         }
         let Some(r) = (*b).records.get_mut(n) else {
             return;
@@ -271,10 +298,27 @@ unsafe fn batch_fault(
             pid,
         };
         (*b).count = n as u32 + 1;
-        if n + 1 >= FAULT_BATCH_LEN || (now_ns != 0 && now_ns.wrapping_sub((*b).ts_ns) > BATCH_MAX_AGE_NS) {
+        if n + 1 >= FAULT_BATCH_LEN {
             send_batch(b);
         }
     }
+}
+
+/// Counts a fork, exec or exit of a traced process (see `WINDOW_EVENTS`)
+/// and returns its time, read before the count moves: a batch that sees
+/// the new count reads its own time after this one.
+#[inline(always)]
+fn window_event() -> u64 {
+    let t = now();
+    if let Some(f) = WINDOW_EVENTS.get_ptr_mut(0) {
+        // Not atomic (the BPF target has no atomic read-modify-write in
+        // Rust): two events racing here can both write the same value,
+        // which still differs from what batches started before them saw.
+        // Only three racing within nanoseconds could move it back.
+        // SAFETY: a valid slot of an array map.
+        unsafe { core::ptr::write_volatile(f, core::ptr::read_volatile(f).wrapping_add(1)) };
+    }
+    t
 }
 
 /// Sends this CPU's batch, if it holds anything.
@@ -371,13 +415,14 @@ fn try_fork(ctx: &RawTracePointContext) -> Result<(), i32> {
         warn!(ctx, "cow-trace: cannot follow pid {}: traced-process map is full", child);
     }
     flush_batch(); // the parent's copies before the fork, ahead of it
+    let t = window_event();
     let mut flags = FLAG_NO_SYSCALL;
     if let Some(f) = FORKS.get_ptr_mut(&tid) {
         // SAFETY: entry owned by this thread until its syscall exits.
         unsafe { (*f).child = child };
         flags = 0;
     }
-    emit(EventKind::Spawn, tgid, tid, child, now(), 0, 0, flags);
+    emit(EventKind::Spawn, tgid, tid, child, t, 0, 0, flags);
     Ok(())
 }
 
@@ -467,7 +512,7 @@ fn try_exit() -> Result<(), i32> {
     if setting!(trace_all) == 0 {
         let _ = TRACED.remove(&tgid);
     }
-    emit(EventKind::Exit, tgid, tid, code as u32, now(), 0, 0, 0);
+    emit(EventKind::Exit, tgid, tid, code as u32, window_event(), 0, 0, 0);
     Ok(())
 }
 
@@ -483,7 +528,7 @@ pub fn sched_process_exec(_ctx: RawTracePointContext) -> i32 {
     let (tgid, tid) = current_ids();
     if is_traced(tgid) {
         flush_batch();
-        emit(EventKind::Exec, tgid, tid, 0, now(), 0, 0, 0);
+        emit(EventKind::Exec, tgid, tid, 0, window_event(), 0, 0, 0);
     }
     0
 }
@@ -516,12 +561,6 @@ pub fn page_fault_user(ctx: RawTracePointContext) -> i32 {
     // SAFETY: a valid slot (see settle_pending); this CPU's batch, with
     // preemption off.
     unsafe {
-        if (*p).tid == tid {
-            // The previous fault of this thread allocated nothing.
-            batch_fault(b, EventKind::CowReuse, (*p).tgid, 0, (*p).addr & !FaultRecord::SAMPLED, 0);
-        } else if (*p).tid != 0 {
-            bump(counter::UNCLASSIFIED);
-        }
         let n = (*b).slice_faults;
         (*b).slice_faults = n.wrapping_add(1);
         let every = setting!(sample_every);
@@ -536,6 +575,12 @@ pub fn page_fault_user(ctx: RawTracePointContext) -> i32 {
         } else {
             (0, 0)
         };
+        if (*p).tid == tid {
+            // The previous fault of this thread allocated nothing.
+            batch_fault(b, EventKind::CowReuse, (*p).tgid, 0, (*p).addr & !FaultRecord::SAMPLED, start);
+        } else if (*p).tid != 0 {
+            bump(counter::UNCLASSIFIED);
+        }
         *p = Pending { start, addr: (addr & FaultRecord::ADDR_MASK) | flag, tgid, tid };
     }
     0

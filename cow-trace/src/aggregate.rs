@@ -58,15 +58,29 @@ pub struct Proc {
     pub comm: String,
     /// Raw wait-status style exit code once the process has exited.
     pub exit_code: Option<u32>,
+    /// Time of the exit event.
+    pub exit_ns: Option<u64>,
     pub total: Stats,
     pub interval: Stats,
 }
 
 impl Proc {
     fn new(pid: u32, ppid: u32, comm: String) -> Self {
-        Self { pid, ppid, comm, exit_code: None, total: Stats::default(), interval: Stats::default() }
+        Self {
+            pid,
+            ppid,
+            comm,
+            exit_code: None,
+            exit_ns: None,
+            total: Stats::default(),
+            interval: Stats::default(),
+        }
     }
 }
+
+/// How many of the most recently exited processes a late fault event is
+/// matched against.
+const LATE_FAULT_LOOKBACK: usize = 256;
 
 /// One row of output, as printed and as serialised to JSON.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -167,6 +181,9 @@ pub struct Aggregator {
     live: HashMap<u32, Proc>,
     /// Exited processes that did something, oldest first.
     exited: VecDeque<Proc>,
+    /// The last `LATE_FAULT_LOOKBACK` that exited having done nothing, in
+    /// case a late fault event of theirs comes (see `fault_proc`).
+    exited_idle: VecDeque<Proc>,
     /// Bound on `exited`: older ones are folded into `folded`.
     max_exited: usize,
     folded: Option<Proc>,
@@ -202,6 +219,7 @@ impl Aggregator {
             page_size,
             live: HashMap::new(),
             exited: VecDeque::new(),
+            exited_idle: VecDeque::new(),
             max_exited: 4096,
             folded: None,
             folded_count: 0,
@@ -283,11 +301,43 @@ impl Aggregator {
         p
     }
 
+    /// The record a fault event counts for: its process's, or, when that
+    /// process has exited since the fault, the exited one's. A process's
+    /// exit event comes from its last thread; another thread's outcomes,
+    /// batched on its own CPU, can arrive after it (see the BPF side), and
+    /// must not open a new record for a dead PID.
+    fn fault_proc(&mut self, e: &Event) -> &mut Proc {
+        if !self.live.contains_key(&e.pid) {
+            let exited_since = |p: &Proc| p.pid == e.pid && p.exit_ns.is_some_and(|t| e.ts_ns <= t);
+            if let Some(i) = self.exited_idle.iter().rposition(exited_since) {
+                // It did something after all: keep it with the others.
+                let p = self.exited_idle.remove(i).expect("found above");
+                self.exited.push_back(p);
+                self.fold_oldest();
+            }
+            let late = self.exited.iter().rev().take(LATE_FAULT_LOOKBACK).position(exited_since);
+            if let Some(i) = late {
+                let idx = self.exited.len() - 1 - i;
+                return &mut self.exited[idx];
+            }
+        }
+        self.proc_mut(e.pid, e.tid, &e.comm)
+    }
+
     fn retire(&mut self, p: Proc) {
         if p.total.is_empty() && p.interval.is_empty() {
+            self.exited_idle.push_back(p);
+            if self.exited_idle.len() > LATE_FAULT_LOOKBACK {
+                self.exited_idle.pop_front();
+            }
             return;
         }
         self.exited.push_back(p);
+        self.fold_oldest();
+    }
+
+    /// Folds the oldest exited processes beyond `max_exited` into one row.
+    fn fold_oldest(&mut self) {
         while self.exited.len() > self.max_exited {
             let old = self.exited.pop_front().expect("non-empty");
             let f = self.folded.get_or_insert_with(|| Proc::new(0, 0, String::new()));
@@ -338,7 +388,7 @@ impl Aggregator {
                 self.fork_lat_all.record(e.latency_ns);
             }
             EventKind::CowCopy => {
-                let p = self.proc_mut(e.pid, e.tid, &e.comm);
+                let p = self.fault_proc(e);
                 p.total.copies += 1;
                 p.interval.copies += 1;
                 if e.latency_ns > 0 {
@@ -349,12 +399,12 @@ impl Aggregator {
                 }
             }
             EventKind::CowReuse => {
-                let p = self.proc_mut(e.pid, e.tid, &e.comm);
+                let p = self.fault_proc(e);
                 p.total.reuses += 1;
                 p.interval.reuses += 1;
             }
             EventKind::ZeroFill => {
-                let p = self.proc_mut(e.pid, e.tid, &e.comm);
+                let p = self.fault_proc(e);
                 p.total.zero_fills += 1;
                 p.interval.zero_fills += 1;
             }
@@ -363,7 +413,7 @@ impl Aggregator {
                 self.proc_mut(e.pid, e.tid, &e.comm);
             }
             EventKind::HugeCow => {
-                let p = self.proc_mut(e.pid, e.tid, &e.comm);
+                let p = self.fault_proc(e);
                 p.total.huge_faults += 1;
                 p.interval.huge_faults += 1;
                 p.total.huge_bytes += e.other as u64;
@@ -372,6 +422,7 @@ impl Aggregator {
             EventKind::Exit => {
                 if let Some(mut p) = self.live.remove(&e.pid) {
                     p.exit_code = Some(e.other);
+                    p.exit_ns = Some(e.ts_ns);
                     self.retire(p);
                 }
                 if let Some(t) = self.targets.as_mut() {
@@ -451,6 +502,35 @@ fn sort_rows(rows: &mut [ProcRow]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_threads_late_outcomes_go_to_its_exited_process_not_a_new_record() {
+        let mut a = Aggregator::new(4096, None, true, Box::new(|_| 1), Box::new(|_| None));
+        let at = |mut e: Event, ts: u64| {
+            e.ts_ns = ts;
+            e
+        };
+        a.apply(&ev(EventKind::Spawn, 1, 100, 0, "p"));
+        a.apply(&ev(EventKind::Spawn, 1, 200, 0, "q"));
+        a.apply(&at(ev(EventKind::CowCopy, 100, 0, 10, "p"), 10));
+        a.apply(&at(ev(EventKind::Exit, 100, 0, 0, "p"), 50));
+        a.apply(&at(ev(EventKind::Exit, 200, 0, 0, "q"), 50)); // exited idle
+                                                               // Another thread's outcomes from before the exits, sent after them.
+        a.apply(&at(ev(EventKind::CowCopy, 100, 0, 10, "p"), 40));
+        a.apply(&at(ev(EventKind::CowReuse, 200, 0, 0, "q"), 45));
+        let rows = a.totals();
+        let of = |pid| rows.iter().filter(|r| r.pid == pid).collect::<Vec<_>>();
+        assert_eq!(of(100).len(), 1, "{rows:?}");
+        assert!(of(100)[0].exited && of(100)[0].cow_copies == 2);
+        assert_eq!(of(200).len(), 1, "{rows:?}");
+        assert!(of(200)[0].exited && of(200)[0].cow_reuses == 1);
+        // A fault after the exit is a new process's that reused the PID.
+        a.apply(&at(ev(EventKind::CowCopy, 100, 0, 10, "p"), 60));
+        let rows = a.totals();
+        let p100: Vec<_> = rows.iter().filter(|r| r.pid == 100).collect();
+        assert_eq!(p100.len(), 2);
+        assert_eq!(p100.iter().filter(|r| !r.exited).map(|r| r.cow_copies).sum::<u64>(), 1);
+    }
 
     fn ev(kind: EventKind, pid: u32, other: u32, latency_ns: u64, comm: &str) -> Event {
         let mut c = [0u8; 16];

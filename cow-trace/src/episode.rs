@@ -150,13 +150,14 @@ struct Closed {
 }
 
 impl Open {
-    fn window_open(&self) -> bool {
-        self.exec_after_ns.is_none()
-    }
-
-    /// Whether a copy made at `ts_ns` can be this fork's.
+    /// Whether a copy made at `ts_ns` can be this fork's: made after the
+    /// fork, and before the child's exec or exit. Decided by time, not by
+    /// when the copy arrives: the parent's copies can arrive after the
+    /// child's exec or exit events (see the module doc).
     fn covers(&self, ts_ns: u64) -> bool {
-        self.window_open() && ts_ns >= self.start_ns && self.closed.is_none_or(|c| ts_ns <= c.end_ns)
+        ts_ns >= self.start_ns
+            && self.exec_after_ns.is_none_or(|x| ts_ns < self.start_ns + x)
+            && self.closed.is_none_or(|c| ts_ns <= c.end_ns)
     }
 }
 
@@ -186,6 +187,10 @@ pub struct Episodes {
     early_latency: HashMap<u32, EarlyLatency>,
     /// Calls to `settle` so far.
     settles: u64,
+    /// Closing episodes whose child's PID a new child of a fork has taken
+    /// already: out of `open` and `by_parent`, still taking the copies of
+    /// their time until they settle.
+    reused: Vec<Open>,
 }
 
 struct EarlyLatency {
@@ -223,6 +228,7 @@ impl Episodes {
             dropped: 0,
             early_latency: HashMap::new(),
             settles: 0,
+            reused: Vec::new(),
         }
     }
 
@@ -238,7 +244,13 @@ impl Episodes {
                 // An open episode under this PID lost its exit: close it
                 // as it stands rather than let the new child inherit it.
                 if let Some(stale) = self.open.remove(&e.other) {
-                    self.close_out(stale);
+                    if stale.closed.is_some() {
+                        // Exited, still closing: it keeps its copies.
+                        self.unlink(&stale);
+                        self.reused.push(stale);
+                    } else {
+                        self.close_out(stale);
+                    }
                 }
                 let comm = comm_str(&e.comm);
                 self.by_parent.entry(e.pid).or_default().push(e.other);
@@ -337,26 +349,43 @@ impl Episodes {
     }
 
     fn copy(&mut self, e: &Event) {
+        /// Where the episode a copy belongs to is kept.
+        enum Slot {
+            Open(u32),
+            Reused(usize),
+        }
+        let ts = e.ts_ns;
         // The child's own copies, while its window is open...
         let child = match self.open.get(&e.pid) {
-            Some(o) if o.covers(e.ts_ns) => Some(e.pid),
-            _ => None,
+            Some(o) if o.covers(ts) => Some(Slot::Open(e.pid)),
+            _ => self.reused.iter().rposition(|o| o.child == e.pid && o.covers(ts)).map(Slot::Reused),
         };
         // ...else the parent's, for its newest fork still sharing memory.
-        let (key, by_child) = match child {
+        let (slot, by_child) = match child {
             Some(c) => (c, true),
             None => {
-                let Some(kids) = self.by_parent.get(&e.pid) else { return };
-                let newest = kids.iter().rev().find(|c| self.open.get(c).is_some_and(|o| o.covers(e.ts_ns)));
-                match newest {
-                    Some(&c) => (c, false),
-                    None => return,
-                }
+                let newest = self.by_parent.get(&e.pid).and_then(|kids| {
+                    kids.iter().rev().find(|c| self.open.get(c).is_some_and(|o| o.covers(ts))).copied()
+                });
+                let slot = match newest {
+                    Some(c) => Slot::Open(c),
+                    None => match self.reused.iter().rposition(|o| o.parent == e.pid && o.covers(ts)) {
+                        Some(i) => Slot::Reused(i),
+                        None => return,
+                    },
+                };
+                (slot, false)
             }
         };
-        let parent = self.open[&key].parent;
-        let region = self.region_of(parent, key, e.addr, e.ts_ns);
-        let o = self.open.get_mut(&key).expect("looked up above");
+        let (parent, child) = match slot {
+            Slot::Open(c) => (self.open[&c].parent, c),
+            Slot::Reused(i) => (self.reused[i].parent, self.reused[i].child),
+        };
+        let region = self.region_of(parent, child, e.addr, ts);
+        let o = match slot {
+            Slot::Open(c) => self.open.get_mut(&c).expect("looked up above"),
+            Slot::Reused(i) => &mut self.reused[i],
+        };
         if by_child {
             o.child_copies += 1;
         } else {
@@ -365,7 +394,7 @@ impl Episodes {
         if e.latency_ns > 0 {
             o.cow_lat.record_n(e.latency_ns, latency_weight(e));
         }
-        *o.per_second.entry((e.ts_ns - o.start_ns) / RATE_BUCKET_NS).or_default() += 1;
+        *o.per_second.entry((ts - o.start_ns) / RATE_BUCKET_NS).or_default() += 1;
         *o.regions.entry(region).or_default() += 1;
     }
 
@@ -436,7 +465,11 @@ impl Episodes {
     /// Finishes an episode taken out of `open`: a closing one as the
     /// finished episode it is, one whose exit was lost as it stands.
     fn close_out(&mut self, o: Open) {
-        self.unlink(&o);
+        // A `reused` one was unlinked when its PID was taken: unlinking it
+        // again would unlink the new child.
+        if !self.open.contains_key(&o.child) {
+            self.unlink(&o);
+        }
         match o.closed {
             Some(c) => {
                 let lifetime = c.end_ns.saturating_sub(o.start_ns);
@@ -453,7 +486,7 @@ impl Episodes {
 
     /// Whether any episode is closing (waiting for `settle`).
     pub fn closing(&self) -> bool {
-        self.open.values().any(|o| o.closed.is_some())
+        !self.reused.is_empty() || self.open.values().any(|o| o.closed.is_some())
     }
 
     /// Finishes the closing episodes that can no longer receive a copy.
@@ -466,20 +499,25 @@ impl Episodes {
     pub fn settle(&mut self, oldest_unsent_ns: Option<u64>) {
         let now = self.settles;
         self.settles += 1;
-        let mut ready: Vec<(u64, u32)> = self
-            .open
-            .iter()
-            .filter_map(|(&pid, o)| {
-                let c = o.closed?;
+        let ready = |o: &Open| {
+            o.closed.is_some_and(|c| {
                 let seen_before = c.seen_at < now;
                 let nothing_older = oldest_unsent_ns.is_none_or(|t| t > c.end_ns);
-                (seen_before && (nothing_older || now - c.seen_at >= MAX_CLOSING_SETTLES))
-                    .then_some((c.end_ns, pid))
+                seen_before && (nothing_older || now - c.seen_at >= MAX_CLOSING_SETTLES)
             })
-            .collect();
-        ready.sort_unstable();
-        for (_, pid) in ready {
-            let o = self.open.remove(&pid).expect("listed above");
+        };
+        let pids: Vec<u32> = self.open.iter().filter(|(_, o)| ready(o)).map(|(&pid, _)| pid).collect();
+        let mut done: Vec<Open> = pids.iter().map(|p| self.open.remove(p).expect("listed above")).collect();
+        let (now_done, waiting) = std::mem::take(&mut self.reused).into_iter().partition(ready);
+        self.reused = waiting;
+        done.extend::<Vec<Open>>(now_done);
+        self.close_out_in_exit_order(done);
+    }
+
+    /// Finishes `done` (all closed), the earliest exit first.
+    fn close_out_in_exit_order(&mut self, mut done: Vec<Open>) {
+        done.sort_by_key(|o| (o.closed.map(|c| c.end_ns), o.child));
+        for o in done {
             self.close_out(o);
         }
     }
@@ -487,13 +525,10 @@ impl Episodes {
     /// Finishes every closing episode: once the programs are detached and
     /// everything they sent or left unsent has been applied.
     pub fn finish_closing(&mut self) {
-        let mut ready: Vec<(u64, u32)> =
-            self.open.iter().filter_map(|(&pid, o)| Some((o.closed?.end_ns, pid))).collect();
-        ready.sort_unstable();
-        for (_, pid) in ready {
-            let o = self.open.remove(&pid).expect("listed above");
-            self.close_out(o);
-        }
+        let pids: Vec<u32> = self.open.iter().filter(|(_, o)| o.closed.is_some()).map(|(&p, _)| p).collect();
+        let mut done: Vec<Open> = pids.iter().map(|p| self.open.remove(p).expect("listed above")).collect();
+        done.append(&mut self.reused);
+        self.close_out_in_exit_order(done);
     }
 
     fn keep(&mut self, ep: Episode) {
@@ -513,7 +548,8 @@ impl Episodes {
     /// as finished), then the ones still running (lifetime `None`) by fork
     /// time.
     pub fn all(&self) -> Vec<Episode> {
-        let mut closing: Vec<_> = self.open.values().filter(|o| o.closed.is_some()).collect();
+        let mut closing: Vec<_> =
+            self.open.values().filter(|o| o.closed.is_some()).chain(&self.reused).collect();
         closing.sort_by_key(|o| (o.closed.map(|c| c.end_ns), o.child));
         let mut running: Vec<_> = closing
             .into_iter()
@@ -701,6 +737,9 @@ mod tests {
         eps.apply(&copy(300, MS / 10, STACK, 900));
         eps.apply(&copy(100, MS / 5, STACK, 900));
         eps.apply(&ev(EventKind::Exec, 300, 0, MS / 2, "ls"));
+        // A parent copy from before the exec that arrives after it (from a
+        // batch): the window is decided by time.
+        eps.apply(&copy(100, MS / 4, STACK, 900));
         // After the exec: the child's new program and the parent's now
         // exclusive pages owe nothing to the fork.
         eps.apply(&copy(300, MS, HEAP, 900));
@@ -708,7 +747,7 @@ mod tests {
         eps.apply(&ev(EventKind::Exit, 300, 0, 4 * MS, "ls"));
         let e = &settled(&mut eps)[0];
         assert_eq!((e.kind, e.child_comm.as_str()), ("fork+exec", "ls"));
-        assert_eq!((e.parent_copies, e.child_copies), (1, 1));
+        assert_eq!((e.parent_copies, e.child_copies), (2, 1));
         assert_eq!(e.exec_after_ns, Some(MS / 2));
         assert_eq!(e.child_lifetime_ns, Some(4 * MS));
         let line = e.line();
@@ -862,13 +901,18 @@ mod tests {
         eps.apply(&ev(EventKind::Spawn, 100, 200, 40 * MS, "p"));
         eps.apply(&copy(200, 50 * MS, HEAP, 0));
         eps.apply(&copy(200, 50 * MS, STACK, 0));
-        // The first life is finished as it ended, not as a lost exit.
-        let done = eps.take_finished();
-        assert_eq!(done.len(), 1);
-        assert_eq!((done[0].child_lifetime_ns, done[0].child_copies), (Some(20 * MS), 1));
+        // The parent's copy from before the first exit, late from a batch,
+        // still goes to the first life, which is still closing.
+        eps.apply(&copy(100, 25 * MS, HEAP, 0));
+        assert!(eps.take_finished().is_empty() && eps.closing());
         eps.apply(&ev(EventKind::Exit, 200, 0, 60 * MS, "c"));
         let done = settled(&mut eps);
-        assert_eq!((done[0].start_ns, done[0].child_copies), (40 * MS, 2));
+        assert_eq!(done.len(), 2);
+        // The first life, finished as it ended, not as a lost exit.
+        assert_eq!((done[0].start_ns, done[0].child_lifetime_ns), (10 * MS, Some(20 * MS)));
+        assert_eq!((done[0].child_copies, done[0].parent_copies), (1, 1));
+        assert_eq!((done[1].start_ns, done[1].child_copies, done[1].parent_copies), (40 * MS, 2, 0));
+        assert!(!eps.closing());
     }
 
     #[test]

@@ -376,7 +376,7 @@ async fn trace(
     // Fault outcomes the programs batched but never sent: each CPU's are
     // newer than anything it sent, so they come last.
     for (ts, r) in tracer.unsent_faults()? {
-        agg.apply(&stream::fault_event(ts, &r, sample_every));
+        stream::apply_fault(ts, &r, &mut agg, sample_every);
     }
     if let Some(eps) = agg.episodes.as_mut() {
         eps.finish_closing();

@@ -7,7 +7,7 @@
 //! that the aggregation never knows how an event travelled.
 
 use aya::maps::{MapData, RingBuf};
-use cow_trace_common::{Event, FaultRecord, FAULT_BATCH, FAULT_BATCH_HEADER, FAULT_BATCH_LEN};
+use cow_trace_common::{Event, EventKind, FaultRecord, FAULT_BATCH, FAULT_BATCH_HEADER, FAULT_BATCH_LEN};
 
 use crate::aggregate::Aggregator;
 
@@ -44,11 +44,17 @@ pub fn decode_batch(bytes: &[u8]) -> Option<(u64, impl Iterator<Item = FaultReco
 }
 
 /// The event a fault record of a batch taken at `ts_ns` stands for, when
-/// the programs time one fault in `sample_every`. Fault events carry no
+/// the programs time one fault in `sample_every`; `None` when the record is
+/// not a fault outcome (a copy, reuse or zero-fill). Fault events carry no
 /// comm, and the aggregation keys them by process, so the thread is not
 /// kept.
-pub fn fault_event(ts_ns: u64, r: &FaultRecord, sample_every: u32) -> Event {
-    Event {
+pub fn fault_event(ts_ns: u64, r: &FaultRecord, sample_every: u32) -> Option<Event> {
+    const OUTCOMES: [u32; 3] =
+        [EventKind::CowCopy as u32, EventKind::CowReuse as u32, EventKind::ZeroFill as u32];
+    if !OUTCOMES.contains(&r.kind()) {
+        return None;
+    }
+    Some(Event {
         kind: r.kind(),
         pid: r.pid,
         tid: r.pid,
@@ -59,6 +65,14 @@ pub fn fault_event(ts_ns: u64, r: &FaultRecord, sample_every: u32) -> Event {
         comm: [0; 16],
         flags: 0,
         _reserved: 0,
+    })
+}
+
+/// Feeds a fault record to the aggregator (see `fault_event`).
+pub fn apply_fault(ts_ns: u64, r: &FaultRecord, agg: &mut Aggregator, sample_every: u32) {
+    match fault_event(ts_ns, r, sample_every) {
+        Some(e) => agg.apply(&e),
+        None => agg.seen.malformed += 1,
     }
 }
 
@@ -67,7 +81,7 @@ pub fn apply(bytes: &[u8], agg: &mut Aggregator, sample_every: u32) {
     let is_batch = bytes.len() >= 4 && bytes[..4] == FAULT_BATCH.to_ne_bytes();
     if is_batch {
         match decode_batch(bytes) {
-            Some((ts, records)) => records.for_each(|r| agg.apply(&fault_event(ts, &r, sample_every))),
+            Some((ts, records)) => records.for_each(|r| apply_fault(ts, &r, agg, sample_every)),
             None => agg.seen.malformed += 1,
         }
         return;
@@ -91,7 +105,6 @@ pub fn drain(ring: &mut RingBuf<MapData>, agg: &mut Aggregator, sample_every: u3
 #[cfg(test)]
 mod tests {
     use super::*;
-    use cow_trace_common::EventKind;
 
     #[test]
     fn decode_roundtrip_and_length_check() {
@@ -143,7 +156,7 @@ mod tests {
         let reuse = FaultRecord { addr_kind: 0x5000 | EventKind::CowReuse as u64, latency_ns: 0, pid: 43 };
         let bytes = batch_bytes(7_000, &[copy, sampled, reuse], 3);
         let (ts, records) = decode_batch(&bytes).expect("a batch");
-        let events: Vec<Event> = records.map(|r| fault_event(ts, &r, 16)).collect();
+        let events: Vec<Event> = records.map(|r| fault_event(ts, &r, 16).expect("an outcome")).collect();
         assert_eq!(events.len(), 3);
         assert_eq!(
             (
@@ -168,5 +181,12 @@ mod tests {
         assert!(decode_batch(&batch_bytes(1, &too_many, too_many.len() as u32)).is_none());
         // A single event is not a batch.
         assert!(decode_batch(&[3u8; 64]).is_none());
+        // A record whose kind is not a fault outcome is not trusted: an
+        // exit or a spawn never travels in a batch.
+        for kind in [EventKind::Exit, EventKind::Spawn, EventKind::HugeCow] {
+            let r = FaultRecord { addr_kind: 0x5000 | kind as u64, latency_ns: 0, pid: 42 };
+            assert!(fault_event(1, &r, 16).is_none(), "{kind:?}");
+        }
+        assert!(fault_event(1, &FaultRecord { addr_kind: 0x5000, latency_ns: 0, pid: 42 }, 16).is_none());
     }
 }
