@@ -633,7 +633,7 @@ mod tests {
     #[test]
     fn bgsave_episode_counts_both_sides_within_the_childs_life() {
         let mut eps = episodes();
-        eps.apply(&copy(100, 1 * MS, HEAP, 1_000)); // before the fork: not its cost
+        eps.apply(&copy(100, MS, HEAP, 1_000)); // before the fork: not its cost
         eps.apply(&ev(EventKind::Spawn, 100, 200, 10 * MS, "redis-server"));
         eps.apply(&Event {
             latency_ns: 21 * MS,

@@ -105,7 +105,7 @@ pub fn episode_list(episodes: &[Episode], top: usize) -> String {
     }
     let mut shown: Vec<&Episode> = episodes.iter().collect();
     if top != 0 && shown.len() > top {
-        shown.sort_by(|a, b| b.copied_bytes.cmp(&a.copied_bytes));
+        shown.sort_by_key(|e| std::cmp::Reverse(e.copied_bytes));
         shown.truncate(top);
     }
     shown.sort_by_key(|e| (e.start_ns, e.child));

@@ -123,7 +123,7 @@ mod tests {
         let bytes: [u8; 64] = unsafe { std::mem::transmute(e) };
         assert_eq!(decode(&bytes), Some(e));
         // Unaligned input decodes the same.
-        let mut shifted = vec![0u8; 65];
+        let mut shifted = [0u8; 65];
         shifted[1..].copy_from_slice(&bytes);
         assert_eq!(decode(&shifted[1..]), Some(e));
         assert_eq!(decode(&bytes[..63]), None);

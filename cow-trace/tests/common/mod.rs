@@ -204,7 +204,7 @@ impl Background {
 }
 
 /// The process row for `pid` in a summary or interval record.
-pub fn row<'a>(record: &'a Value, pid: u64) -> Option<&'a Value> {
+pub fn row(record: &Value, pid: u64) -> Option<&Value> {
     record["processes"].as_array()?.iter().find(|p| p["pid"] == pid)
 }
 
