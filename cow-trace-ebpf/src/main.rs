@@ -253,11 +253,11 @@ fn batch() -> Option<*mut FaultBatch> {
 }
 
 /// Adds a fault outcome to batch `b`. `addr` may carry
-/// `FaultRecord::SAMPLED`; `now_ns` is the caller's clock reading, 0 if it
-/// has none (the clock is read only when a batch starts: each read costs
-/// about as much as the rest of the hook). A full batch is sent at once. A
+/// `FaultRecord::SAMPLED`; `clock` is what the caller read (see `Clock`;
+/// its clock reading is 0 if it has none: the clock is read only when a
+/// batch starts, as each read costs about as much as the rest of the hook). A full batch is sent at once. A
 /// batch started before the latest fork, exec or exit of a traced process,
-/// or older than `BATCH_MAX_AGE_NS` by `now_ns`, is sent before the record
+/// or older than `BATCH_MAX_AGE_NS` by the clock reading, is sent before the record
 /// is added, which starts a new one. So a record's time is never before
 /// such an event it followed, and at most `BATCH_MAX_AGE_NS` early, except
 /// for the untimed faults of a burst (at most `sample_every - 1` in a row)
@@ -269,15 +269,12 @@ unsafe fn batch_fault(
     pid: u32,
     latency_ns: u64,
     addr: u64,
-    now_ns: u64,
+    clock: Clock,
 ) {
     bump(kind as u32);
+    let Clock { events, now_ns } = clock;
     // SAFETY: this CPU's slot; preemption is off, so no other task touches it.
     unsafe {
-        let events = match WINDOW_EVENTS.get_ptr(0) {
-            Some(f) => core::ptr::read_volatile(f),
-            None => 0,
-        };
         let mut n = (*b).count as usize;
         let stale = events != (*b).window_events
             || (now_ns != 0 && now_ns.wrapping_sub((*b).ts_ns) > BATCH_MAX_AGE_NS);
@@ -304,12 +301,42 @@ unsafe fn batch_fault(
     }
 }
 
-/// Counts a fork, exec or exit of a traced process (see `WINDOW_EVENTS`)
-/// and returns its time, read before the count moves: a batch that sees
-/// the new count reads its own time after this one.
+/// What a hook knew of the time when it produced an outcome: the count of
+/// `WINDOW_EVENTS`, read first, then the clock if the hook read it (0 if
+/// not). Reading them in that order is what keeps a batch that sees a new
+/// count from being dated before the event that moved it.
+#[derive(Clone, Copy)]
+struct Clock {
+    events: u64,
+    now_ns: u64,
+}
+
+impl Clock {
+    /// The count alone; the clock, if a batch starts, is read after it.
+    #[inline(always)]
+    fn events() -> Clock {
+        let events = match WINDOW_EVENTS.get_ptr(0) {
+            // SAFETY: a valid slot of an array map.
+            Some(f) => unsafe { core::ptr::read_volatile(f) },
+            None => 0,
+        };
+        Clock { events, now_ns: 0 }
+    }
+
+    /// The count, then the clock.
+    #[inline(always)]
+    fn read() -> Clock {
+        let c = Clock::events();
+        Clock { now_ns: now(), ..c }
+    }
+}
+
+/// Counts a fork, exec or exit of a traced process (see `WINDOW_EVENTS`).
+/// Called after the event's record is committed and with the event's time
+/// read before it: a batch that sees the new count is dated after the event
+/// and reaches the ring buffer after it.
 #[inline(always)]
-fn window_event() -> u64 {
-    let t = now();
+fn count_window_event() {
     if let Some(f) = WINDOW_EVENTS.get_ptr_mut(0) {
         // Not atomic (the BPF target has no atomic read-modify-write in
         // Rust): two events racing here can both write the same value,
@@ -318,7 +345,18 @@ fn window_event() -> u64 {
         // SAFETY: a valid slot of an array map.
         unsafe { core::ptr::write_volatile(f, core::ptr::read_volatile(f).wrapping_add(1)) };
     }
-    t
+}
+
+/// Sends batch `b` if a clock reading `now_ns` (0: none) finds it older
+/// than `BATCH_MAX_AGE_NS`.
+#[inline(always)]
+unsafe fn cut_if_old(b: *mut FaultBatch, now_ns: u64) {
+    // SAFETY: see `batch`.
+    unsafe {
+        if now_ns != 0 && (*b).count > 0 && now_ns.wrapping_sub((*b).ts_ns) > BATCH_MAX_AGE_NS {
+            send_batch(b);
+        }
+    }
 }
 
 /// Sends this CPU's batch, if it holds anything.
@@ -378,7 +416,14 @@ fn settle_pending(tid: u32, batched: bool) {
         (*p).tid = 0;
         if batched {
             if let Some(b) = batch() {
-                batch_fault(b, EventKind::CowReuse, (*p).tgid, 0, (*p).addr & !FaultRecord::SAMPLED, 0);
+                batch_fault(
+                    b,
+                    EventKind::CowReuse,
+                    (*p).tgid,
+                    0,
+                    (*p).addr & !FaultRecord::SAMPLED,
+                    Clock::events(),
+                );
             }
         } else {
             let addr = (*p).addr & FaultRecord::ADDR_MASK;
@@ -415,14 +460,14 @@ fn try_fork(ctx: &RawTracePointContext) -> Result<(), i32> {
         warn!(ctx, "cow-trace: cannot follow pid {}: traced-process map is full", child);
     }
     flush_batch(); // the parent's copies before the fork, ahead of it
-    let t = window_event();
     let mut flags = FLAG_NO_SYSCALL;
     if let Some(f) = FORKS.get_ptr_mut(&tid) {
         // SAFETY: entry owned by this thread until its syscall exits.
         unsafe { (*f).child = child };
         flags = 0;
     }
-    emit(EventKind::Spawn, tgid, tid, child, t, 0, 0, flags);
+    emit(EventKind::Spawn, tgid, tid, child, now(), 0, 0, flags);
+    count_window_event();
     Ok(())
 }
 
@@ -512,7 +557,8 @@ fn try_exit() -> Result<(), i32> {
     if setting!(trace_all) == 0 {
         let _ = TRACED.remove(&tgid);
     }
-    emit(EventKind::Exit, tgid, tid, code as u32, window_event(), 0, 0, 0);
+    emit(EventKind::Exit, tgid, tid, code as u32, now(), 0, 0, 0);
+    count_window_event();
     Ok(())
 }
 
@@ -528,7 +574,8 @@ pub fn sched_process_exec(_ctx: RawTracePointContext) -> i32 {
     let (tgid, tid) = current_ids();
     if is_traced(tgid) {
         flush_batch();
-        emit(EventKind::Exec, tgid, tid, 0, window_event(), 0, 0, 0);
+        emit(EventKind::Exec, tgid, tid, 0, now(), 0, 0, 0);
+        count_window_event();
     }
     0
 }
@@ -568,19 +615,28 @@ pub fn page_fault_user(ctx: RawTracePointContext) -> i32 {
         // `every` (counting from the first untimed fault), and stands for
         // that run: each sample describes faults that happened, never
         // faults that may not come.
-        let (start, flag) = if n < TIMED_PER_SLICE || every <= 1 {
-            (now(), 0)
+        let (clock, flag) = if n < TIMED_PER_SLICE || every <= 1 {
+            (Clock::read(), 0)
         } else if (n + 1 - TIMED_PER_SLICE) & (every - 1) == 0 {
-            (now(), FaultRecord::SAMPLED)
+            (Clock::read(), FaultRecord::SAMPLED)
         } else {
-            (0, 0)
+            (Clock::events(), 0)
         };
         if (*p).tid == tid {
-            // The previous fault of this thread allocated nothing.
-            batch_fault(b, EventKind::CowReuse, (*p).tgid, 0, (*p).addr & !FaultRecord::SAMPLED, start);
-        } else if (*p).tid != 0 {
-            bump(counter::UNCLASSIFIED);
+            // The previous fault of this thread allocated nothing. The slot
+            // is closed first: an allocation in an interrupt meanwhile must
+            // not take this fault for a copy.
+            (*p).tid = 0;
+            batch_fault(b, EventKind::CowReuse, (*p).tgid, 0, (*p).addr & !FaultRecord::SAMPLED, clock);
+        } else {
+            if (*p).tid != 0 {
+                bump(counter::UNCLASSIFIED);
+            }
+            // A timed fault checks the batch's age even when it adds
+            // nothing to it now.
+            cut_if_old(b, clock.now_ns);
         }
+        let start = clock.now_ns;
         *p = Pending { start, addr: (addr & FaultRecord::ADDR_MASK) | flag, tgid, tid };
     }
     0
@@ -612,14 +668,14 @@ pub fn mm_page_alloc(ctx: RawTracePointContext) -> i32 {
             return 0;
         };
         let kind = if (gfp as u32) & GFP_ZERO != 0 { EventKind::ZeroFill } else { EventKind::CowCopy };
-        let (t, latency) = match (*p).start {
-            0 => (0, 0),
+        let (clock, latency) = match (*p).start {
+            0 => (Clock::events(), 0),
             start => {
-                let t = now();
-                (t, t.saturating_sub(start))
+                let c = Clock::read();
+                (c, c.now_ns.saturating_sub(start))
             }
         };
-        batch_fault(b, kind, (*p).tgid, latency, (*p).addr, t);
+        batch_fault(b, kind, (*p).tgid, latency, (*p).addr, clock);
     }
     0
 }

@@ -58,6 +58,8 @@ pub struct Proc {
     pub comm: String,
     /// Raw wait-status style exit code once the process has exited.
     pub exit_code: Option<u32>,
+    /// Time of the spawn event, when it was seen.
+    pub start_ns: Option<u64>,
     /// Time of the exit event.
     pub exit_ns: Option<u64>,
     pub total: Stats,
@@ -71,6 +73,7 @@ impl Proc {
             ppid,
             comm,
             exit_code: None,
+            start_ns: None,
             exit_ns: None,
             total: Stats::default(),
             interval: Stats::default(),
@@ -243,7 +246,7 @@ impl Aggregator {
 
     #[cfg(test)]
     pub fn with_max_exited(mut self, n: usize) -> Self {
-        self.max_exited = n;
+        self.max_exited = n.max(1);
         self
     }
 
@@ -307,18 +310,33 @@ impl Aggregator {
     /// batched on its own CPU, can arrive after it (see the BPF side), and
     /// must not open a new record for a dead PID.
     fn fault_proc(&mut self, e: &Event) -> &mut Proc {
-        if !self.live.contains_key(&e.pid) {
+        // A live record for the PID that began after the fault belongs to a
+        // new process that reused it.
+        let live_since = self.live.get(&e.pid).map(|p| p.start_ns);
+        if live_since.is_none_or(|start| start.is_some_and(|s| e.ts_ns < s)) {
+            // The process that held the PID at the fault's time: of those
+            // that exited since, the first to exit.
             let exited_since = |p: &Proc| p.pid == e.pid && p.exit_ns.is_some_and(|t| e.ts_ns <= t);
-            if let Some(i) = self.exited_idle.iter().rposition(exited_since) {
+            let n = self.exited.len();
+            let done = (0..n.min(LATE_FAULT_LOOKBACK))
+                .map(|k| n - 1 - k)
+                .filter(|&i| exited_since(&self.exited[i]))
+                .min_by_key(|&i| self.exited[i].exit_ns);
+            let idle = (0..self.exited_idle.len())
+                .filter(|&i| exited_since(&self.exited_idle[i]))
+                .min_by_key(|&i| self.exited_idle[i].exit_ns);
+            let exit_of = |p: Option<&Proc>| p.and_then(|p| p.exit_ns).unwrap_or(u64::MAX);
+            let (done_at, idle_at) =
+                (exit_of(done.map(|i| &self.exited[i])), exit_of(idle.map(|i| &self.exited_idle[i])));
+            if let Some(i) = idle.filter(|_| idle_at < done_at) {
                 // It did something after all: keep it with the others.
                 let p = self.exited_idle.remove(i).expect("found above");
                 self.exited.push_back(p);
                 self.fold_oldest();
+                return self.exited.back_mut().expect("just pushed");
             }
-            let late = self.exited.iter().rev().take(LATE_FAULT_LOOKBACK).position(exited_since);
-            if let Some(i) = late {
-                let idx = self.exited.len() - 1 - i;
-                return &mut self.exited[idx];
+            if let Some(i) = done {
+                return &mut self.exited[i];
             }
         }
         self.proc_mut(e.pid, e.tid, &e.comm)
@@ -367,7 +385,9 @@ impl Aggregator {
                 if let Some(stale) = self.live.remove(&e.other) {
                     self.retire(stale);
                 }
-                self.live.insert(e.other, Proc::new(e.other, e.pid, comm_str(&e.comm)));
+                let mut child = Proc::new(e.other, e.pid, comm_str(&e.comm));
+                child.start_ns = Some(e.ts_ns);
+                self.live.insert(e.other, child);
                 if self.follow {
                     if let Some(t) = self.targets.as_mut() {
                         if t.contains(&e.pid) {
@@ -420,11 +440,13 @@ impl Aggregator {
                 p.interval.huge_bytes += e.other as u64;
             }
             EventKind::Exit => {
-                if let Some(mut p) = self.live.remove(&e.pid) {
-                    p.exit_code = Some(e.other);
-                    p.exit_ns = Some(e.ts_ns);
-                    self.retire(p);
-                }
+                // A process that did nothing we saw is remembered as well,
+                // in case another thread's outcomes arrive after its exit.
+                let mut p =
+                    self.live.remove(&e.pid).unwrap_or_else(|| Proc::new(e.pid, 0, comm_str(&e.comm)));
+                p.exit_code = Some(e.other);
+                p.exit_ns = Some(e.ts_ns);
+                self.retire(p);
                 if let Some(t) = self.targets.as_mut() {
                     t.remove(&e.pid);
                 }
@@ -530,6 +552,44 @@ mod tests {
         let p100: Vec<_> = rows.iter().filter(|r| r.pid == 100).collect();
         assert_eq!(p100.len(), 2);
         assert_eq!(p100.iter().filter(|r| !r.exited).map(|r| r.cow_copies).sum::<u64>(), 1);
+    }
+
+    #[test]
+    fn a_late_outcome_goes_to_the_process_that_held_the_pid_at_its_time() {
+        let mut a = Aggregator::new(4096, None, true, Box::new(|_| 1), Box::new(|_| None));
+        let at = |mut e: Event, ts: u64| {
+            e.ts_ns = ts;
+            e
+        };
+        let copies = |a: &Aggregator| {
+            let mut v: Vec<(bool, u64)> =
+                a.totals().iter().filter(|r| r.pid == 100).map(|r| (r.exited, r.cow_copies)).collect();
+            v.sort();
+            v
+        };
+        // Two lives of PID 100: 0-50 and 60-90; a third from 100 on.
+        a.apply(&at(ev(EventKind::Spawn, 1, 100, 0, "p"), 0));
+        a.apply(&at(ev(EventKind::CowCopy, 100, 0, 10, "p"), 10));
+        a.apply(&at(ev(EventKind::Exit, 100, 0, 0, "p"), 50));
+        a.apply(&at(ev(EventKind::Spawn, 1, 100, 0, "p"), 60));
+        a.apply(&at(ev(EventKind::CowCopy, 100, 0, 10, "p"), 70));
+        a.apply(&at(ev(EventKind::Exit, 100, 0, 0, "p"), 90));
+        a.apply(&at(ev(EventKind::Spawn, 1, 100, 0, "p"), 100));
+        // Late from the first life, while the third is live: the first's.
+        a.apply(&at(ev(EventKind::CowCopy, 100, 0, 10, "p"), 40));
+        // Late from the second.
+        a.apply(&at(ev(EventKind::CowCopy, 100, 0, 10, "p"), 80));
+        a.apply(&at(ev(EventKind::CowCopy, 100, 0, 10, "p"), 80));
+        // The third's own.
+        a.apply(&at(ev(EventKind::CowCopy, 100, 0, 10, "p"), 110));
+        assert_eq!(copies(&a), [(false, 1), (true, 2), (true, 3)]);
+        // A process already running when tracing began, seen only exiting,
+        // then its other thread's outcomes: counted, as exited.
+        a.apply(&at(ev(EventKind::Exit, 300, 0, 0, "old"), 200));
+        a.apply(&at(ev(EventKind::CowCopy, 300, 0, 10, "old"), 190));
+        let r: Vec<_> = a.totals().into_iter().filter(|r| r.pid == 300).collect();
+        assert_eq!(r.len(), 1);
+        assert!(r[0].exited && r[0].cow_copies == 1, "{r:?}");
     }
 
     fn ev(kind: EventKind, pid: u32, other: u32, latency_ns: u64, comm: &str) -> Event {

@@ -364,15 +364,21 @@ impl Episodes {
         let (slot, by_child) = match child {
             Some(c) => (c, true),
             None => {
-                let newest = self.by_parent.get(&e.pid).and_then(|kids| {
-                    kids.iter().rev().find(|c| self.open.get(c).is_some_and(|o| o.covers(ts))).copied()
+                // The newest fork whose window covers the copy, whether its
+                // PID is still its own or already reused.
+                let open = self.by_parent.get(&e.pid).and_then(|kids| {
+                    kids.iter()
+                        .filter_map(|c| self.open.get(c).filter(|o| o.covers(ts)).map(|o| (o.start_ns, *c)))
+                        .max()
                 });
-                let slot = match newest {
-                    Some(c) => Slot::Open(c),
-                    None => match self.reused.iter().rposition(|o| o.parent == e.pid && o.covers(ts)) {
-                        Some(i) => Slot::Reused(i),
-                        None => return,
-                    },
+                let reused = (0..self.reused.len())
+                    .filter(|&i| self.reused[i].parent == e.pid && self.reused[i].covers(ts))
+                    .max_by_key(|&i| self.reused[i].start_ns);
+                let slot = match (open, reused) {
+                    (Some((start, _)), Some(i)) if self.reused[i].start_ns > start => Slot::Reused(i),
+                    (Some((_, c)), _) => Slot::Open(c),
+                    (None, Some(i)) => Slot::Reused(i),
+                    (None, None) => return,
                 };
                 (slot, false)
             }
@@ -913,6 +919,27 @@ mod tests {
         assert_eq!((done[0].child_copies, done[0].parent_copies), (1, 1));
         assert_eq!((done[1].start_ns, done[1].child_copies, done[1].parent_copies), (40 * MS, 2, 0));
         assert!(!eps.closing());
+    }
+
+    #[test]
+    fn a_late_parent_copy_goes_to_the_newest_fork_covering_it_even_with_its_pid_reused() {
+        let mut eps = episodes();
+        eps.apply(&ev(EventKind::Spawn, 100, 201, 10 * MS, "p")); // A, runs on
+        eps.apply(&ev(EventKind::Spawn, 100, 202, 20 * MS, "p")); // c
+        eps.apply(&ev(EventKind::Exit, 202, 0, 30 * MS, "c"));
+        eps.apply(&ev(EventKind::Spawn, 100, 202, 40 * MS, "p")); // d takes c's PID
+                                                                  // The parent's copy from 25 ms, late: c was the newest fork then.
+        eps.apply(&copy(100, 25 * MS, HEAP, 0));
+        // From 45 ms: d's.
+        eps.apply(&copy(100, 45 * MS, HEAP, 0));
+        eps.settle(None);
+        eps.settle(None);
+        let done = eps.take_finished();
+        assert_eq!(done.len(), 1);
+        assert_eq!((done[0].start_ns, done[0].parent_copies), (20 * MS, 1));
+        let all = eps.all();
+        let by_start = |t| all.iter().find(|e| e.start_ns == t).map(|e| e.parent_copies);
+        assert_eq!((by_start(10 * MS), by_start(40 * MS)), (Some(0), Some(1)));
     }
 
     #[test]
