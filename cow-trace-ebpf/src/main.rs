@@ -185,9 +185,13 @@ fn bump(idx: u32) {
 #[inline(always)]
 fn submit_flags(kind: EventKind) -> u64 {
     match kind {
-        // Rare events that end runs or open episodes: wake the reader as
-        // soon as it waits.
-        EventKind::Spawn | EventKind::Exit | EventKind::ForkLatency | EventKind::Exec => 0,
+        // A fork wakes the reader even behind records it has not read yet
+        // (the parent's batch, sent just before): it reads the parent's
+        // layout while the parent surely lives, for the copies to come.
+        EventKind::Spawn => BPF_RB_FORCE_WAKEUP as u64,
+        // Other rare events that end runs: wake the reader as soon as it
+        // waits.
+        EventKind::Exit | EventKind::ForkLatency | EventKind::Exec => 0,
         _ => {
             if EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= setting!(wakeup_bytes) as u64 {
                 BPF_RB_FORCE_WAKEUP as u64

@@ -253,6 +253,14 @@ impl Episodes {
                     }
                 }
                 let comm = comm_str(&e.comm);
+                // The parent's layout, read now, while it is surely alive
+                // (the spawn event wakes the reader): the copies come in
+                // batches, later, maybe after both processes are gone.
+                if !self.maps.contains_key(&e.pid) {
+                    if let Some(text) = (self.read_maps)(e.pid) {
+                        self.maps.insert(e.pid, CachedMaps { maps: Maps::parse(&text), read_at_ns: e.ts_ns });
+                    }
+                }
                 self.by_parent.entry(e.pid).or_default().push(e.other);
                 self.open.insert(
                     e.other,
@@ -819,6 +827,22 @@ mod tests {
         eps.apply(&ev(EventKind::Exit, 200, 0, 3 * MS, "p"));
         let e = &settled(&mut eps)[0];
         assert_eq!(e.top_regions, vec![RegionBytes { region: "[stack]".into(), bytes: 4096 }]);
+    }
+
+    #[test]
+    fn the_parents_layout_is_read_at_the_fork_for_copies_that_come_after_both_exited() {
+        let alive = std::rc::Rc::new(std::cell::Cell::new(true));
+        let a = alive.clone();
+        let mut eps = Episodes::new(4096, Box::new(move |_| a.get().then(|| MAPS.to_string())));
+        eps.apply(&ev(EventKind::Spawn, 100, 200, 0, "p"));
+        // Both gone before their batched copies are read.
+        alive.set(false);
+        eps.apply(&copy(200, MS, STACK, 0));
+        eps.apply(&copy(100, MS, HEAP, 0));
+        eps.apply(&ev(EventKind::Exit, 200, 0, 2 * MS, "p"));
+        let e = &settled(&mut eps)[0];
+        let regions: Vec<&str> = e.top_regions.iter().map(|r| r.region.as_str()).collect();
+        assert_eq!(regions, ["[heap]", "[stack]"]);
     }
 
     #[test]
