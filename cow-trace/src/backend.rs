@@ -388,10 +388,8 @@ impl Tracer {
     /// batch's time. Only complete once the programs are detached: until
     /// then the kernel is still adding to them and sending them.
     pub fn unsent_faults(&self) -> Result<Vec<(u64, FaultRecord)>> {
-        let arr: PerCpuArray<_, FaultBatch> =
-            PerCpuArray::try_from(self.ebpf.map("BATCH").context("BATCH map missing")?)?;
         let mut out = Vec::new();
-        for batch in arr.get(&0, 0)?.iter() {
+        for batch in self.batches()?.iter() {
             let n = (batch.count as usize).min(batch.records.len());
             out.extend(batch.records[..n].iter().map(|r| (batch.ts_ns, *r)));
         }
@@ -400,9 +398,14 @@ impl Tracer {
 
     /// The time of the oldest fault outcome some CPU holds unsent, if any.
     pub fn oldest_unsent(&self) -> Result<Option<u64>> {
+        Ok(self.batches()?.iter().filter(|b| b.count > 0).map(|b| b.ts_ns).min())
+    }
+
+    /// Every CPU's fault batch, as it is now.
+    fn batches(&self) -> Result<aya::maps::PerCpuValues<FaultBatch>> {
         let arr: PerCpuArray<_, FaultBatch> =
             PerCpuArray::try_from(self.ebpf.map("BATCH").context("BATCH map missing")?)?;
-        Ok(arr.get(&0, 0)?.iter().filter(|b| b.count > 0).map(|b| b.ts_ns).min())
+        Ok(arr.get(&0, 0)?)
     }
 
     /// The kernel's counters, summed over CPUs, indexed by `counter::*`.

@@ -38,13 +38,21 @@ fn two_cpus(test: &str) -> bool {
     ok
 }
 
+/// Whether the test may run here (root, CPUs 0 and 1); if so, CPU 1 is
+/// the caller's until the guard drops.
+fn take_cpu1(test: &str) -> Option<std::sync::MutexGuard<'static, ()>> {
+    if !need_root(test) || !two_cpus(test) {
+        return None;
+    }
+    Some(CPU1.lock().unwrap_or_else(|e| e.into_inner()))
+}
+
 #[test]
 fn outcomes_still_batched_when_the_run_ends_are_reported() {
     let name = "outcomes_still_batched_when_the_run_ends_are_reported";
-    if !need_root(name) || !two_cpus(name) {
+    let Some(_cpu1) = take_cpu1(name) else {
         return;
-    }
-    let _cpu1 = CPU1.lock().unwrap_or_else(|e| e.into_inner());
+    };
     // The child copies 40 pages (fewer than a batch holds), then spins for
     // a second on CPU 1: its copies stay in CPU 1's batch while the run is
     // ended under it.
@@ -74,10 +82,9 @@ fn outcomes_still_batched_when_the_run_ends_are_reported() {
 #[test]
 fn a_parents_copies_sent_after_its_childs_exit_count_for_the_fork() {
     let name = "a_parents_copies_sent_after_its_childs_exit_count_for_the_fork";
-    if !need_root(name) || !two_cpus(name) {
+    let Some(_cpu1) = take_cpu1(name) else {
         return;
-    }
-    let _cpu1 = CPU1.lock().unwrap_or_else(|e| e.into_inner());
+    };
     // The child (moved to CPU 0) copies K pages and waits; the parent on
     // CPU 1 copies M, lets the child exit, and spins 300 ms before waiting
     // for it. The child's exit reaches cow-trace at once; the parent's
@@ -87,8 +94,8 @@ fn a_parents_copies_sent_after_its_childs_exit_count_for_the_fork() {
     let mut args = vec!["--json".to_string(), "--".to_string()];
     args.extend(FIFO_ON_CPU1.iter().map(|s| s.to_string()));
     args.push(WORKLOAD.into());
-    for a in ["--pages", "512", "--child-writes", "100", "--parent-writes", "40"] {
-        args.push(a.into());
+    for (flag, n) in [("--pages", 512), ("--child-writes", K), ("--parent-writes", M)] {
+        args.extend([flag.to_string(), n.to_string()]);
     }
     for a in ["--child-cpu", "0", "--parent-spin-ms", "300"] {
         args.push(a.into());
