@@ -8,8 +8,12 @@
 
 use std::hint::black_box;
 
-use cow_trace::{aggregate::Aggregator, episode::Episodes, stream};
-use cow_trace_common::{Event, EventKind, FaultRecord, FAULT_BATCH, FAULT_BATCH_LEN};
+use cow_trace::{
+    episode::Episodes,
+    event::{encode_batch, encode_wire},
+    tally::Tally,
+};
+use cow_trace_common::{Event, EventKind, FaultRecord, FAULT_BATCH_LEN};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 
 const SAMPLE_EVERY: u32 = 16;
@@ -25,14 +29,8 @@ fn records(n: usize) -> Vec<Vec<u8>> {
         if batch.is_empty() {
             return;
         }
-        let mut b = FAULT_BATCH.to_ne_bytes().to_vec();
-        b.extend_from_slice(&(batch.len() as u32).to_ne_bytes());
-        b.extend_from_slice(&ts.to_ne_bytes());
-        for r in batch.drain(..) {
-            // SAFETY: FaultRecord is 16 bytes of plain integers.
-            b.extend_from_slice(&unsafe { std::mem::transmute::<FaultRecord, [u8; 16]>(r) });
-        }
-        out.push(b);
+        out.push(encode_batch(ts, batch, batch.len() as u32));
+        batch.clear();
     };
     for i in 0..n {
         let kind = match i % 100 {
@@ -60,8 +58,7 @@ fn records(n: usize) -> Vec<Vec<u8>> {
                     flags: 0,
                     _reserved: 0,
                 };
-                // SAFETY: Event is 64 bytes of plain integers.
-                out.push(unsafe { std::mem::transmute::<Event, [u8; 64]>(e) }.to_vec());
+                out.push(encode_wire(&e));
             }
             _ => {
                 if batch.is_empty() {
@@ -91,11 +88,11 @@ fn pipeline(c: &mut Criterion) {
     g.throughput(Throughput::Elements(EVENTS as u64));
     g.bench_function("decode+aggregate", |b| {
         b.iter(|| {
-            let mut agg = Aggregator::new(4096, None, true, Box::new(|_| 1), Box::new(|_| None));
+            let mut agg = Tally::new(4096, None, true, Box::new(|_| 1), Box::new(|_| None));
             for r in &recs {
-                stream::apply(black_box(r), &mut agg, SAMPLE_EVERY);
+                agg.apply_record(black_box(r), SAMPLE_EVERY);
             }
-            assert_eq!(agg.seen.malformed, 0);
+            assert_eq!(agg.seen().malformed, 0);
             black_box(agg.totals().len())
         })
     });
@@ -106,9 +103,9 @@ fn pipeline(c: &mut Criterion) {
             let maps = "7f0000000000-7f8000000000 rw-p 00000000 00:00 0 \n".to_string();
             let eps = Episodes::new(4096, Box::new(move |_| Some(maps.clone())));
             let mut agg =
-                Aggregator::new(4096, None, true, Box::new(|_| 1), Box::new(|_| None)).with_episodes(eps);
+                Tally::new(4096, None, true, Box::new(|_| 1), Box::new(|_| None)).with_episodes(eps);
             for r in &recs {
-                stream::apply(black_box(r), &mut agg, SAMPLE_EVERY);
+                agg.apply_record(black_box(r), SAMPLE_EVERY);
             }
             black_box(agg.totals().len())
         })

@@ -24,22 +24,18 @@
 
 use std::collections::{HashMap, VecDeque};
 
-use cow_trace_common::{Event, EventKind};
 use serde::Serialize;
 
 use crate::{
-    aggregate::{comm_str, latency_weight},
+    event::{Event, Fault, What},
     histogram::{Histogram, Summary},
-    output::{fmt_bytes, fmt_ns},
-    regions::Maps,
+    regions::MapsCache,
 };
 
 /// Regions shown per episode.
 const TOP_REGIONS: usize = 3;
 /// Copy-rate bucket: one second of event time.
 const RATE_BUCKET_NS: u64 = 1_000_000_000;
-/// A miss in the cached maps re-reads them at most this often.
-const MAPS_REREAD_NS: u64 = 100_000_000;
 /// Name for copies outside every known mapping (unmapped since).
 pub const UNMAPPED: &str = "[unmapped]";
 
@@ -81,47 +77,6 @@ pub struct Episode {
     pub top_regions: Vec<RegionBytes>,
 }
 
-impl Episode {
-    /// One readable line.
-    pub fn line(&self) -> String {
-        let mut s = format!(
-            "{} {}[{}] -> {}[{}]: ",
-            self.kind, self.parent_comm, self.parent, self.child_comm, self.child
-        );
-        s += &match self.fork_latency_ns {
-            Some(ns) => format!("fork {}", fmt_ns(ns)),
-            None => "fork -".into(),
-        };
-        if let Some(ns) = self.exec_after_ns {
-            s += &format!(", exec after {}", fmt_ns(ns.max(1)));
-        }
-        s += &match self.child_lifetime_ns {
-            Some(ns) => format!(", child lived {}", fmt_ns(ns.max(1))),
-            None => ", child still running".into(),
-        };
-        s += &format!(
-            ", copied {} (parent {} + child {} pages)",
-            fmt_bytes(self.copied_bytes),
-            self.parent_copies,
-            self.child_copies
-        );
-        if self.copied_bytes > 0 {
-            s += &format!(
-                ", peak {}/s, CoW p50 {} p99 {}",
-                fmt_bytes(self.peak_copy_bytes_per_s),
-                fmt_ns(self.cow_latency_ns.p50),
-                fmt_ns(self.cow_latency_ns.p99)
-            );
-        }
-        if !self.top_regions.is_empty() {
-            let top: Vec<_> =
-                self.top_regions.iter().map(|r| format!("{} {}", r.region, fmt_bytes(r.bytes))).collect();
-            s += &format!("; top regions: {}", top.join(", "));
-        }
-        s
-    }
-}
-
 struct Open {
     parent: u32,
     parent_comm: String,
@@ -161,9 +116,10 @@ impl Open {
     }
 }
 
-struct CachedMaps {
-    maps: Maps,
-    read_at_ns: u64,
+/// Where the episode a copy belongs to is kept.
+enum Slot {
+    Open(u32),
+    Reused(usize),
 }
 
 pub struct Episodes {
@@ -171,9 +127,8 @@ pub struct Episodes {
     open: HashMap<u32, Open>,
     /// Open episodes of each parent, oldest fork first.
     by_parent: HashMap<u32, Vec<u32>>,
-    /// Parents' maps, read at their first copy and on misses.
-    maps: HashMap<u32, CachedMaps>,
-    read_maps: Box<dyn Fn(u32) -> Option<String>>,
+    /// Parents' maps, read at their fork and on misses.
+    maps: MapsCache,
     /// Finished since the last `take_finished`.
     finished: Vec<Episode>,
     /// Finished, for the summary; bounded by `max_kept`.
@@ -220,8 +175,7 @@ impl Episodes {
             page_size,
             open: HashMap::new(),
             by_parent: HashMap::new(),
-            maps: HashMap::new(),
-            read_maps,
+            maps: MapsCache::new(read_maps),
             finished: Vec::new(),
             kept: VecDeque::new(),
             max_kept: 4096,
@@ -239,75 +193,27 @@ impl Episodes {
     }
 
     pub fn apply(&mut self, e: &Event) {
-        match EventKind::from_u32(e.kind) {
-            Some(EventKind::Spawn) => {
-                // An open episode under this PID lost its exit: close it
-                // as it stands rather than let the new child inherit it.
-                if let Some(stale) = self.open.remove(&e.other) {
-                    if stale.closed.is_some() {
-                        // Exited, still closing: it keeps its copies.
-                        self.unlink(&stale);
-                        self.reused.push(stale);
-                    } else {
-                        self.close_out(stale);
-                    }
-                }
-                let comm = comm_str(&e.comm);
-                // The parent's layout, read now, while it is surely alive
-                // (the spawn event wakes the reader): the copies come in
-                // batches, later, maybe after both processes are gone.
-                if !self.maps.contains_key(&e.pid) {
-                    if let Some(text) = (self.read_maps)(e.pid) {
-                        self.maps.insert(e.pid, CachedMaps { maps: Maps::parse(&text), read_at_ns: e.ts_ns });
-                    }
-                }
-                self.by_parent.entry(e.pid).or_default().push(e.other);
-                self.open.insert(
-                    e.other,
-                    Open {
-                        parent: e.pid,
-                        parent_comm: comm.clone(),
-                        child: e.other,
-                        child_comm: comm,
-                        start_ns: e.ts_ns,
-                        fork_latency_ns: self
-                            .early_latency
-                            .remove(&e.other)
-                            .filter(|l| {
-                                l.parent == e.pid
-                                    && e.ts_ns >= l.ts_ns
-                                    && e.ts_ns - l.ts_ns <= EARLY_LATENCY_WINDOW_NS
-                            })
-                            .map(|l| l.latency_ns),
-                        exec_after_ns: None,
-                        parent_copies: 0,
-                        child_copies: 0,
-                        cow_lat: Histogram::default(),
-                        per_second: HashMap::new(),
-                        regions: HashMap::new(),
-                        closed: None,
-                    },
-                );
-            }
-            Some(EventKind::ForkLatency) => self.fork_latency(e),
-            Some(EventKind::CowCopy) => self.copy(e),
-            Some(EventKind::Exec) => {
+        match e.what {
+            What::Spawn { child, .. } => self.spawn(e, child),
+            What::ForkLatency { child, latency_ns, .. } => self.fork_latency(e, child, latency_ns),
+            What::Copy(f) => self.copy(e, &f),
+            What::Exec => {
                 if let Some(o) = self.open.get_mut(&e.pid) {
                     o.exec_after_ns.get_or_insert(e.ts_ns.saturating_sub(o.start_ns));
-                    o.child_comm = comm_str(&e.comm);
+                    o.child_comm = e.comm.to_string();
                 }
             }
-            Some(EventKind::Exit) => {
+            What::Exit { status } => {
                 let settles = self.settles;
                 if let Some(o) = self.open.get_mut(&e.pid).filter(|o| o.closed.is_none()) {
                     // The name it died with: Redis renames its child
                     // (`redis-rdb-bgsave`) after the fork. The exit event
                     // comes from the last thread to leave, the main
                     // thread's name only when that is the main thread.
-                    if e.tid == e.pid && e.comm[0] != 0 {
-                        o.child_comm = comm_str(&e.comm);
+                    if e.tid == e.pid && !e.comm.is_empty() {
+                        o.child_comm = e.comm.to_string();
                     }
-                    o.closed = Some(Closed { end_ns: e.ts_ns, status: e.other as i32, seen_at: settles });
+                    o.closed = Some(Closed { end_ns: e.ts_ns, status: status as i32, seen_at: settles });
                 }
                 // Its own episodes as a parent go on; its maps are no
                 // longer readable, but the cached copy still describes
@@ -315,8 +221,53 @@ impl Episodes {
             }
             // Huge-page faults split the mapping; the 4 KiB copies that
             // follow are what the episode counts.
-            Some(EventKind::CowReuse | EventKind::ZeroFill | EventKind::HugeCow) | None => {}
+            What::Reuse(_) | What::ZeroFill(_) | What::HugeCow { .. } => {}
         }
+    }
+
+    fn spawn(&mut self, e: &Event, child: u32) {
+        // An open episode under this PID lost its exit: close it as it
+        // stands rather than let the new child inherit it.
+        if let Some(stale) = self.open.remove(&child) {
+            if stale.closed.is_some() {
+                // Exited, still closing: it keeps its copies.
+                self.unlink(&stale);
+                self.reused.push(stale);
+            } else {
+                self.close_out(stale);
+            }
+        }
+        let comm = e.comm.to_string();
+        // The parent's layout, read now, while it is surely alive (the
+        // spawn event wakes the reader): the copies come in batches, later,
+        // maybe after both processes are gone.
+        self.maps.remember(e.pid, e.ts_ns);
+        self.by_parent.entry(e.pid).or_default().push(child);
+        let fork_latency_ns = self
+            .early_latency
+            .remove(&child)
+            .filter(|l| {
+                l.parent == e.pid && e.ts_ns >= l.ts_ns && e.ts_ns - l.ts_ns <= EARLY_LATENCY_WINDOW_NS
+            })
+            .map(|l| l.latency_ns);
+        self.open.insert(
+            child,
+            Open {
+                parent: e.pid,
+                parent_comm: comm.clone(),
+                child,
+                child_comm: comm,
+                start_ns: e.ts_ns,
+                fork_latency_ns,
+                exec_after_ns: None,
+                parent_copies: 0,
+                child_copies: 0,
+                cow_lat: Histogram::default(),
+                per_second: HashMap::new(),
+                regions: HashMap::new(),
+                closed: None,
+            },
+        );
     }
 
     /// Gives a fork latency to its episode. On the tracepoint backend it is
@@ -324,13 +275,13 @@ impl Episodes {
     /// child's exit (vfork, posix_spawn): then the episode is already
     /// finished, and is completed in place. On the kprobe and fentry
     /// backends it comes before the spawn event, and waits for it.
-    fn fork_latency(&mut self, e: &Event) {
+    fn fork_latency(&mut self, e: &Event, forked: u32, latency_ns: u64) {
         let matches = |parent: u32, child: u32, start_ns: u64, lat: Option<u64>| {
-            parent == e.pid && child == e.other && lat.is_none() && e.ts_ns >= start_ns
+            parent == e.pid && child == forked && lat.is_none() && e.ts_ns >= start_ns
         };
-        if let Some(o) = self.open.get_mut(&e.other) {
+        if let Some(o) = self.open.get_mut(&forked) {
             if matches(o.parent, o.child, o.start_ns, o.fork_latency_ns) {
-                o.fork_latency_ns = Some(e.latency_ns);
+                o.fork_latency_ns = Some(latency_ns);
                 return;
             }
         }
@@ -339,11 +290,11 @@ impl Episodes {
         let is_it = |ep: &&mut Episode| matches(ep.parent, ep.child, ep.start_ns, ep.fork_latency_ns);
         let mut done = false;
         if let Some(ep) = self.finished.iter_mut().rev().find(is_it) {
-            ep.fork_latency_ns = Some(e.latency_ns);
+            ep.fork_latency_ns = Some(latency_ns);
             done = true;
         }
         if let Some(ep) = self.kept.iter_mut().rev().find(is_it) {
-            ep.fork_latency_ns = Some(e.latency_ns);
+            ep.fork_latency_ns = Some(latency_ns);
             done = true;
         }
         if done {
@@ -352,50 +303,47 @@ impl Episodes {
         if self.early_latency.len() >= MAX_EARLY_LATENCIES {
             self.early_latency.clear();
         }
-        self.early_latency
-            .insert(e.other, EarlyLatency { parent: e.pid, ts_ns: e.ts_ns, latency_ns: e.latency_ns });
+        self.early_latency.insert(forked, EarlyLatency { parent: e.pid, ts_ns: e.ts_ns, latency_ns });
     }
 
-    fn copy(&mut self, e: &Event) {
-        /// Where the episode a copy belongs to is kept.
-        enum Slot {
-            Open(u32),
-            Reused(usize),
+    /// Where the episode a copy belongs to is: by the child's own copies
+    /// while its window is open, else the parent's newest fork whose window
+    /// covers the copy, whether its PID is still its own or already reused.
+    fn owner_of_copy(&self, pid: u32, ts: u64) -> Option<(Slot, bool)> {
+        let child = match self.open.get(&pid) {
+            Some(o) if o.covers(ts) => Some(Slot::Open(pid)),
+            _ => self.reused.iter().rposition(|o| o.child == pid && o.covers(ts)).map(Slot::Reused),
+        };
+        if let Some(c) = child {
+            return Some((c, true));
         }
+        let open = self.by_parent.get(&pid).and_then(|kids| {
+            kids.iter()
+                .filter_map(|c| self.open.get(c).filter(|o| o.covers(ts)).map(|o| (o.start_ns, *c)))
+                .max()
+        });
+        let reused = (0..self.reused.len())
+            .filter(|&i| self.reused[i].parent == pid && self.reused[i].covers(ts))
+            .max_by_key(|&i| self.reused[i].start_ns);
+        let slot = match (open, reused) {
+            (Some((start, _)), Some(i)) if self.reused[i].start_ns > start => Slot::Reused(i),
+            (Some((_, c)), _) => Slot::Open(c),
+            (None, Some(i)) => Slot::Reused(i),
+            (None, None) => return None,
+        };
+        Some((slot, false))
+    }
+
+    fn copy(&mut self, e: &Event, f: &Fault) {
         let ts = e.ts_ns;
-        // The child's own copies, while its window is open...
-        let child = match self.open.get(&e.pid) {
-            Some(o) if o.covers(ts) => Some(Slot::Open(e.pid)),
-            _ => self.reused.iter().rposition(|o| o.child == e.pid && o.covers(ts)).map(Slot::Reused),
-        };
-        // ...else the parent's, for its newest fork still sharing memory.
-        let (slot, by_child) = match child {
-            Some(c) => (c, true),
-            None => {
-                // The newest fork whose window covers the copy, whether its
-                // PID is still its own or already reused.
-                let open = self.by_parent.get(&e.pid).and_then(|kids| {
-                    kids.iter()
-                        .filter_map(|c| self.open.get(c).filter(|o| o.covers(ts)).map(|o| (o.start_ns, *c)))
-                        .max()
-                });
-                let reused = (0..self.reused.len())
-                    .filter(|&i| self.reused[i].parent == e.pid && self.reused[i].covers(ts))
-                    .max_by_key(|&i| self.reused[i].start_ns);
-                let slot = match (open, reused) {
-                    (Some((start, _)), Some(i)) if self.reused[i].start_ns > start => Slot::Reused(i),
-                    (Some((_, c)), _) => Slot::Open(c),
-                    (None, Some(i)) => Slot::Reused(i),
-                    (None, None) => return,
-                };
-                (slot, false)
-            }
-        };
+        let Some((slot, by_child)) = self.owner_of_copy(e.pid, ts) else { return };
         let (parent, child) = match slot {
             Slot::Open(c) => (self.open[&c].parent, c),
             Slot::Reused(i) => (self.reused[i].parent, self.reused[i].child),
         };
-        let region = self.region_of(parent, child, e.addr, ts);
+        // A parent already gone leaves its child's maps, the same layout
+        // at the fork.
+        let region = self.maps.region(parent, child, f.addr, ts);
         let o = match slot {
             Slot::Open(c) => self.open.get_mut(&c).expect("looked up above"),
             Slot::Reused(i) => &mut self.reused[i],
@@ -405,36 +353,11 @@ impl Episodes {
         } else {
             o.parent_copies += 1;
         }
-        if e.latency_ns > 0 {
-            o.cow_lat.record_n(e.latency_ns, latency_weight(e));
+        if f.latency_ns > 0 {
+            o.cow_lat.record_n(f.latency_ns, f.weight);
         }
         *o.per_second.entry((ts - o.start_ns) / RATE_BUCKET_NS).or_default() += 1;
-        *o.regions.entry(region).or_default() += 1;
-    }
-
-    /// The region of `addr` in `parent`'s layout (which a child starts
-    /// with), re-reading the maps when the address is new to them. A parent
-    /// already gone leaves its child's maps, the same layout at the fork.
-    fn region_of(&mut self, parent: u32, child: u32, addr: u64, now_ns: u64) -> String {
-        let read = &self.read_maps;
-        let read = |p: u32| read(p).or_else(|| read(child));
-        let cached = self.maps.entry(parent).or_insert_with(|| CachedMaps {
-            maps: read(parent).map(|t| Maps::parse(&t)).unwrap_or_default(),
-            read_at_ns: now_ns,
-        });
-        if let Some(r) = cached.maps.find(addr) {
-            return r.name.clone();
-        }
-        if now_ns.saturating_sub(cached.read_at_ns) >= MAPS_REREAD_NS {
-            if let Some(text) = read(parent) {
-                cached.maps = Maps::parse(&text);
-            }
-            cached.read_at_ns = now_ns;
-            if let Some(r) = cached.maps.find(addr) {
-                return r.name.clone();
-            }
-        }
-        UNMAPPED.to_string()
+        *o.regions.entry(region.unwrap_or_else(|| UNMAPPED.to_string())).or_default() += 1;
     }
 
     fn unlink(&mut self, o: &Open) {
@@ -442,7 +365,7 @@ impl Episodes {
             kids.retain(|&c| c != o.child);
             if kids.is_empty() {
                 self.by_parent.remove(&o.parent);
-                self.maps.remove(&o.parent);
+                self.maps.forget(o.parent);
             }
         }
     }
@@ -600,6 +523,14 @@ impl Episodes {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::output::episode_line;
+    use cow_trace_common::{Event, EventKind};
+
+    impl Episodes {
+        fn feed(&mut self, w: &Event) {
+            self.apply(&crate::event::Event::from_wire(w).expect("a known kind"));
+        }
+    }
 
     const MAPS: &str = "\
 55d0c5a1d000-55d0c5a3e000 rw-p 00000000 00:00 0                          [heap]
@@ -647,23 +578,23 @@ mod tests {
     #[test]
     fn bgsave_episode_counts_both_sides_within_the_childs_life() {
         let mut eps = episodes();
-        eps.apply(&copy(100, MS, HEAP, 1_000)); // before the fork: not its cost
-        eps.apply(&ev(EventKind::Spawn, 100, 200, 10 * MS, "redis-server"));
-        eps.apply(&Event {
+        eps.feed(&copy(100, MS, HEAP, 1_000)); // before the fork: not its cost
+        eps.feed(&ev(EventKind::Spawn, 100, 200, 10 * MS, "redis-server"));
+        eps.feed(&Event {
             latency_ns: 21 * MS,
             ..ev(EventKind::ForkLatency, 100, 200, 31 * MS, "redis-server")
         });
         for i in 0..6 {
-            eps.apply(&copy(100, 40 * MS + i, ARENA + i * 4096, 2_000));
+            eps.feed(&copy(100, 40 * MS + i, ARENA + i * 4096, 2_000));
         }
-        eps.apply(&copy(100, 50 * MS, HEAP, 2_000));
+        eps.feed(&copy(100, 50 * MS, HEAP, 2_000));
         // Fault events carry no comm: the child is named by its exit.
         let child = Event { comm: [0; 16], ..copy(200, 60 * MS, STACK, 3_000) };
-        eps.apply(&child);
-        eps.apply(&child);
+        eps.feed(&child);
+        eps.feed(&child);
         assert!(settled(&mut eps).is_empty(), "the child still runs");
-        eps.apply(&ev(EventKind::Exit, 200, 0, 1_010 * MS, "redis-rdb-bgsave"));
-        eps.apply(&copy(100, 1_100 * MS, HEAP, 2_000)); // after the child: not counted
+        eps.feed(&ev(EventKind::Exit, 200, 0, 1_010 * MS, "redis-rdb-bgsave"));
+        eps.feed(&copy(100, 1_100 * MS, HEAP, 2_000)); // after the child: not counted
         let done = settled(&mut eps);
         assert_eq!(done.len(), 1);
         let e = &done[0];
@@ -683,7 +614,7 @@ mod tests {
             ]
         );
         assert_eq!(eps.all(), done, "kept for the summary");
-        let line = e.line();
+        let line = episode_line(e);
         assert!(line.starts_with("fork redis-server[100] -> redis-rdb-bgsave[200]: fork 21.0ms"), "{line}");
         assert!(line.contains("child lived 1.00s") && line.contains("parent 7 + child 2 pages"), "{line}");
         assert!(
@@ -697,47 +628,47 @@ mod tests {
         // kprobe/fentry order: copy_process returns (fork latency), then
         // the kernel fires sched_process_fork (spawn).
         let mut eps = episodes();
-        eps.apply(&Event { latency_ns: 3 * MS, ..ev(EventKind::ForkLatency, 100, 200, 13 * MS, "p") });
-        eps.apply(&ev(EventKind::Spawn, 100, 200, 13 * MS + 1, "p"));
+        eps.feed(&Event { latency_ns: 3 * MS, ..ev(EventKind::ForkLatency, 100, 200, 13 * MS, "p") });
+        eps.feed(&ev(EventKind::Spawn, 100, 200, 13 * MS + 1, "p"));
         // tracepoint order, for another child of the same parent.
-        eps.apply(&ev(EventKind::Spawn, 100, 201, 20 * MS, "p"));
-        eps.apply(&Event { latency_ns: 4 * MS, ..ev(EventKind::ForkLatency, 100, 201, 24 * MS, "p") });
-        eps.apply(&ev(EventKind::Exit, 200, 0, 30 * MS, "c"));
-        eps.apply(&ev(EventKind::Exit, 201, 0, 31 * MS, "c"));
+        eps.feed(&ev(EventKind::Spawn, 100, 201, 20 * MS, "p"));
+        eps.feed(&Event { latency_ns: 4 * MS, ..ev(EventKind::ForkLatency, 100, 201, 24 * MS, "p") });
+        eps.feed(&ev(EventKind::Exit, 200, 0, 30 * MS, "c"));
+        eps.feed(&ev(EventKind::Exit, 201, 0, 31 * MS, "c"));
         let done = settled(&mut eps);
         let lat: Vec<_> = done.iter().map(|e| (e.child, e.fork_latency_ns)).collect();
         assert_eq!(lat, vec![(200, Some(3 * MS)), (201, Some(4 * MS))]);
         // tracepoint order for a short child (vfork): it exits before its
         // parent's syscall returns; the finished episode is completed.
-        eps.apply(&ev(EventKind::Spawn, 100, 300, 40 * MS, "p"));
-        eps.apply(&ev(EventKind::Exit, 300, 0, 41 * MS, "c"));
-        eps.apply(&Event { latency_ns: 2 * MS, ..ev(EventKind::ForkLatency, 100, 300, 42 * MS, "p") });
+        eps.feed(&ev(EventKind::Spawn, 100, 300, 40 * MS, "p"));
+        eps.feed(&ev(EventKind::Exit, 300, 0, 41 * MS, "c"));
+        eps.feed(&Event { latency_ns: 2 * MS, ..ev(EventKind::ForkLatency, 100, 300, 42 * MS, "p") });
         assert_eq!(settled(&mut eps)[0].fork_latency_ns, Some(2 * MS));
         assert_eq!(eps.all().iter().find(|e| e.child == 300).unwrap().fork_latency_ns, Some(2 * MS));
         // A latency whose spawn never came does not land on a later process
         // that reuses the PID, even from the same parent.
-        eps.apply(&Event { latency_ns: 9 * MS, ..ev(EventKind::ForkLatency, 100, 400, 50 * MS, "p") });
-        eps.apply(&ev(EventKind::Spawn, 100, 400, 50 * MS + EARLY_LATENCY_WINDOW_NS + 1, "p"));
-        eps.apply(&ev(EventKind::Exit, 400, 0, 900 * MS, "c"));
+        eps.feed(&Event { latency_ns: 9 * MS, ..ev(EventKind::ForkLatency, 100, 400, 50 * MS, "p") });
+        eps.feed(&ev(EventKind::Spawn, 100, 400, 50 * MS + EARLY_LATENCY_WINDOW_NS + 1, "p"));
+        eps.feed(&ev(EventKind::Exit, 400, 0, 900 * MS, "c"));
         assert_eq!(settled(&mut eps)[0].fork_latency_ns, None);
         // Nor on a child of another parent.
-        eps.apply(&Event { latency_ns: 9 * MS, ..ev(EventKind::ForkLatency, 100, 401, 1_000 * MS, "p") });
-        eps.apply(&ev(EventKind::Spawn, 555, 401, 1_000 * MS + 1, "q"));
-        eps.apply(&ev(EventKind::Exit, 401, 0, 1_100 * MS, "c"));
+        eps.feed(&Event { latency_ns: 9 * MS, ..ev(EventKind::ForkLatency, 100, 401, 1_000 * MS, "p") });
+        eps.feed(&ev(EventKind::Spawn, 555, 401, 1_000 * MS + 1, "q"));
+        eps.feed(&ev(EventKind::Exit, 401, 0, 1_100 * MS, "c"));
         assert_eq!(settled(&mut eps)[0].fork_latency_ns, None);
     }
 
     #[test]
     fn peak_rate_is_the_busiest_second() {
         let mut eps = episodes();
-        eps.apply(&ev(EventKind::Spawn, 100, 200, 0, "p"));
+        eps.feed(&ev(EventKind::Spawn, 100, 200, 0, "p"));
         for i in 0..3 {
-            eps.apply(&copy(100, 100 * MS + i, HEAP, 0));
+            eps.feed(&copy(100, 100 * MS + i, HEAP, 0));
         }
         for i in 0..5 {
-            eps.apply(&copy(200, 2_500 * MS + i, HEAP, 0));
+            eps.feed(&copy(200, 2_500 * MS + i, HEAP, 0));
         }
-        eps.apply(&ev(EventKind::Exit, 200, 0, 3_000 * MS, "p"));
+        eps.feed(&ev(EventKind::Exit, 200, 0, 3_000 * MS, "p"));
         let e = &settled(&mut eps)[0];
         assert_eq!(e.peak_copy_bytes_per_s, 5 * 4096);
         assert_eq!(e.copied_bytes, 8 * 4096);
@@ -747,38 +678,38 @@ mod tests {
     #[test]
     fn fork_and_exec_reads_as_such_and_stops_counting_at_exec() {
         let mut eps = episodes();
-        eps.apply(&ev(EventKind::Spawn, 100, 300, 0, "bash"));
-        eps.apply(&copy(300, MS / 10, STACK, 900));
-        eps.apply(&copy(100, MS / 5, STACK, 900));
-        eps.apply(&ev(EventKind::Exec, 300, 0, MS / 2, "ls"));
+        eps.feed(&ev(EventKind::Spawn, 100, 300, 0, "bash"));
+        eps.feed(&copy(300, MS / 10, STACK, 900));
+        eps.feed(&copy(100, MS / 5, STACK, 900));
+        eps.feed(&ev(EventKind::Exec, 300, 0, MS / 2, "ls"));
         // A parent copy from before the exec that arrives after it (from a
         // batch): the window is decided by time.
-        eps.apply(&copy(100, MS / 4, STACK, 900));
+        eps.feed(&copy(100, MS / 4, STACK, 900));
         // After the exec: the child's new program and the parent's now
         // exclusive pages owe nothing to the fork.
-        eps.apply(&copy(300, MS, HEAP, 900));
-        eps.apply(&copy(100, MS, HEAP, 900));
-        eps.apply(&ev(EventKind::Exit, 300, 0, 4 * MS, "ls"));
+        eps.feed(&copy(300, MS, HEAP, 900));
+        eps.feed(&copy(100, MS, HEAP, 900));
+        eps.feed(&ev(EventKind::Exit, 300, 0, 4 * MS, "ls"));
         let e = &settled(&mut eps)[0];
         assert_eq!((e.kind, e.child_comm.as_str()), ("fork+exec", "ls"));
         assert_eq!((e.parent_copies, e.child_copies), (2, 1));
         assert_eq!(e.exec_after_ns, Some(MS / 2));
         assert_eq!(e.child_lifetime_ns, Some(4 * MS));
-        let line = e.line();
+        let line = episode_line(e);
         assert!(line.starts_with("fork+exec bash[100] -> ls[300]: fork -, exec after 500.0us"), "{line}");
     }
 
     #[test]
     fn a_parent_copy_goes_to_its_newest_sharing_fork() {
         let mut eps = episodes();
-        eps.apply(&ev(EventKind::Spawn, 100, 201, 0, "prefork"));
-        eps.apply(&ev(EventKind::Spawn, 100, 202, MS, "prefork"));
-        eps.apply(&copy(100, 2 * MS, HEAP, 0)); // -> 202
-        eps.apply(&ev(EventKind::Exec, 202, 0, 3 * MS, "worker"));
-        eps.apply(&copy(100, 4 * MS, HEAP, 0)); // 202 exec'd -> 201
-        eps.apply(&ev(EventKind::Exit, 201, 0, 5 * MS, "prefork"));
-        eps.apply(&copy(100, 6 * MS, HEAP, 0)); // no sharing fork left
-        eps.apply(&ev(EventKind::Exit, 202, 0, 7 * MS, "worker"));
+        eps.feed(&ev(EventKind::Spawn, 100, 201, 0, "prefork"));
+        eps.feed(&ev(EventKind::Spawn, 100, 202, MS, "prefork"));
+        eps.feed(&copy(100, 2 * MS, HEAP, 0)); // -> 202
+        eps.feed(&ev(EventKind::Exec, 202, 0, 3 * MS, "worker"));
+        eps.feed(&copy(100, 4 * MS, HEAP, 0)); // 202 exec'd -> 201
+        eps.feed(&ev(EventKind::Exit, 201, 0, 5 * MS, "prefork"));
+        eps.feed(&copy(100, 6 * MS, HEAP, 0)); // no sharing fork left
+        eps.feed(&ev(EventKind::Exit, 202, 0, 7 * MS, "worker"));
         let done = settled(&mut eps);
         let by_child = |c| done.iter().find(|e| e.child == c).unwrap();
         assert_eq!(by_child(201).parent_copies, 1);
@@ -803,15 +734,15 @@ mod tests {
                 })
             }),
         );
-        eps.apply(&ev(EventKind::Spawn, 100, 200, 0, "p"));
-        eps.apply(&copy(100, MS, HEAP, 0));
+        eps.feed(&ev(EventKind::Spawn, 100, 200, 0, "p"));
+        eps.feed(&copy(100, MS, HEAP, 0));
         assert_eq!(reads.get(), 1);
-        eps.apply(&copy(100, 2 * MS, 0x7f0000000000, 0)); // miss, too soon to re-read
+        eps.feed(&copy(100, 2 * MS, 0x7f0000000000, 0)); // miss, too soon to re-read
         assert_eq!(reads.get(), 1);
-        eps.apply(&copy(100, 200 * MS, 0x7f0000001000, 0)); // miss, re-read: found
-        eps.apply(&copy(100, 201 * MS, 0x10, 0)); // miss, too soon again
+        eps.feed(&copy(100, 200 * MS, 0x7f0000001000, 0)); // miss, re-read: found
+        eps.feed(&copy(100, 201 * MS, 0x10, 0)); // miss, too soon again
         assert_eq!(reads.get(), 2);
-        eps.apply(&ev(EventKind::Exit, 200, 0, 300 * MS, "p"));
+        eps.feed(&ev(EventKind::Exit, 200, 0, 300 * MS, "p"));
         let regions = &settled(&mut eps)[0].top_regions;
         assert_eq!(regions[0], RegionBytes { region: UNMAPPED.into(), bytes: 2 * 4096 });
         assert!(regions.contains(&RegionBytes { region: "[anon 7f0000000000]".into(), bytes: 4096 }));
@@ -821,10 +752,10 @@ mod tests {
     #[test]
     fn a_gone_parent_leaves_its_childs_maps() {
         let mut eps = Episodes::new(4096, Box::new(|pid| (pid == 200).then(|| MAPS.to_string())));
-        eps.apply(&ev(EventKind::Spawn, 100, 200, 0, "p"));
-        eps.apply(&ev(EventKind::Exit, 100, 0, MS, "p"));
-        eps.apply(&copy(200, 2 * MS, STACK, 0));
-        eps.apply(&ev(EventKind::Exit, 200, 0, 3 * MS, "p"));
+        eps.feed(&ev(EventKind::Spawn, 100, 200, 0, "p"));
+        eps.feed(&ev(EventKind::Exit, 100, 0, MS, "p"));
+        eps.feed(&copy(200, 2 * MS, STACK, 0));
+        eps.feed(&ev(EventKind::Exit, 200, 0, 3 * MS, "p"));
         let e = &settled(&mut eps)[0];
         assert_eq!(e.top_regions, vec![RegionBytes { region: "[stack]".into(), bytes: 4096 }]);
     }
@@ -834,12 +765,12 @@ mod tests {
         let alive = std::rc::Rc::new(std::cell::Cell::new(true));
         let a = alive.clone();
         let mut eps = Episodes::new(4096, Box::new(move |_| a.get().then(|| MAPS.to_string())));
-        eps.apply(&ev(EventKind::Spawn, 100, 200, 0, "p"));
+        eps.feed(&ev(EventKind::Spawn, 100, 200, 0, "p"));
         // Both gone before their batched copies are read.
         alive.set(false);
-        eps.apply(&copy(200, MS, STACK, 0));
-        eps.apply(&copy(100, MS, HEAP, 0));
-        eps.apply(&ev(EventKind::Exit, 200, 0, 2 * MS, "p"));
+        eps.feed(&copy(200, MS, STACK, 0));
+        eps.feed(&copy(100, MS, HEAP, 0));
+        eps.feed(&ev(EventKind::Exit, 200, 0, 2 * MS, "p"));
         let e = &settled(&mut eps)[0];
         let regions: Vec<&str> = e.top_regions.iter().map(|r| r.region.as_str()).collect();
         assert_eq!(regions, ["[heap]", "[stack]"]);
@@ -848,28 +779,28 @@ mod tests {
     #[test]
     fn running_and_lost_episodes_show_in_the_summary() {
         let mut eps = episodes().with_max_kept(1);
-        eps.apply(&ev(EventKind::Spawn, 100, 200, 0, "p"));
-        eps.apply(&copy(200, MS, HEAP, 0));
+        eps.feed(&ev(EventKind::Spawn, 100, 200, 0, "p"));
+        eps.feed(&copy(200, MS, HEAP, 0));
         // 200's exit was lost and its PID comes back.
-        eps.apply(&ev(EventKind::Spawn, 100, 200, 2 * MS, "p"));
-        eps.apply(&ev(EventKind::Spawn, 100, 201, 3 * MS, "p"));
-        eps.apply(&ev(EventKind::Exit, 201, 0, 4 * MS, "p"));
+        eps.feed(&ev(EventKind::Spawn, 100, 200, 2 * MS, "p"));
+        eps.feed(&ev(EventKind::Spawn, 100, 201, 3 * MS, "p"));
+        eps.feed(&ev(EventKind::Exit, 201, 0, 4 * MS, "p"));
         let finished = settled(&mut eps);
         let all = eps.all();
         assert_eq!(eps.dropped, 1, "the lost one fell out of the bound of 1");
         assert_eq!(all.len(), 2);
         assert_eq!((all[0].child, all[0].child_lifetime_ns), (201, Some(MS)));
         assert_eq!((all[1].child, all[1].child_lifetime_ns, all[1].child_copies), (200, None, 0));
-        assert!(all[1].line().contains("child still running"));
+        assert!(episode_line(&all[1]).contains("child still running"));
         assert_eq!(finished.len(), 1, "only real exits are reported as they happen");
     }
 
     #[test]
     fn a_closing_episode_takes_the_parents_late_copies_until_no_cpu_holds_older_ones() {
         let mut eps = episodes();
-        eps.apply(&ev(EventKind::Spawn, 100, 200, 10 * MS, "p"));
-        eps.apply(&copy(200, 20 * MS, HEAP, 1_000));
-        eps.apply(&ev(EventKind::Exit, 200, 0, 50 * MS, "c"));
+        eps.feed(&ev(EventKind::Spawn, 100, 200, 10 * MS, "p"));
+        eps.feed(&copy(200, 20 * MS, HEAP, 1_000));
+        eps.feed(&ev(EventKind::Exit, 200, 0, 50 * MS, "c"));
         // The exit was seen after the last reading of the CPUs' batches:
         // even with nothing unsent then, the episode waits for a reading
         // taken after it.
@@ -881,9 +812,9 @@ mod tests {
         // They arrive, batched at 40 ms (before the exit): the fork's. A
         // copy from after the exit is not.
         for i in 0..3 {
-            eps.apply(&copy(100, 40 * MS, ARENA + i * 4096, 1_000));
+            eps.feed(&copy(100, 40 * MS, ARENA + i * 4096, 1_000));
         }
-        eps.apply(&copy(100, 60 * MS, HEAP, 1_000));
+        eps.feed(&copy(100, 60 * MS, HEAP, 1_000));
         // Only outcomes from after the exit are left unsent: done.
         eps.settle(Some(55 * MS));
         let done = eps.take_finished();
@@ -896,10 +827,10 @@ mod tests {
     #[test]
     fn a_closing_episode_is_finished_after_a_bounded_wait_or_at_the_end() {
         let mut eps = episodes();
-        eps.apply(&ev(EventKind::Spawn, 100, 200, 10 * MS, "p"));
-        eps.apply(&ev(EventKind::Exit, 200, 0, 50 * MS, "c"));
-        eps.apply(&ev(EventKind::Spawn, 100, 201, 60 * MS, "p"));
-        eps.apply(&ev(EventKind::Exit, 201, 0, 70 * MS, "c"));
+        eps.feed(&ev(EventKind::Spawn, 100, 200, 10 * MS, "p"));
+        eps.feed(&ev(EventKind::Exit, 200, 0, 50 * MS, "c"));
+        eps.feed(&ev(EventKind::Spawn, 100, 201, 60 * MS, "p"));
+        eps.feed(&ev(EventKind::Exit, 201, 0, 70 * MS, "c"));
         // A CPU whose task neither faults nor leaves it holds an old
         // outcome for ever: the wait is bounded.
         for _ in 0..MAX_CLOSING_SETTLES {
@@ -910,8 +841,8 @@ mod tests {
         let done = eps.take_finished();
         assert_eq!(done.iter().map(|e| e.child).collect::<Vec<_>>(), [200, 201], "in exit order");
         // At the end of a run every closing episode is finished at once.
-        eps.apply(&ev(EventKind::Spawn, 100, 202, 80 * MS, "p"));
-        eps.apply(&ev(EventKind::Exit, 202, 0, 90 * MS, "c"));
+        eps.feed(&ev(EventKind::Spawn, 100, 202, 80 * MS, "p"));
+        eps.feed(&ev(EventKind::Exit, 202, 0, 90 * MS, "c"));
         assert_eq!(
             eps.all().last().map(|e| e.child_lifetime_ns),
             Some(Some(10 * MS)),
@@ -925,17 +856,17 @@ mod tests {
     #[test]
     fn a_pid_reused_while_its_episode_is_closing_starts_a_new_one() {
         let mut eps = episodes();
-        eps.apply(&ev(EventKind::Spawn, 100, 200, 10 * MS, "p"));
-        eps.apply(&copy(200, 20 * MS, HEAP, 0));
-        eps.apply(&ev(EventKind::Exit, 200, 0, 30 * MS, "c"));
-        eps.apply(&ev(EventKind::Spawn, 100, 200, 40 * MS, "p"));
-        eps.apply(&copy(200, 50 * MS, HEAP, 0));
-        eps.apply(&copy(200, 50 * MS, STACK, 0));
+        eps.feed(&ev(EventKind::Spawn, 100, 200, 10 * MS, "p"));
+        eps.feed(&copy(200, 20 * MS, HEAP, 0));
+        eps.feed(&ev(EventKind::Exit, 200, 0, 30 * MS, "c"));
+        eps.feed(&ev(EventKind::Spawn, 100, 200, 40 * MS, "p"));
+        eps.feed(&copy(200, 50 * MS, HEAP, 0));
+        eps.feed(&copy(200, 50 * MS, STACK, 0));
         // The parent's copy from before the first exit, late from a batch,
         // still goes to the first life, which is still closing.
-        eps.apply(&copy(100, 25 * MS, HEAP, 0));
+        eps.feed(&copy(100, 25 * MS, HEAP, 0));
         assert!(eps.take_finished().is_empty() && eps.closing());
-        eps.apply(&ev(EventKind::Exit, 200, 0, 60 * MS, "c"));
+        eps.feed(&ev(EventKind::Exit, 200, 0, 60 * MS, "c"));
         let done = settled(&mut eps);
         assert_eq!(done.len(), 2);
         // The first life, finished as it ended, not as a lost exit.
@@ -948,14 +879,14 @@ mod tests {
     #[test]
     fn a_late_parent_copy_goes_to_the_newest_fork_covering_it_even_with_its_pid_reused() {
         let mut eps = episodes();
-        eps.apply(&ev(EventKind::Spawn, 100, 201, 10 * MS, "p")); // A, runs on
-        eps.apply(&ev(EventKind::Spawn, 100, 202, 20 * MS, "p")); // c
-        eps.apply(&ev(EventKind::Exit, 202, 0, 30 * MS, "c"));
-        eps.apply(&ev(EventKind::Spawn, 100, 202, 40 * MS, "p")); // d takes c's PID
-                                                                  // The parent's copy from 25 ms, late: c was the newest fork then.
-        eps.apply(&copy(100, 25 * MS, HEAP, 0));
+        eps.feed(&ev(EventKind::Spawn, 100, 201, 10 * MS, "p")); // A, runs on
+        eps.feed(&ev(EventKind::Spawn, 100, 202, 20 * MS, "p")); // c
+        eps.feed(&ev(EventKind::Exit, 202, 0, 30 * MS, "c"));
+        eps.feed(&ev(EventKind::Spawn, 100, 202, 40 * MS, "p")); // d takes c's PID
+                                                                 // The parent's copy from 25 ms, late: c was the newest fork then.
+        eps.feed(&copy(100, 25 * MS, HEAP, 0));
         // From 45 ms: d's.
-        eps.apply(&copy(100, 45 * MS, HEAP, 0));
+        eps.feed(&copy(100, 45 * MS, HEAP, 0));
         eps.settle(None);
         eps.settle(None);
         let done = eps.take_finished();
@@ -969,13 +900,13 @@ mod tests {
     #[test]
     fn a_sampled_latency_stands_for_the_copies_around_it() {
         let mut eps = episodes();
-        eps.apply(&ev(EventKind::Spawn, 100, 200, 0, "p"));
-        eps.apply(&copy(200, MS, HEAP, 1_000)); // timed, stands for itself
-        eps.apply(&Event { other: 16, ..copy(200, MS, HEAP, 3_000) }); // one timed of 16
+        eps.feed(&ev(EventKind::Spawn, 100, 200, 0, "p"));
+        eps.feed(&copy(200, MS, HEAP, 1_000)); // timed, stands for itself
+        eps.feed(&Event { other: 16, ..copy(200, MS, HEAP, 3_000) }); // one timed of 16
         for _ in 0..15 {
-            eps.apply(&copy(200, MS, HEAP, 0)); // not timed
+            eps.feed(&copy(200, MS, HEAP, 0)); // not timed
         }
-        eps.apply(&ev(EventKind::Exit, 200, 0, 2 * MS, "c"));
+        eps.feed(&ev(EventKind::Exit, 200, 0, 2 * MS, "c"));
         let e = &settled(&mut eps)[0];
         assert_eq!(e.child_copies, 17);
         assert_eq!((e.cow_latency_ns.count, e.cow_latency_ns.min, e.cow_latency_ns.max), (17, 1_000, 3_000));
@@ -985,8 +916,8 @@ mod tests {
     #[test]
     fn json_names_are_the_documented_schema() {
         let mut eps = episodes();
-        eps.apply(&ev(EventKind::Spawn, 100, 200, 0, "p"));
-        eps.apply(&ev(EventKind::Exit, 200, 0, MS, "p"));
+        eps.feed(&ev(EventKind::Spawn, 100, 200, 0, "p"));
+        eps.feed(&ev(EventKind::Exit, 200, 0, MS, "p"));
         let v = serde_json::to_value(&settled(&mut eps)[0]).unwrap();
         for key in [
             "kind",

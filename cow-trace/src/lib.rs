@@ -1,10 +1,21 @@
 //! cow-trace's userspace logic that needs no kernel: event decoding,
-//! aggregation, episodes, histograms and output. The binary (`main.rs`) adds the kernel side;
-//! this library exists so that benchmarks can drive the same code.
+//! aggregation, episodes, histograms and output. The binary (`main.rs`) adds
+//! the kernel side; this library exists so that benchmarks can drive the
+//! same code.
+//!
+//! Dependencies point one way, down this list: `tally` feeds `aggregate`
+//! (with `retired`), `targets` and `episode`, which read `event`; `output`
+//! renders what they produce with `fmt`. `histogram`, `regions`, `counts`
+//! and `fmt` are leaves.
 
 pub mod aggregate;
+pub mod counts;
 pub mod episode;
+pub mod event;
+pub mod fmt;
 pub mod histogram;
 pub mod output;
 pub mod regions;
-pub mod stream;
+pub mod retired;
+pub mod tally;
+pub mod targets;

@@ -1,40 +1,18 @@
-//! Output: the per-process table, bcc-style histograms and JSON lines.
+//! Output: the per-process table, bcc-style histograms and JSON lines; each
+//! record of a run (start, interval, episode, summary) written here in both
+//! formats.
 
-use std::fmt::Write as _;
+use std::{fmt::Write as _, io};
 
 use serde::Serialize;
 
 use crate::{
-    aggregate::{EventCounts, ProcRow, Seen},
+    aggregate::{ProcRow, RunHistograms},
+    counts::{KernelCounters, KernelTotals, Seen},
     episode::Episode,
+    fmt::{fmt_bytes, fmt_ns},
     histogram::{Log2Row, Summary},
 };
-
-/// Human-readable nanoseconds: `850ns`, `2.4us`, `21.3ms`, `1.20s`.
-pub fn fmt_ns(ns: u64) -> String {
-    match ns {
-        0 => "-".into(),
-        n if n < 1_000 => format!("{n}ns"),
-        n if n < 1_000_000 => format!("{:.1}us", n as f64 / 1e3),
-        n if n < 1_000_000_000 => format!("{:.1}ms", n as f64 / 1e6),
-        n => format!("{:.2}s", n as f64 / 1e9),
-    }
-}
-
-/// Binary-prefixed bytes: `0`, `4.0KiB`, `380.2MiB`.
-pub fn fmt_bytes(b: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    if b < 1024 {
-        return format!("{b}{}", if b == 0 { "" } else { "B" });
-    }
-    let mut v = b as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    format!("{v:.1}{}", UNITS[u])
-}
 
 fn lat(s: &Summary, f: fn(&Summary) -> u64) -> String {
     if s.count == 0 {
@@ -97,6 +75,42 @@ pub fn table(rows: &[ProcRow], top: usize) -> String {
     out
 }
 
+/// An episode as one readable line.
+pub fn episode_line(ep: &Episode) -> String {
+    let mut s = format!("{} {}[{}] -> {}[{}]: ", ep.kind, ep.parent_comm, ep.parent, ep.child_comm, ep.child);
+    s += &match ep.fork_latency_ns {
+        Some(ns) => format!("fork {}", fmt_ns(ns)),
+        None => "fork -".into(),
+    };
+    if let Some(ns) = ep.exec_after_ns {
+        s += &format!(", exec after {}", fmt_ns(ns.max(1)));
+    }
+    s += &match ep.child_lifetime_ns {
+        Some(ns) => format!(", child lived {}", fmt_ns(ns.max(1))),
+        None => ", child still running".into(),
+    };
+    s += &format!(
+        ", copied {} (parent {} + child {} pages)",
+        fmt_bytes(ep.copied_bytes),
+        ep.parent_copies,
+        ep.child_copies
+    );
+    if ep.copied_bytes > 0 {
+        s += &format!(
+            ", peak {}/s, CoW p50 {} p99 {}",
+            fmt_bytes(ep.peak_copy_bytes_per_s),
+            fmt_ns(ep.cow_latency_ns.p50),
+            fmt_ns(ep.cow_latency_ns.p99)
+        );
+    }
+    if !ep.top_regions.is_empty() {
+        let top: Vec<_> =
+            ep.top_regions.iter().map(|r| format!("{} {}", r.region, fmt_bytes(r.bytes))).collect();
+        s += &format!("; top regions: {}", top.join(", "));
+    }
+    s
+}
+
 /// The summary's episode list: the `top` that copied most (0: all), in
 /// fork order.
 pub fn episode_list(episodes: &[Episode], top: usize) -> String {
@@ -111,7 +125,7 @@ pub fn episode_list(episodes: &[Episode], top: usize) -> String {
     shown.sort_by_key(|e| (e.start_ns, e.child));
     let mut out = format!("\nfork episodes ({}):\n", episodes.len());
     for e in &shown {
-        let _ = writeln!(out, "  {}", e.line());
+        let _ = writeln!(out, "  {}", episode_line(e));
     }
     if shown.len() < episodes.len() {
         let _ = writeln!(out, "  ... {} more episodes (--top 0 shows all)", episodes.len() - shown.len());
@@ -126,15 +140,6 @@ pub struct Histograms {
     pub cow_latency_ns: Vec<Log2Row>,
     /// The `dup_mmap` share of fork latency (kprobe/fentry backends).
     pub fork_dup_mmap_ns: Vec<Log2Row>,
-}
-
-/// Totals counted in the kernel, independent of the ring buffer.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
-pub struct KernelTotals {
-    #[serde(flatten)]
-    pub events: EventCounts,
-    pub unclassified_faults: u64,
-    pub traced_full: u64,
 }
 
 #[derive(Serialize)]
@@ -188,6 +193,168 @@ pub struct EpisodeRecord<'a> {
     pub episode: &'a Episode,
 }
 
+/// How records are written: JSON lines, or text with its options.
+#[derive(Clone, Copy, Debug)]
+pub enum Format {
+    Json,
+    Text {
+        /// Rows and episodes shown (0: all).
+        top: usize,
+        /// Histogram unit: nanoseconds per unit, and its label.
+        divisor: u64,
+        label: &'static str,
+    },
+}
+
+/// What the run's header says.
+pub struct Start<'a> {
+    pub backend: &'a str,
+    pub reason: &'a str,
+    pub rejected: &'a [String],
+    pub fork_latency_means: &'a str,
+    pub cow_latency_means: &'a str,
+    pub dup_mmap_split: bool,
+    pub page_size: u64,
+    /// What is traced, as the text header names it.
+    pub tracing: &'a str,
+}
+
+pub fn write_start(out: &mut impl io::Write, s: &Start, format: Format) -> io::Result<()> {
+    match format {
+        Format::Json => {
+            let rec = StartRecord {
+                kind: "start",
+                backend: s.backend,
+                reason: s.reason,
+                rejected: s.rejected,
+                fork_latency: s.fork_latency_means,
+                fork_dup_mmap: s.dup_mmap_split,
+                cow_latency: s.cow_latency_means,
+                page_size: s.page_size,
+            };
+            writeln!(out, "{}", json_line(&rec))?;
+        }
+        Format::Text { .. } => {
+            writeln!(out, "cow-trace: backend {}: {}", s.backend, s.reason)?;
+            writeln!(
+                out,
+                "cow-trace: fork latency = {}{}; CoW latency = {}",
+                s.fork_latency_means,
+                if s.dup_mmap_split { " (DUPMM: its dup_mmap share)" } else { "" },
+                s.cow_latency_means
+            )?;
+            writeln!(out, "cow-trace: tracing {}; Ctrl-C to end\n", s.tracing)?;
+        }
+    }
+    out.flush()
+}
+
+/// Episodes as they finish.
+pub fn write_episodes(out: &mut impl io::Write, episodes: &[Episode], format: Format) -> io::Result<()> {
+    for ep in episodes {
+        match format {
+            Format::Json => writeln!(out, "{}", json_line(&EpisodeRecord { kind: "episode", episode: ep }))?,
+            Format::Text { .. } => writeln!(out, "episode: {}", episode_line(ep))?,
+        }
+    }
+    out.flush()
+}
+
+pub fn write_interval(
+    out: &mut impl io::Write,
+    backend: &str,
+    elapsed_s: f64,
+    dropped: u64,
+    rows: &[ProcRow],
+    format: Format,
+) -> io::Result<()> {
+    match format {
+        Format::Json => {
+            let rec = IntervalRecord {
+                kind: "interval",
+                backend,
+                elapsed_s,
+                dropped_events: dropped,
+                processes: rows,
+            };
+            writeln!(out, "{}", json_line(&rec))?;
+        }
+        Format::Text { top, .. } => {
+            writeln!(out, "[{elapsed_s:.0}s] dropped events: {dropped}")?;
+            write!(out, "{}", table(rows, top))?;
+            writeln!(out)?;
+        }
+    }
+    out.flush()
+}
+
+/// Everything the final summary reports.
+pub struct RunSummary<'a> {
+    pub backend: &'a str,
+    pub fork_latency_means: &'a str,
+    pub cow_latency_means: &'a str,
+    pub elapsed_s: f64,
+    pub ended_by: &'a str,
+    pub kernel: KernelCounters,
+    pub seen: Seen,
+    pub command_exit_code: Option<i32>,
+    pub processes: &'a [ProcRow],
+    pub histograms: &'a RunHistograms,
+    pub episodes: &'a [Episode],
+}
+
+pub fn write_summary(out: &mut impl io::Write, s: &RunSummary, format: Format) -> io::Result<()> {
+    let (top, divisor, label) = match format {
+        Format::Json => {
+            let rec = SummaryRecord {
+                kind: "summary",
+                backend: s.backend,
+                elapsed_s: s.elapsed_s,
+                ended_by: s.ended_by,
+                dropped_events: s.kernel.dropped,
+                kernel_totals: s.kernel.totals,
+                events_received: s.seen,
+                command_exit_code: s.command_exit_code,
+                processes: s.processes,
+                histograms: Histograms {
+                    fork_latency_ns: s.histograms.fork_lat.to_log2(1).nonzero_rows(),
+                    cow_latency_ns: s.histograms.cow_lat.to_log2(1).nonzero_rows(),
+                    fork_dup_mmap_ns: s.histograms.dup_mmap.to_log2(1).nonzero_rows(),
+                },
+                episodes: s.episodes,
+            };
+            writeln!(out, "{}", json_line(&rec))?;
+            return out.flush();
+        }
+        Format::Text { top, divisor, label } => (top, divisor, label),
+    };
+    writeln!(out, "=== summary: {:.1}s, ended by {} ===", s.elapsed_s, s.ended_by)?;
+    write!(out, "{}", table(s.processes, top))?;
+    write!(out, "{}", episode_list(s.episodes, top))?;
+    let h = s.histograms;
+    let histograms = [
+        (&h.fork_lat, format!("fork latency ({})", s.fork_latency_means)),
+        (&h.dup_mmap, "of which dup_mmap (copying the address space: VMAs and page tables)".to_string()),
+        (&h.cow_lat, format!("CoW latency ({})", s.cow_latency_means)),
+    ];
+    for (hist, title) in histograms {
+        if hist.count() > 0 {
+            writeln!(out, "\n{title}:")?;
+            write!(out, "{}", hist.to_log2(divisor).render(label))?;
+        }
+    }
+    let t = &s.kernel.totals.events;
+    writeln!(
+        out,
+        "\nkernel totals: {} forks, {} CoW copies, {} reuses, {} zero-fills, {} huge-page faults; dropped events: {}",
+        t.spawns, t.cow_copies, t.cow_reuses, t.zero_fills, t.huge_cows, s.kernel.dropped
+    )?;
+    if let Some(code) = s.command_exit_code {
+        writeln!(out, "command exited with status {code}")?;
+    }
+    out.flush()
+}
+
 pub fn json_line<T: Serialize>(v: &T) -> String {
     serde_json::to_string(v).expect("serialisable")
 }
@@ -226,19 +393,6 @@ mod tests {
             exited: pid == 3,
             exit_status: None,
         }
-    }
-
-    #[test]
-    fn units() {
-        assert_eq!(fmt_ns(0), "-");
-        assert_eq!(fmt_ns(850), "850ns");
-        assert_eq!(fmt_ns(2_400), "2.4us");
-        assert_eq!(fmt_ns(21_300_000), "21.3ms");
-        assert_eq!(fmt_ns(1_200_000_000), "1.20s");
-        assert_eq!(fmt_bytes(0), "0");
-        assert_eq!(fmt_bytes(100), "100B");
-        assert_eq!(fmt_bytes(4096), "4.0KiB");
-        assert_eq!(fmt_bytes(92_825 * 4096), "362.6MiB");
     }
 
     #[test]

@@ -6,6 +6,11 @@
 //! mappings (allocator arenas are those; naming each by its start keeps two
 //! arenas apart).
 
+use std::collections::HashMap;
+
+/// A miss in the cached maps re-reads them at most this often.
+const MAPS_REREAD_NS: u64 = 100_000_000;
+
 /// One mapping: `[start, end)` and what to call it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Region {
@@ -64,9 +69,60 @@ fn parse_line(line: &str) -> Option<Region> {
     Some(Region { start, end, name })
 }
 
-/// Reads a live process's maps; `None` once it is gone or unreadable.
-pub fn read_maps(pid: u32) -> Option<String> {
-    std::fs::read_to_string(format!("/proc/{pid}/maps")).ok()
+struct Cached {
+    maps: Maps,
+    read_at_ns: u64,
+}
+
+/// Processes' maps as last read, re-read when an address is new to them
+/// (at most every `MAPS_REREAD_NS`): the layout outlives the process, for
+/// outcomes that arrive after it is gone.
+pub struct MapsCache {
+    cached: HashMap<u32, Cached>,
+    /// The text of `/proc/PID/maps`, `None` once the process is gone.
+    read: Box<dyn Fn(u32) -> Option<String>>,
+}
+
+impl MapsCache {
+    pub fn new(read: Box<dyn Fn(u32) -> Option<String>>) -> Self {
+        Self { cached: HashMap::new(), read }
+    }
+
+    /// Reads `pid`'s maps now unless they are cached already.
+    pub fn remember(&mut self, pid: u32, now_ns: u64) {
+        if !self.cached.contains_key(&pid) {
+            if let Some(text) = (self.read)(pid) {
+                self.cached.insert(pid, Cached { maps: Maps::parse(&text), read_at_ns: now_ns });
+            }
+        }
+    }
+
+    pub fn forget(&mut self, pid: u32) {
+        self.cached.remove(&pid);
+    }
+
+    /// The name of the region of `addr` in `pid`'s layout; `alt`'s maps
+    /// stand in when `pid`'s cannot be read (a child has its parent's
+    /// layout at the fork). `None`: in no known mapping.
+    pub fn region(&mut self, pid: u32, alt: u32, addr: u64, now_ns: u64) -> Option<String> {
+        let read = &self.read;
+        let read = |p: u32| read(p).or_else(|| read(alt));
+        let cached = self.cached.entry(pid).or_insert_with(|| Cached {
+            maps: read(pid).map(|t| Maps::parse(&t)).unwrap_or_default(),
+            read_at_ns: now_ns,
+        });
+        if let Some(r) = cached.maps.find(addr) {
+            return Some(r.name.clone());
+        }
+        if now_ns.saturating_sub(cached.read_at_ns) >= MAPS_REREAD_NS {
+            if let Some(text) = read(pid) {
+                cached.maps = Maps::parse(&text);
+            }
+            cached.read_at_ns = now_ns;
+            return cached.maps.find(addr).map(|r| r.name.clone());
+        }
+        None
+    }
 }
 
 #[cfg(test)]
@@ -109,15 +165,5 @@ garbage line
         assert_eq!(m.find(u64::MAX), None);
         assert!(Maps::parse("").is_empty());
         assert_eq!(Maps::parse("").find(0x1000), None);
-    }
-
-    #[test]
-    fn own_maps_contain_own_stack_and_heap_data() {
-        let m = Maps::parse(&read_maps(std::process::id()).expect("own maps"));
-        let local = 0u64;
-        assert!(m.find(&local as *const u64 as u64).is_some(), "a local lies on some stack");
-        let boxed = Box::new([0u8; 64]);
-        assert!(m.find(boxed.as_ptr() as u64).is_some(), "heap data lies in some mapping");
-        assert!(read_maps(u32::MAX).is_none());
     }
 }

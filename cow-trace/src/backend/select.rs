@@ -1,0 +1,347 @@
+//! What the kernel offers, which backend runs on it, and why.
+
+use std::path::Path;
+
+use anyhow::Result;
+use btf_rs::Btf;
+use cow_trace_common::hooks::{Attach, Hook, HOOKS};
+
+use super::{BackendKind, LoadOptions, Tracer};
+use crate::{
+    cli::BackendChoice,
+    kernel::{self, KernelOffsets},
+};
+
+/// Environment variable listing optional functions not to hook.
+pub const SKIP_HOOKS_ENV: &str = "COW_TRACE_SKIP_HOOKS";
+
+/// The order `--backend auto` tries: cheapest and most precise first.
+pub fn candidates(choice: BackendChoice) -> Vec<BackendKind> {
+    match choice {
+        BackendChoice::Auto => vec![BackendKind::Fentry, BackendKind::Kprobe, BackendKind::Tracepoint],
+        BackendChoice::Fentry => vec![BackendKind::Fentry],
+        BackendChoice::Kprobe => vec![BackendKind::Kprobe],
+        BackendChoice::Tracepoint => vec![BackendKind::Tracepoint],
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Selection {
+    pub kind: BackendKind,
+    /// Why this backend: one line a user can act on.
+    pub reason: String,
+    /// Backends tried before this one, each as "name: why not".
+    pub rejected: Vec<String>,
+    /// What the latencies mean on this backend.
+    pub fork_latency_means: &'static str,
+    pub cow_latency_means: &'static str,
+    /// Whether fork latency is split into its `dup_mmap` share.
+    pub dup_mmap_split: bool,
+}
+
+/// Loads the first backend of `choice` the kernel accepts. With `auto`,
+/// each one passed over gets a line on stderr saying why; a backend asked
+/// for by name that cannot run is an error, never a silent fallback.
+pub fn choose(
+    choice: BackendChoice,
+    offsets: &KernelOffsets,
+    tracefs: &Path,
+    features: &KernelFeatures,
+    opts: &LoadOptions,
+) -> Result<(Selection, Tracer)> {
+    let mut rejected = Vec::new();
+    for kind in candidates(choice) {
+        // Loading and attaching is the honest test of what a kernel allows
+        // (it can list a function and still refuse a trampoline on it).
+        let attempt = features.check(kind).map_err(anyhow::Error::msg).and_then(|funcs| {
+            let plan = features.plan(kind, &funcs);
+            Tracer::load(kind, &plan, &funcs, offsets, tracefs, opts).map(|t| (funcs, t))
+        });
+        match attempt {
+            Ok((funcs, tracer)) => {
+                let sel = Selection {
+                    kind,
+                    reason: reason(choice, kind, &rejected),
+                    fork_latency_means: kind.fork_latency_means(),
+                    cow_latency_means: kind.cow_latency_means(),
+                    dup_mmap_split: funcs.contains(&"dup_mmap"),
+                    rejected,
+                };
+                return Ok((sel, tracer));
+            }
+            Err(e) if choice == BackendChoice::Auto => {
+                let line = format!("{}: {e:#}", kind.name());
+                eprintln!("cow-trace: backend {line}");
+                rejected.push(line);
+            }
+            Err(e) => anyhow::bail!(
+                "backend {} is not available on this kernel: {e:#} (use --backend auto to pick one that is)",
+                kind.name()
+            ),
+        }
+    }
+    anyhow::bail!("no backend can run on this kernel: {}", rejected.join("; "))
+}
+
+/// The distinct targets of the hooks that `keep`, in table order.
+fn targets(keep: impl Fn(&Hook) -> bool) -> Vec<&'static str> {
+    let mut out: Vec<&'static str> = Vec::new();
+    for h in HOOKS.iter().filter(|h| keep(h)) {
+        if !out.contains(&h.target) {
+            out.push(h.target);
+        }
+    }
+    out
+}
+
+/// What the kernel can do, probed without loading anything.
+#[derive(Clone, Debug, Default)]
+pub struct KernelFeatures {
+    /// A kprobe PMU or tracefs `kprobe_events`: CONFIG_KPROBES.
+    pub kprobes: bool,
+    /// Raw tracepoints of the hook table this kernel lacks.
+    pub missing_raw_tracepoints: Vec<&'static str>,
+    /// Classic tracepoints of the hook table this kernel has.
+    pub tracepoints: Vec<&'static str>,
+    /// Hooked kernel functions in /proc/kallsyms (kprobe targets).
+    pub kallsyms: Vec<&'static str>,
+    /// Hooked kernel functions with a BTF `FUNC` (fentry targets).
+    pub btf_funcs: Vec<&'static str>,
+    /// Optional functions not to hook (`COW_TRACE_SKIP_HOOKS=a,b`): a way
+    /// around a function that misbehaves on some kernel, and a way to run
+    /// the fallbacks (e.g. the copy signal used where `wp_page_copy` is
+    /// inlined) on a kernel that has them all.
+    pub skip: Vec<String>,
+}
+
+impl KernelFeatures {
+    pub fn probe(btf: &Btf, tracefs: &Path) -> Self {
+        let kallsyms = std::fs::read_to_string("/proc/kallsyms").unwrap_or_default();
+        let functions = targets(Hook::hooks_function);
+        Self {
+            kprobes: tracefs.join("kprobe_events").exists()
+                || Path::new("/sys/bus/event_source/devices/kprobe").exists(),
+            missing_raw_tracepoints: targets(|h| h.attach == Attach::RawTracepoint)
+                .into_iter()
+                .filter(|tp| !kernel::has_raw_tracepoint(btf, tp))
+                .collect(),
+            tracepoints: HOOKS
+                .iter()
+                .filter_map(|h| match h.attach {
+                    Attach::Tracepoint { category } => {
+                        tracefs.join("events").join(category).join(h.target).is_dir().then_some(h.target)
+                    }
+                    _ => None,
+                })
+                .collect(),
+            kallsyms: functions.iter().copied().filter(|f| kernel::kallsyms_has(&kallsyms, f)).collect(),
+            btf_funcs: functions.iter().copied().filter(|f| kernel::has_btf_func(btf, f)).collect(),
+            skip: std::env::var(SKIP_HOOKS_ENV)
+                .unwrap_or_default()
+                .split(',')
+                .map(str::trim)
+                .filter(|f| !f.is_empty())
+                .map(String::from)
+                .collect(),
+        }
+    }
+
+    /// The functions `kind` would hook here, or why it cannot run, judged
+    /// from what the kernel advertises (loading may still refuse).
+    pub fn check(&self, kind: BackendKind) -> Result<Vec<&'static str>, String> {
+        let missing: Vec<_> = targets(|h| h.used_by(kind.bit()) && h.attach == Attach::RawTracepoint)
+            .into_iter()
+            .filter(|tp| self.missing_raw_tracepoints.contains(tp))
+            .collect();
+        if !missing.is_empty() {
+            return Err(format!(
+                "this kernel lacks the tracepoint(s) {} (page_fault_user is x86-only)",
+                missing.join(", ")
+            ));
+        }
+        let have = match kind {
+            BackendKind::Tracepoint => {
+                let required = kind.hooks().filter(|h| h.required);
+                for h in required {
+                    if let Attach::Tracepoint { category } = h.attach {
+                        if !self.tracepoints.contains(&h.target) {
+                            return Err(format!(
+                                "this kernel has no {category}:{} tracepoint (CONFIG_FTRACE_SYSCALLS)",
+                                h.target
+                            ));
+                        }
+                    }
+                }
+                return Ok(vec![]);
+            }
+            BackendKind::Kprobe if !self.kprobes => return Err("kernel built without CONFIG_KPROBES".into()),
+            BackendKind::Kprobe => &self.kallsyms,
+            BackendKind::Fentry => &self.btf_funcs,
+        };
+        let where_ = if kind == BackendKind::Fentry { "in the kernel's BTF" } else { "in /proc/kallsyms" };
+        let skipped = |f: &str| self.skip.iter().any(|s| s == f);
+        for f in targets(|h| h.used_by(kind.bit()) && h.hooks_function() && h.required) {
+            if !have.contains(&f) {
+                return Err(format!("kernel function {f} not found {where_} (inlined or renamed)"));
+            }
+            if skipped(f) {
+                return Err(format!("{SKIP_HOOKS_ENV} names {f}, which this backend cannot do without"));
+            }
+        }
+        Ok(targets(|h| h.used_by(kind.bit()) && h.hooks_function())
+            .into_iter()
+            .filter(|f| have.contains(f) && !skipped(f))
+            .collect())
+    }
+
+    /// Every hook `kind` attaches here: its tracepoints the kernel has, and
+    /// its programs on `funcs` (from [`KernelFeatures::check`]).
+    pub fn plan(&self, kind: BackendKind, funcs: &[&str]) -> Vec<&'static Hook> {
+        let mut plan: Vec<_> = kind
+            .hooks()
+            .filter(|h| match h.attach {
+                Attach::RawTracepoint => true,
+                Attach::Tracepoint { .. } => self.tracepoints.contains(&h.target),
+                _ => false,
+            })
+            .collect();
+        plan.extend(function_hooks(kind, funcs));
+        plan
+    }
+}
+
+/// The programs that hook `funcs`, entry before return, in `funcs` order.
+fn function_hooks(kind: BackendKind, funcs: &[&str]) -> Vec<&'static Hook> {
+    funcs.iter().flat_map(|f| kind.hooks().filter(move |h| h.hooks_function() && h.target == *f)).collect()
+}
+
+/// The one line saying why `kind` was picked.
+pub fn reason(choice: BackendChoice, kind: BackendKind, rejected: &[String]) -> String {
+    let passed_over: Vec<_> = rejected.iter().filter_map(|r| r.split(':').next()).collect();
+    match choice {
+        BackendChoice::Auto if rejected.is_empty() => "the best backend this kernel offers".into(),
+        // The reasons are on the lines printed before this one.
+        BackendChoice::Auto => {
+            format!("the best backend this kernel accepts (passed over: {})", passed_over.join(", "))
+        }
+        _ => format!("requested with --backend {}", kind.name()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ALL: [&str; 5] = ["copy_process", "do_wp_page", "dup_mmap", "wp_page_copy", "do_huge_pmd_wp_page"];
+
+    /// This machine's kind of kernel: tracepoints only.
+    fn no_kprobes() -> KernelFeatures {
+        KernelFeatures {
+            kprobes: false,
+            missing_raw_tracepoints: vec![],
+            tracepoints: vec!["sys_enter_clone", "sys_exit_clone", "sys_enter_clone3", "sys_exit_clone3"],
+            kallsyms: vec!["copy_process", "do_wp_page", "dup_mmap", "do_huge_pmd_wp_page"],
+            btf_funcs: vec!["copy_process", "do_wp_page", "dup_mmap", "do_huge_pmd_wp_page"],
+            skip: vec![],
+        }
+    }
+
+    #[test]
+    fn auto_tries_fentry_then_kprobe_then_tracepoint() {
+        use BackendKind::*;
+        assert_eq!(candidates(BackendChoice::Auto), vec![Fentry, Kprobe, Tracepoint]);
+        assert_eq!(candidates(BackendChoice::Kprobe), vec![Kprobe]);
+        assert_eq!(candidates(BackendChoice::Fentry), vec![Fentry]);
+        assert_eq!(candidates(BackendChoice::Tracepoint), vec![Tracepoint]);
+    }
+
+    #[test]
+    fn kprobe_needs_config_kprobes() {
+        let e = no_kprobes().check(BackendKind::Kprobe).unwrap_err();
+        assert_eq!(e, "kernel built without CONFIG_KPROBES");
+        let f = KernelFeatures { kprobes: true, ..no_kprobes() };
+        // wp_page_copy inlined: hooked set without it, the rest kept.
+        assert_eq!(
+            f.check(BackendKind::Kprobe).unwrap(),
+            vec!["copy_process", "do_wp_page", "dup_mmap", "do_huge_pmd_wp_page"]
+        );
+    }
+
+    #[test]
+    fn required_functions_are_named_when_missing() {
+        let f = KernelFeatures { kprobes: true, kallsyms: vec!["copy_process"], ..no_kprobes() };
+        let e = f.check(BackendKind::Kprobe).unwrap_err();
+        assert!(e.contains("do_wp_page") && e.contains("kallsyms"), "{e}");
+        let f = KernelFeatures { btf_funcs: vec!["do_wp_page"], ..no_kprobes() };
+        let e = f.check(BackendKind::Fentry).unwrap_err();
+        assert!(e.contains("copy_process") && e.contains("BTF"), "{e}");
+        // Optional functions are just left out.
+        let f = KernelFeatures { btf_funcs: ALL.to_vec(), ..no_kprobes() };
+        assert_eq!(f.check(BackendKind::Fentry).unwrap(), ALL.to_vec());
+    }
+
+    #[test]
+    fn skipped_hooks() {
+        let f = KernelFeatures { btf_funcs: ALL.to_vec(), skip: vec!["wp_page_copy".into()], ..no_kprobes() };
+        assert_eq!(
+            f.check(BackendKind::Fentry).unwrap(),
+            vec!["copy_process", "do_wp_page", "dup_mmap", "do_huge_pmd_wp_page"]
+        );
+        let f = KernelFeatures { skip: vec!["do_wp_page".into()], ..f };
+        let e = f.check(BackendKind::Fentry).unwrap_err();
+        assert!(e.contains("COW_TRACE_SKIP_HOOKS") && e.contains("do_wp_page"), "{e}");
+    }
+
+    #[test]
+    fn missing_tracepoints_are_named() {
+        let f = KernelFeatures { missing_raw_tracepoints: vec!["page_fault_user"], ..no_kprobes() };
+        assert!(f.check(BackendKind::Tracepoint).unwrap_err().contains("page_fault_user"));
+        // The kprobe and fentry backends do not need it.
+        assert!(f.check(BackendKind::Fentry).is_ok());
+        let f = KernelFeatures { missing_raw_tracepoints: vec!["sched_process_exit"], ..no_kprobes() };
+        assert!(f.check(BackendKind::Fentry).unwrap_err().contains("sched_process_exit"));
+        let f = KernelFeatures { tracepoints: vec![], ..no_kprobes() };
+        assert!(f.check(BackendKind::Tracepoint).unwrap_err().contains("sys_enter_clone"));
+    }
+
+    #[test]
+    fn hooks_pair_entry_and_return_programs() {
+        let h = function_hooks(BackendKind::Fentry, &["copy_process", "wp_page_copy"]);
+        let names: Vec<_> = h.iter().map(|h| format!("{}@{}", h.program, h.target)).collect();
+        assert_eq!(
+            names,
+            ["fe_copy_process@copy_process", "fx_copy_process@copy_process", "fe_wp_page_copy@wp_page_copy"]
+        );
+        let h = function_hooks(BackendKind::Kprobe, &["do_wp_page"]);
+        assert_eq!(h[1].program, "kr_do_wp_page");
+    }
+
+    #[test]
+    fn the_plan_attaches_the_lifecycle_and_what_the_kernel_has() {
+        let f = no_kprobes();
+        let plan: Vec<_> = f.plan(BackendKind::Tracepoint, &[]).iter().map(|h| h.program).collect();
+        assert_eq!(&plan[..3], ["sched_process_fork", "sched_process_exit", "sched_process_exec"]);
+        assert!(plan.contains(&"exit_clone3") && !plan.contains(&"enter_vfork"), "{plan:?}");
+        assert!(!plan.contains(&"mm_page_alloc_wp"));
+        let plan: Vec<_> = f.plan(BackendKind::Kprobe, &["copy_process"]).iter().map(|h| h.program).collect();
+        assert_eq!(
+            plan,
+            [
+                "sched_process_fork",
+                "sched_process_exit",
+                "sched_process_exec",
+                "mm_page_alloc_wp",
+                "kp_copy_process",
+                "kr_copy_process"
+            ]
+        );
+    }
+
+    #[test]
+    fn reasons() {
+        let rejected = vec!["fentry: EPERM".to_string(), "kprobe: no".to_string()];
+        assert!(reason(BackendChoice::Auto, BackendKind::Tracepoint, &rejected)
+            .ends_with("(passed over: fentry, kprobe)"));
+        assert!(reason(BackendChoice::Kprobe, BackendKind::Kprobe, &[]).contains("--backend kprobe"));
+    }
+}

@@ -1,0 +1,109 @@
+//! Event counts: what the kernel classified (its counters, decoded here and
+//! nowhere else) against what userspace received.
+
+use cow_trace_common::{counter, EventKind};
+use serde::Serialize;
+
+/// Events per kind. The kernel counts them as it classifies them (whether
+/// or not the ring buffer had room); userspace counts what it received.
+/// The two are compared to tell how much was lost.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct EventCounts {
+    pub spawns: u64,
+    pub fork_latencies: u64,
+    pub cow_copies: u64,
+    pub cow_reuses: u64,
+    pub zero_fills: u64,
+    pub huge_cows: u64,
+    pub exits: u64,
+    pub execs: u64,
+}
+
+impl EventCounts {
+    fn slot(&mut self, kind: EventKind) -> &mut u64 {
+        match kind {
+            EventKind::Spawn => &mut self.spawns,
+            EventKind::ForkLatency => &mut self.fork_latencies,
+            EventKind::CowCopy => &mut self.cow_copies,
+            EventKind::CowReuse => &mut self.cow_reuses,
+            EventKind::ZeroFill => &mut self.zero_fills,
+            EventKind::Exit => &mut self.exits,
+            EventKind::Exec => &mut self.execs,
+            EventKind::HugeCow => &mut self.huge_cows,
+        }
+    }
+
+    pub fn count(&mut self, kind: EventKind) {
+        *self.slot(kind) += 1;
+    }
+
+    /// From the kernel's counter array, where each kind counts at the index
+    /// of its value.
+    pub fn from_kernel(counters: &[u64]) -> Self {
+        let mut c = Self::default();
+        for (i, &n) in counters.iter().enumerate() {
+            if let Some(kind) = EventKind::from_u32(i as u32) {
+                *c.slot(kind) = n;
+            }
+        }
+        c
+    }
+}
+
+/// Events received, per kind, as userspace saw them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Seen {
+    #[serde(flatten)]
+    pub events: EventCounts,
+    /// Records that were not an event this version knows.
+    pub malformed: u64,
+}
+
+/// Totals counted in the kernel, independent of the ring buffer.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct KernelTotals {
+    #[serde(flatten)]
+    pub events: EventCounts,
+    pub unclassified_faults: u64,
+    pub traced_full: u64,
+}
+
+/// The kernel's `COUNTERS` array, summed over CPUs, decoded.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelCounters {
+    /// Events that found no room in the ring buffer.
+    pub dropped: u64,
+    pub totals: KernelTotals,
+}
+
+impl KernelCounters {
+    /// `counters` indexed by `counter::*`.
+    pub fn decode(counters: &[u64]) -> Self {
+        let at = |i: u32| counters.get(i as usize).copied().unwrap_or(0);
+        Self {
+            dropped: at(counter::DROPPED),
+            totals: KernelTotals {
+                events: EventCounts::from_kernel(counters),
+                unclassified_faults: at(counter::UNCLASSIFIED),
+                traced_full: at(counter::TRACED_FULL),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_counters_decode_by_index() {
+        let mut c = [0u64; counter::COUNT as usize];
+        c[counter::DROPPED as usize] = 3;
+        c[counter::COW_COPIES as usize] = 2;
+        c[counter::UNCLASSIFIED as usize] = 9;
+        c[counter::TRACED_FULL as usize] = 1;
+        let k = KernelCounters::decode(&c);
+        assert_eq!((k.dropped, k.totals.events.cow_copies), (3, 2));
+        assert_eq!((k.totals.unclassified_faults, k.totals.traced_full), (9, 1));
+    }
+}

@@ -1,0 +1,372 @@
+//! Ring-buffer records decoded, once, into typed [`Event`]s.
+//!
+//! Two record types share the ring: single wire events (process-level
+//! events, and every event of the kprobe and fentry backends) and, from the
+//! tracepoint backend's fault hooks, [`FaultBatch`]es of compact
+//! [`FaultRecord`]s, one per CPU at a time. Both become `Event`s here, and
+//! nothing above this module reads the wire's kind-specific fields.
+//!
+//! [`FaultBatch`]: cow_trace_common::FaultBatch
+
+use cow_trace_common::{
+    Event as Wire, EventKind, FaultRecord, FAULT_BATCH, FAULT_BATCH_HEADER, FAULT_BATCH_LEN, FLAG_DUP_MMAP,
+    FLAG_NO_SYSCALL,
+};
+
+/// A task comm as the kernel wrote it: NUL-padded, not always UTF-8. Kept
+/// raw so that events whose name nobody reads cost no allocation.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Comm([u8; 16]);
+
+impl Comm {
+    pub fn new(raw: [u8; 16]) -> Self {
+        Self(raw)
+    }
+
+    /// Fault records carry no comm.
+    pub fn is_empty(&self) -> bool {
+        self.0[0] == 0
+    }
+
+    /// The bytes before the first NUL.
+    pub fn bytes(&self) -> &[u8] {
+        let end = self.0.iter().position(|&b| b == 0).unwrap_or(self.0.len());
+        &self.0[..end]
+    }
+
+    /// Whether it names `s` exactly.
+    pub fn is(&self, s: &str) -> bool {
+        self.bytes() == s.as_bytes()
+    }
+}
+
+impl std::fmt::Display for Comm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&String::from_utf8_lossy(self.bytes()))
+    }
+}
+
+/// A CoW fault outcome: where, how long, and how many it stands for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Fault {
+    pub addr: u64,
+    /// 0 when the fault was not timed.
+    pub latency_ns: u64,
+    /// How many faults the latency stands for in a histogram: more than one
+    /// for a timed sample of a burst (see `EventKind::CowCopy`).
+    pub weight: u64,
+}
+
+/// What happened, with the fields of its kind.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum What {
+    /// The process created `child` (a process, not a thread); the event's
+    /// comm is the child's. `no_syscall`: no fork latency will follow
+    /// (kernel-made process, tracepoint backend).
+    Spawn {
+        child: u32,
+        no_syscall: bool,
+    },
+    /// The fork that created `child` took `latency_ns`, of which `dup_mmap_ns`
+    /// copying the address space where the backend can tell.
+    ForkLatency {
+        child: u32,
+        latency_ns: u64,
+        dup_mmap_ns: Option<u64>,
+    },
+    Copy(Fault),
+    Reuse(Fault),
+    ZeroFill(Fault),
+    /// The last thread exited with a wait-status `status`.
+    Exit {
+        status: u32,
+    },
+    /// The process replaced its program; the event's comm is the new one.
+    Exec,
+    /// A write fault on a huge-page mapping: `copied_bytes` of user memory
+    /// allocated meanwhile, `vm_fault` the handler's raw return.
+    HugeCow {
+        addr: u64,
+        latency_ns: u64,
+        copied_bytes: u64,
+        vm_fault: u32,
+    },
+}
+
+/// One decoded event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Event {
+    /// Thread-group id (the userspace "PID").
+    pub pid: u32,
+    /// Thread that caused it (the PID for batched faults).
+    pub tid: u32,
+    /// `bpf_ktime_get_ns()` when it completed.
+    pub ts_ns: u64,
+    /// The thread's comm (empty for batched faults).
+    pub comm: Comm,
+    pub what: What,
+}
+
+impl Event {
+    pub fn kind(&self) -> EventKind {
+        match self.what {
+            What::Spawn { .. } => EventKind::Spawn,
+            What::ForkLatency { .. } => EventKind::ForkLatency,
+            What::Copy(_) => EventKind::CowCopy,
+            What::Reuse(_) => EventKind::CowReuse,
+            What::ZeroFill(_) => EventKind::ZeroFill,
+            What::Exit { .. } => EventKind::Exit,
+            What::Exec => EventKind::Exec,
+            What::HugeCow { .. } => EventKind::HugeCow,
+        }
+    }
+
+    /// Decodes a wire event; `None` for a kind this version does not know.
+    pub fn from_wire(w: &Wire) -> Option<Self> {
+        let fault = || Fault { addr: w.addr, latency_ns: w.latency_ns, weight: (w.other as u64).max(1) };
+        let what = match EventKind::from_u32(w.kind)? {
+            EventKind::Spawn => What::Spawn { child: w.other, no_syscall: w.flags & FLAG_NO_SYSCALL != 0 },
+            EventKind::ForkLatency => What::ForkLatency {
+                child: w.other,
+                latency_ns: w.latency_ns,
+                dup_mmap_ns: (w.flags & FLAG_DUP_MMAP != 0).then_some(w.addr),
+            },
+            EventKind::CowCopy => What::Copy(fault()),
+            EventKind::CowReuse => What::Reuse(fault()),
+            EventKind::ZeroFill => What::ZeroFill(fault()),
+            EventKind::Exit => What::Exit { status: w.other },
+            EventKind::Exec => What::Exec,
+            EventKind::HugeCow => What::HugeCow {
+                addr: w.addr,
+                latency_ns: w.latency_ns,
+                copied_bytes: w.other as u64,
+                vm_fault: w.flags,
+            },
+        };
+        Some(Self { pid: w.pid, tid: w.tid, ts_ns: w.ts_ns, comm: Comm(w.comm), what })
+    }
+
+    /// The event a fault record of a batch taken at `ts_ns` stands for, when
+    /// the programs time one fault in `sample_every`; `None` when the record
+    /// is not a fault outcome (a copy, reuse or zero-fill). The aggregation
+    /// keys faults by process, so the thread is not kept.
+    pub fn from_fault_record(ts_ns: u64, r: &FaultRecord, sample_every: u32) -> Option<Self> {
+        let weight = if r.sampled() { sample_every.max(1) as u64 } else { 1 };
+        let f = Fault { addr: r.addr(), latency_ns: r.latency_ns as u64, weight };
+        let what = match EventKind::from_u32(r.kind())? {
+            EventKind::CowCopy => What::Copy(f),
+            EventKind::CowReuse => What::Reuse(f),
+            EventKind::ZeroFill => What::ZeroFill(f),
+            _ => return None,
+        };
+        Some(Self { pid: r.pid, tid: r.pid, ts_ns, comm: Comm::default(), what })
+    }
+}
+
+/// Decodes one single-event record's bytes. Records are written by our own
+/// BPF programs, so anything else is a bug, counted rather than trusted.
+pub fn decode_wire(bytes: &[u8]) -> Option<Wire> {
+    if bytes.len() != size_of::<Wire>() {
+        return None;
+    }
+    // SAFETY: length checked; the wire event is plain integers, valid for
+    // any bits; ring-buffer records are 8-byte aligned but read_unaligned
+    // does not rely on it.
+    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<Wire>()) })
+}
+
+/// A fault batch's time and records, or `None` when `bytes` is not one (or
+/// is malformed: its length must match its count).
+pub fn decode_batch(bytes: &[u8]) -> Option<(u64, impl Iterator<Item = FaultRecord> + '_)> {
+    let word = |i: usize| bytes.get(i..i + 4).map(|b| u32::from_ne_bytes(b.try_into().expect("4 bytes")));
+    if word(0)? != FAULT_BATCH {
+        return None;
+    }
+    let count = word(4)? as usize;
+    let size = size_of::<FaultRecord>();
+    if count == 0 || count > FAULT_BATCH_LEN || bytes.len() != FAULT_BATCH_HEADER + count * size {
+        return None;
+    }
+    let ts_ns = u64::from_ne_bytes(bytes[8..16].try_into().expect("8 bytes"));
+    let records = bytes[FAULT_BATCH_HEADER..].chunks_exact(size).map(|chunk| {
+        // SAFETY: exactly one record's bytes; plain integers.
+        unsafe { std::ptr::read_unaligned(chunk.as_ptr().cast::<FaultRecord>()) }
+    });
+    Some((ts_ns, records))
+}
+
+/// Decodes one ring-buffer record and hands each event it holds to `each`:
+/// `None` for a malformed record (or, in a batch, a malformed fault record),
+/// to be counted.
+pub fn decode_record(bytes: &[u8], sample_every: u32, mut each: impl FnMut(Option<Event>)) {
+    let is_batch = bytes.len() >= 4 && bytes[..4] == FAULT_BATCH.to_ne_bytes();
+    if is_batch {
+        match decode_batch(bytes) {
+            Some((ts, records)) => {
+                records.for_each(|r| each(Event::from_fault_record(ts, &r, sample_every)));
+            }
+            None => each(None),
+        }
+        return;
+    }
+    each(decode_wire(bytes).as_ref().and_then(Event::from_wire));
+}
+
+/// The bytes of a fault batch record: what the BPF side sends. For tests
+/// and benchmarks.
+#[doc(hidden)]
+pub fn encode_batch(ts_ns: u64, records: &[FaultRecord], count: u32) -> Vec<u8> {
+    let mut b = FAULT_BATCH.to_ne_bytes().to_vec();
+    b.extend_from_slice(&count.to_ne_bytes());
+    b.extend_from_slice(&ts_ns.to_ne_bytes());
+    for r in records {
+        // SAFETY: FaultRecord is 16 bytes of plain integers.
+        b.extend_from_slice(&unsafe { std::mem::transmute::<FaultRecord, [u8; 16]>(*r) });
+    }
+    b
+}
+
+/// The bytes of a single-event record. For tests and benchmarks.
+#[doc(hidden)]
+pub fn encode_wire(e: &Wire) -> Vec<u8> {
+    // SAFETY: the wire event is 64 bytes of plain integers.
+    unsafe { std::mem::transmute::<Wire, [u8; 64]>(*e) }.to_vec()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decode_roundtrip_and_length_check() {
+        let e = Wire {
+            kind: EventKind::CowCopy as u32,
+            pid: 7,
+            tid: 8,
+            other: 9,
+            ts_ns: 10,
+            latency_ns: 11,
+            addr: 0xdead_b000,
+            comm: *b"redis-server\0\0\0\0",
+            flags: 0,
+            _reserved: 0,
+        };
+        let bytes = encode_wire(&e);
+        assert_eq!(decode_wire(&bytes), Some(e));
+        // Unaligned input decodes the same.
+        let mut shifted = [0u8; 65];
+        shifted[1..].copy_from_slice(&bytes);
+        assert_eq!(decode_wire(&shifted[1..]), Some(e));
+        assert_eq!(decode_wire(&bytes[..63]), None);
+        assert_eq!(decode_wire(&[0u8; 72]), None);
+    }
+
+    #[test]
+    fn wire_fields_become_named_fields_per_kind() {
+        let w = Wire {
+            kind: EventKind::ForkLatency as u32,
+            pid: 100,
+            tid: 101,
+            other: 200,
+            ts_ns: 5,
+            latency_ns: 20_000_000,
+            addr: 15_000_000,
+            comm: *b"redis-server\0\0\0\0",
+            flags: FLAG_DUP_MMAP,
+            _reserved: 0,
+        };
+        let e = Event::from_wire(&w).unwrap();
+        assert_eq!(
+            e.what,
+            What::ForkLatency { child: 200, latency_ns: 20_000_000, dup_mmap_ns: Some(15_000_000) }
+        );
+        assert_eq!((e.pid, e.tid, e.ts_ns, e.comm.to_string()), (100, 101, 5, "redis-server".into()));
+        let no_split = Event::from_wire(&Wire { flags: 0, ..w }).unwrap();
+        assert!(matches!(no_split.what, What::ForkLatency { dup_mmap_ns: None, .. }));
+        let spawn = Event::from_wire(&Wire { kind: 1, flags: FLAG_NO_SYSCALL, ..w }).unwrap();
+        assert_eq!(spawn.what, What::Spawn { child: 200, no_syscall: true });
+        let exit = Event::from_wire(&Wire { kind: EventKind::Exit as u32, other: 2 << 8, ..w }).unwrap();
+        assert_eq!(exit.what, What::Exit { status: 512 });
+        let huge =
+            Event::from_wire(&Wire { kind: EventKind::HugeCow as u32, other: 2 << 20, flags: 0x800, ..w });
+        assert_eq!(
+            huge.unwrap().what,
+            What::HugeCow {
+                addr: 15_000_000,
+                latency_ns: 20_000_000,
+                copied_bytes: 2 << 20,
+                vm_fault: 0x800
+            }
+        );
+        // A single copy event's weight: `other`, at least 1.
+        let copy = Event::from_wire(&Wire { kind: EventKind::CowCopy as u32, other: 0, ..w }).unwrap();
+        assert!(matches!(copy.what, What::Copy(Fault { weight: 1, addr: 15_000_000, .. })));
+        assert_eq!(Event::from_wire(&Wire { kind: 99, ..w }), None);
+    }
+
+    fn events(bytes: &[u8], sample_every: u32) -> Vec<Option<Event>> {
+        let mut v = Vec::new();
+        decode_record(bytes, sample_every, |e| v.push(e));
+        v
+    }
+
+    #[test]
+    fn fault_batches_decode_into_the_events_they_stand_for() {
+        let copy = FaultRecord {
+            addr_kind: 0x7f00_1234_5000 | EventKind::CowCopy as u64,
+            latency_ns: 2_500,
+            pid: 42,
+        };
+        let sampled = FaultRecord {
+            addr_kind: 0x7f00_1234_6000 | FaultRecord::SAMPLED | EventKind::CowCopy as u64,
+            latency_ns: 900,
+            pid: 42,
+        };
+        let reuse = FaultRecord { addr_kind: 0x5000 | EventKind::CowReuse as u64, latency_ns: 0, pid: 43 };
+        let bytes = encode_batch(7_000, &[copy, sampled, reuse], 3);
+        let events: Vec<Event> = events(&bytes, 16).into_iter().map(|e| e.expect("an outcome")).collect();
+        assert_eq!(events.len(), 3);
+        assert_eq!(
+            (events[0].pid, events[0].ts_ns, events[0].what),
+            (42, 7_000, What::Copy(Fault { addr: 0x7f00_1234_5000, latency_ns: 2_500, weight: 1 }))
+        );
+        // A timed sample stands for `sample_every` copies; its address
+        // loses the flag.
+        assert_eq!(events[1].what, What::Copy(Fault { addr: 0x7f00_1234_6000, latency_ns: 900, weight: 16 }));
+        assert_eq!(
+            (events[2].pid, events[2].what),
+            (43, What::Reuse(Fault { addr: 0x5000, latency_ns: 0, weight: 1 }))
+        );
+        // A count that disagrees with the length, an empty batch, or a
+        // count beyond the batch's capacity is malformed.
+        assert!(decode_batch(&encode_batch(1, &[copy, reuse], 3)).is_none());
+        assert!(decode_batch(&encode_batch(1, &[], 0)).is_none());
+        let too_many = vec![copy; FAULT_BATCH_LEN + 1];
+        assert!(decode_batch(&encode_batch(1, &too_many, too_many.len() as u32)).is_none());
+        assert_eq!(events_of_malformed(&encode_batch(1, &[copy, reuse], 3)), 1);
+        // A single event is not a batch.
+        assert!(decode_batch(&[3u8; 64]).is_none());
+        // A record whose kind is not a fault outcome is not trusted: an
+        // exit or a spawn never travels in a batch.
+        for kind in [EventKind::Exit, EventKind::Spawn, EventKind::HugeCow] {
+            let r = FaultRecord { addr_kind: 0x5000 | kind as u64, latency_ns: 0, pid: 42 };
+            assert!(Event::from_fault_record(1, &r, 16).is_none(), "{kind:?}");
+        }
+        let r = FaultRecord { addr_kind: 0x5000, latency_ns: 0, pid: 42 };
+        assert!(Event::from_fault_record(1, &r, 16).is_none());
+    }
+
+    fn events_of_malformed(bytes: &[u8]) -> usize {
+        events(bytes, 16).iter().filter(|e| e.is_none()).count()
+    }
+
+    #[test]
+    fn comm_decoding() {
+        let s = |raw: &[u8; 16]| Comm::new(*raw).to_string();
+        assert_eq!(s(b"redis-server\0\0\0\0"), "redis-server");
+        assert_eq!(s(b"0123456789abcdef"), "0123456789abcdef");
+        assert_eq!(s(&[0xff, b'a', 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]), "\u{fffd}a");
+        assert!(Comm::default().is_empty());
+        assert!(Comm::new(*b"redis-server\0\0\0\0").is("redis-server"));
+    }
+}

@@ -1,0 +1,411 @@
+//! One tracing run: setting up (checks, backend, traced set), then the
+//! [`Session`] that drains the ring buffer until the run ends, and its
+//! shutdown and summary.
+
+use std::{collections::HashSet, io::StdoutLock, os::fd::OwnedFd, time::Instant};
+
+use anyhow::{Context as _, Result};
+use aya::maps::{MapData, RingBuf};
+use cow_trace::{
+    episode::Episodes,
+    output::{self, Format},
+    tally::Tally,
+};
+use tokio::{
+    io::{unix::AsyncFd, Interest},
+    signal::unix::{signal, SignalKind},
+    time::{Interval, MissedTickBehavior},
+};
+
+use crate::{
+    backend::{self, KernelFeatures, LoadOptions, Selection, Tracer},
+    cli::{Args, Mode},
+    kernel, launch, preflight, procfs,
+};
+
+/// How often the ring buffer is drained when no event woke us.
+const DRAIN_PERIOD: std::time::Duration = std::time::Duration::from_millis(25);
+
+/// How often targets are checked for an exit the ring buffer did not bring.
+const SWEEP_PERIOD: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Why the run ended.
+enum End {
+    Signal(&'static str),
+    Duration,
+    TargetsGone,
+    CommandExited(i32),
+}
+
+impl End {
+    fn describe(&self) -> String {
+        match self {
+            End::Signal(s) => format!("signal {s}"),
+            End::Duration => "duration".into(),
+            End::TargetsGone => "targets exited".into(),
+            End::CommandExited(_) => "command exited".into(),
+        }
+    }
+}
+
+/// Runs the whole trace; returns the exit code.
+pub fn run(args: Args) -> Result<i32> {
+    let mode = args.mode().map_err(anyhow::Error::msg)?;
+    preflight::check_privileges()?;
+    if let Mode::Pids(pids) = &mode {
+        for &pid in pids {
+            preflight::check_pid(pid)?;
+        }
+    }
+    // Everything needed from BTF is read here, and the parsed BTF freed
+    // before aya parses its own copy for loading: halves peak memory.
+    let btf = kernel::load_vmlinux_btf()?;
+    let offsets = kernel::KernelOffsets::from_btf(&btf)?;
+    let tracefs = kernel::tracefs()?;
+    let features = KernelFeatures::probe(&btf, &tracefs);
+    drop(btf);
+    let opts = LoadOptions {
+        trace_all: mode == Mode::System,
+        follow: !args.no_follow,
+        ring_buffer_size: args.ring_buffer_size,
+        empty_programs: args.bench_empty_programs,
+        sample_every: args.sample_every,
+    };
+    // A command that cannot run is refused before anything is loaded; it
+    // waits at its gate until it is in the traced set.
+    let mut gated = match &mode {
+        Mode::Launch(argv) => Some(launch::spawn_gated(argv)?),
+        _ => None,
+    };
+    let (selection, mut tracer) = backend::choose(args.backend, &offsets, &tracefs, &features, &opts)?;
+    let targets = trace_targets(&mode, &mut tracer, gated.as_ref())?;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    runtime.block_on(async {
+        let session = Session::start(&args, &selection, tracer, targets, gated.as_mut())?;
+        session.run(&args, &selection).await
+    })
+}
+
+/// Puts the targets in the kernel's traced set; returns the processes whose
+/// end ends the run (`None`: whole system).
+fn trace_targets(
+    mode: &Mode,
+    tracer: &mut Tracer,
+    gated: Option<&launch::Gated>,
+) -> Result<Option<HashSet<u32>>> {
+    Ok(match mode {
+        Mode::System => None,
+        Mode::Pids(pids) => {
+            tracer.trace_pids(pids)?;
+            // A target that died between the check and now would never send
+            // its exit: refuse rather than wait forever.
+            for &pid in pids {
+                if !procfs::alive(pid) {
+                    anyhow::bail!("PID {pid} exited before tracing started");
+                }
+            }
+            Some(pids.iter().copied().collect())
+        }
+        Mode::Launch(_) => {
+            let g = gated.expect("launch mode");
+            tracer.trace_pids(&[g.pid])?;
+            Some(HashSet::from([g.pid]))
+        }
+    })
+}
+
+/// Registers a descriptor-owning object with the runtime for readability.
+fn watch<T: std::os::fd::AsRawFd>(inner: T) -> std::io::Result<AsyncFd<T>> {
+    // SAFETY: every T passed here (ring buffer, logger, pidfd) owns its
+    // descriptor for as long as it lives, and so for the AsyncFd's lifetime.
+    Ok(unsafe { AsyncFd::register_with_interest(inner, Interest::READABLE) }?)
+}
+
+async fn next_tick(t: &mut Option<Interval>) {
+    match t {
+        Some(t) => {
+            t.tick().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+async fn deadline(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn exited(child: &Option<(u32, AsyncFd<OwnedFd>)>) {
+    match child {
+        Some((_, fd)) => {
+            let _ = fd.readable().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+fn ticker(period: std::time::Duration, first: tokio::time::Instant) -> Interval {
+    let mut t = tokio::time::interval_at(first, period);
+    t.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    t
+}
+
+/// The running trace: the loaded programs, their ring buffer, and what has
+/// been learnt from it.
+pub struct Session {
+    tracer: Tracer,
+    ring: AsyncFd<RingBuf<MapData>>,
+    tally: Tally,
+    out: StdoutLock<'static>,
+    format: Format,
+    sample_every: u32,
+    /// A launched command, with the pidfd that says it exited.
+    child: Option<(u32, AsyncFd<OwnedFd>)>,
+    start: Instant,
+    last_sweep: Instant,
+}
+
+/// What wakes the loop up.
+enum Wake {
+    /// The drain timer: take events, let closing episodes settle, look for
+    /// targets gone without an exit event.
+    DrainTick,
+    /// The ring buffer woke us: take events.
+    Ring,
+    /// The `--interval` timer: take events, print the interval's figures.
+    Interval,
+}
+
+impl Session {
+    /// Writes the header, releases a launched command, and starts the clock.
+    fn start(
+        args: &Args,
+        sel: &Selection,
+        mut tracer: Tracer,
+        targets: Option<HashSet<u32>>,
+        gated: Option<&mut launch::Gated>,
+    ) -> Result<Self> {
+        let page_size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as u64;
+        let tally = Tally::new(
+            page_size,
+            targets,
+            !args.no_follow,
+            Box::new(procfs::ppid_of),
+            Box::new(procfs::comm_of),
+        )
+        .with_episodes(Episodes::new(page_size, Box::new(procfs::read_maps)));
+        let ring = watch(tracer.take_ring()?)?;
+        if let Some(logger) = tracer.logger.take() {
+            let mut logger = watch(logger)?;
+            tokio::spawn(async move {
+                while let Ok(mut guard) = logger.readable_mut().await {
+                    guard.get_inner_mut().flush();
+                    guard.clear_ready();
+                }
+            });
+        }
+        let format = match args.json {
+            true => Format::Json,
+            false => Format::Text { top: args.top, divisor: args.unit.divisor(), label: args.unit.label() },
+        };
+        let mut out = std::io::stdout().lock();
+        let tracing = describe_targets(args, gated.as_deref());
+        let start = output::Start {
+            backend: sel.kind.name(),
+            reason: &sel.reason,
+            rejected: &sel.rejected,
+            fork_latency_means: sel.fork_latency_means,
+            cow_latency_means: sel.cow_latency_means,
+            dup_mmap_split: sel.dup_mmap_split,
+            page_size,
+            tracing: &tracing,
+        };
+        output::write_start(&mut out, &start, format)?;
+        let child = match gated {
+            Some(g) => {
+                let fd = launch::pidfd(g.pid).context("pidfd_open")?;
+                g.release()?;
+                Some((g.pid, watch(fd)?))
+            }
+            None => None,
+        };
+        let now = Instant::now();
+        Ok(Self {
+            tracer,
+            ring,
+            tally,
+            out,
+            format,
+            sample_every: args.sample_every,
+            child,
+            start: now,
+            last_sweep: now,
+        })
+    }
+
+    /// Drains until the run ends, then shuts down and writes the summary.
+    async fn run(mut self, args: &Args, sel: &Selection) -> Result<i32> {
+        let mut sigint = signal(SignalKind::interrupt())?;
+        let mut sigterm = signal(SignalKind::terminate())?;
+        let mut sighup = signal(SignalKind::hangup())?;
+        let stop_at = args.duration.map(|d| tokio::time::Instant::now() + d);
+        let mut interval = args.interval.map(|d| ticker(d, tokio::time::Instant::now() + d));
+        // Fault events do not wake us (see the BPF side): drain on a timer.
+        let mut drain_tick = ticker(DRAIN_PERIOD, tokio::time::Instant::now());
+        let end = loop {
+            let wake = tokio::select! {
+                _ = drain_tick.tick() => Wake::DrainTick,
+                guard = self.ring.readable_mut() => {
+                    // Cleared before the drain: a wakeup during it is kept.
+                    guard?.clear_ready();
+                    Wake::Ring
+                }
+                _ = next_tick(&mut interval) => Wake::Interval,
+                _ = sigint.recv() => break End::Signal("SIGINT"),
+                _ = sigterm.recv() => break End::Signal("SIGTERM"),
+                _ = sighup.recv() => break End::Signal("SIGHUP"),
+                _ = deadline(stop_at) => break End::Duration,
+                _ = exited(&self.child) => {
+                    let pid = self.child.as_ref().expect("launched").0;
+                    break End::CommandExited(launch::exit_code(launch::reap(pid)));
+                }
+            };
+            if let Some(end) = self.step(wake, sel)? {
+                break end;
+            }
+        };
+        self.shut_down(end, sel).await
+    }
+
+    /// Handles one wake-up; `Some` when the run is over.
+    fn step(&mut self, wake: Wake, sel: &Selection) -> Result<Option<End>> {
+        self.drain_and_settle(matches!(wake, Wake::DrainTick))?;
+        let launched = self.child.is_some();
+        match wake {
+            Wake::DrainTick if !launched && self.last_sweep.elapsed() >= SWEEP_PERIOD => {
+                // Targets whose exit event was dropped are found by looking
+                // (see Targets::sweep); a launched command has its pidfd.
+                self.last_sweep = Instant::now();
+                let gone = self.tally.sweep_targets(procfs::alive);
+                if gone > 0 {
+                    log::warn!("{gone} traced processes ended without an exit event (dropped?); no longer waiting for them");
+                }
+            }
+            Wake::Interval => {
+                let dropped = self.tracer.counters()?.dropped;
+                let rows = self.tally.take_interval();
+                let elapsed = self.start.elapsed().as_secs_f64();
+                output::write_interval(&mut self.out, sel.kind.name(), elapsed, dropped, &rows, self.format)?;
+                return Ok(None);
+            }
+            _ => {}
+        }
+        Ok((!launched && self.tally.targets_gone()).then_some(End::TargetsGone))
+    }
+
+    /// Takes every record the ring buffer holds; with `settle`, then lets
+    /// closing episodes finish (see `Episodes::settle`); prints the
+    /// episodes that finished.
+    fn drain_and_settle(&mut self, settle: bool) -> Result<()> {
+        // Read before draining: see Episodes::settle.
+        let closing = settle && self.tally.episodes().is_some_and(Episodes::closing);
+        let oldest_unsent = if closing { self.tracer.oldest_unsent()? } else { None };
+        self.drain();
+        if let Some(eps) = self.tally.episodes_mut().filter(|_| settle) {
+            eps.settle(oldest_unsent);
+        }
+        self.print_episodes()
+    }
+
+    fn drain(&mut self) {
+        let ring = self.ring.get_mut();
+        while let Some(item) = ring.next() {
+            self.tally.apply_record(&item, self.sample_every);
+        }
+    }
+
+    fn print_episodes(&mut self) -> Result<()> {
+        let Some(eps) = self.tally.episodes_mut() else { return Ok(()) };
+        output::write_episodes(&mut self.out, &eps.take_finished(), self.format)?;
+        Ok(())
+    }
+
+    /// Stops the programs, takes everything they left, and writes the
+    /// summary; returns the exit code.
+    async fn shut_down(mut self, end: End, sel: &Selection) -> Result<i32> {
+        let elapsed = self.start.elapsed().as_secs_f64();
+        // Stop the programs, let any still running on another CPU finish,
+        // then take everything they committed: the counters read after this
+        // drain describe exactly the events it could have received.
+        self.tracer.detach();
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        self.drain();
+        // Fault outcomes the programs batched but never sent: each CPU's are
+        // newer than anything it sent, so they come last.
+        for (ts, r) in self.tracer.unsent_faults()? {
+            self.tally.apply_unsent(ts, &r, self.sample_every);
+        }
+        if let Some(eps) = self.tally.episodes_mut() {
+            eps.finish_closing();
+        }
+        self.print_episodes()?;
+        let kernel = self.tracer.counters()?;
+        let Session { tracer, ring, tally, mut out, format, .. } = self;
+        // Detach everything before printing: the summary is the last word.
+        drop(ring);
+        drop(tracer);
+        let command_exit_code = match end {
+            End::CommandExited(code) => Some(code),
+            _ => None,
+        };
+        let summary = output::RunSummary {
+            backend: sel.kind.name(),
+            fork_latency_means: sel.fork_latency_means,
+            cow_latency_means: sel.cow_latency_means,
+            elapsed_s: elapsed,
+            ended_by: &end.describe(),
+            kernel,
+            seen: tally.seen(),
+            command_exit_code,
+            processes: &tally.totals(),
+            histograms: tally.histograms(),
+            episodes: &tally.episodes().map(Episodes::all).unwrap_or_default(),
+        };
+        output::write_summary(&mut out, &summary, format)?;
+        warn_about_losses(&kernel);
+        Ok(command_exit_code.unwrap_or(0))
+    }
+}
+
+/// What the text header says is traced.
+fn describe_targets(args: &Args, gated: Option<&launch::Gated>) -> String {
+    let what = match (gated, args.pids.is_empty()) {
+        (Some(g), _) => format!("command {} (PID {})", g.program, g.pid),
+        (None, false) => {
+            format!("PID {}", args.pids.iter().map(u32::to_string).collect::<Vec<_>>().join(", "))
+        }
+        (None, true) => "all processes".into(),
+    };
+    let follow =
+        if args.no_follow || args.pids.is_empty() && gated.is_none() { "" } else { " and descendants" };
+    format!("{what}{follow}")
+}
+
+fn warn_about_losses(k: &cow_trace::counts::KernelCounters) {
+    if k.dropped > 0 {
+        log::warn!(
+            "{} events did not fit in the ring buffer; per-process figures undercount (try --ring-buffer-size 64M)",
+            k.dropped
+        );
+    }
+    let t = &k.totals;
+    if t.unclassified_faults > 0 || t.traced_full > 0 {
+        log::warn!(
+            "{} write faults left unclassified (thread-id slot collisions), {} children not followed (traced-process map full)",
+            t.unclassified_faults,
+            t.traced_full
+        );
+    }
+}
