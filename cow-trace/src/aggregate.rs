@@ -16,20 +16,20 @@ use crate::{
 /// Figures for one process over some span (an interval or the whole run).
 #[derive(Clone, Debug, Default)]
 pub struct Stats {
-    pub forks: u64,
-    pub fork_lat: Histogram,
-    pub copies: u64,
-    pub reuses: u64,
-    pub zero_fills: u64,
-    pub cow_lat: Histogram,
+    forks: u64,
+    fork_lat: Histogram,
+    copies: u64,
+    reuses: u64,
+    zero_fills: u64,
+    cow_lat: Histogram,
     /// The `dup_mmap` share of each fork (kprobe/fentry backends).
-    pub dup_mmap: Histogram,
-    pub huge_faults: u64,
-    pub huge_bytes: u64,
+    dup_mmap: Histogram,
+    huge_faults: u64,
+    huge_bytes: u64,
 }
 
 impl Stats {
-    pub fn is_empty(&self) -> bool {
+    fn is_empty(&self) -> bool {
         self.forks == 0
             && self.copies == 0
             && self.reuses == 0
@@ -81,8 +81,8 @@ impl Stats {
 /// always updated together.
 #[derive(Clone, Debug, Default)]
 pub struct Figures {
-    pub total: Stats,
-    pub interval: Stats,
+    total: Stats,
+    interval: Stats,
 }
 
 impl Figures {
@@ -126,16 +126,16 @@ impl RunHistograms {
 
 #[derive(Clone, Debug)]
 pub struct Proc {
-    pub pid: u32,
-    pub ppid: u32,
-    pub comm: String,
+    pub(crate) pid: u32,
+    pub(crate) ppid: u32,
+    pub(crate) comm: String,
     /// Raw wait-status style exit code once the process has exited.
-    pub exit_code: Option<u32>,
+    pub(crate) exit_code: Option<u32>,
     /// Time of the spawn event, when it was seen.
-    pub start_ns: Option<u64>,
+    pub(crate) start_ns: Option<u64>,
     /// Time of the exit event.
-    pub exit_ns: Option<u64>,
-    pub figures: Figures,
+    pub(crate) exit_ns: Option<u64>,
+    pub(crate) figures: Figures,
 }
 
 impl Proc {

@@ -77,6 +77,7 @@ pub struct Episode {
     pub top_regions: Vec<RegionBytes>,
 }
 
+#[derive(Clone)]
 struct Open {
     parent: u32,
     parent_comm: String,
@@ -135,7 +136,7 @@ pub struct Episodes {
     kept: VecDeque<Episode>,
     max_kept: usize,
     /// Finished episodes no longer kept for the summary.
-    pub dropped: u64,
+    dropped: u64,
     /// Fork latencies that came before their fork's spawn event, by child
     /// PID: the kprobe and fentry backends time `copy_process`, which
     /// returns before the kernel fires `sched_process_fork`.
@@ -476,6 +477,11 @@ impl Episodes {
         }
     }
 
+    /// Finished episodes no longer kept for the summary (bounded memory).
+    pub fn dropped(&self) -> u64 {
+        self.dropped
+    }
+
     /// Episodes whose child exited since the last call, in exit order.
     pub fn take_finished(&mut self) -> Vec<Episode> {
         std::mem::take(&mut self.finished)
@@ -492,21 +498,7 @@ impl Episodes {
             .into_iter()
             .chain(self.open.values().filter(|o| o.closed.is_none()))
             .map(|o| {
-                let copy = Open {
-                    parent: o.parent,
-                    parent_comm: o.parent_comm.clone(),
-                    child: o.child,
-                    child_comm: o.child_comm.clone(),
-                    start_ns: o.start_ns,
-                    fork_latency_ns: o.fork_latency_ns,
-                    exec_after_ns: o.exec_after_ns,
-                    parent_copies: o.parent_copies,
-                    child_copies: o.child_copies,
-                    cow_lat: o.cow_lat.clone(),
-                    per_second: o.per_second.clone(),
-                    regions: o.regions.clone(),
-                    closed: o.closed,
-                };
+                let copy = o.clone();
                 match o.closed {
                     Some(c) => self.finish(copy, Some(c.end_ns.saturating_sub(o.start_ns)), Some(c.status)),
                     None => self.finish(copy, None, None),
@@ -787,7 +779,7 @@ mod tests {
         eps.feed(&ev(EventKind::Exit, 201, 0, 4 * MS, "p"));
         let finished = settled(&mut eps);
         let all = eps.all();
-        assert_eq!(eps.dropped, 1, "the lost one fell out of the bound of 1");
+        assert_eq!(eps.dropped(), 1, "the lost one fell out of the bound of 1");
         assert_eq!(all.len(), 2);
         assert_eq!((all[0].child, all[0].child_lifetime_ns), (201, Some(MS)));
         assert_eq!((all[1].child, all[1].child_lifetime_ns, all[1].child_copies), (200, None, 0));
