@@ -13,7 +13,7 @@ use cow_trace::{
 };
 use tokio::{
     io::{unix::AsyncFd, Interest},
-    signal::unix::{signal, SignalKind},
+    signal::unix::{signal, Signal, SignalKind},
     time::{Interval, MissedTickBehavior},
 };
 
@@ -163,6 +163,9 @@ pub struct Session {
     sample_every: u32,
     /// A launched command, with the pidfd that says it exited.
     child: Option<(u32, AsyncFd<OwnedFd>)>,
+    /// Taken over before the header is written: a signal sent as soon as
+    /// it appears ends the run with a summary.
+    signals: Option<[Signal; 3]>,
     start: Instant,
     last_sweep: Instant,
 }
@@ -206,6 +209,11 @@ impl Session {
                 }
             });
         }
+        let signals = Some([
+            signal(SignalKind::interrupt())?,
+            signal(SignalKind::terminate())?,
+            signal(SignalKind::hangup())?,
+        ]);
         let format = match args.json {
             true => Format::Json,
             false => Format::Text { top: args.top, divisor: args.unit.divisor(), label: args.unit.label() },
@@ -240,6 +248,7 @@ impl Session {
             format,
             sample_every: args.sample_every,
             child,
+            signals,
             start: now,
             last_sweep: now,
         })
@@ -247,9 +256,7 @@ impl Session {
 
     /// Drains until the run ends, then shuts down and writes the summary.
     async fn run(mut self, args: &Args, sel: &Selection) -> Result<i32> {
-        let mut sigint = signal(SignalKind::interrupt())?;
-        let mut sigterm = signal(SignalKind::terminate())?;
-        let mut sighup = signal(SignalKind::hangup())?;
+        let [mut sigint, mut sigterm, mut sighup] = self.signals.take().expect("run once");
         let stop_at = args.duration.map(|d| tokio::time::Instant::now() + d);
         let mut interval = args.interval.map(|d| ticker(d, tokio::time::Instant::now() + d));
         // Fault events do not wake us (see the BPF side): drain on a timer.
