@@ -6,6 +6,10 @@
 mod bench;
 mod setup;
 mod vm;
+/// The ground-truth workload and its checks, shared with the integration tests.
+#[path = "../../cow-trace/tests/common/workload.rs"]
+#[allow(dead_code)]
+mod workload;
 
 use std::{
     path::{Path, PathBuf},
