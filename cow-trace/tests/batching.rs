@@ -14,8 +14,6 @@ use std::time::Duration;
 use common::*;
 use serde_json::Value;
 
-/// Pages a process touches besides the workload's own (stack, libc).
-const SLACK: u64 = 64;
 /// The workload on CPU 1, first in line there.
 const FIFO_ON_CPU1: [&str; 6] = ["taskset", "-c", "1", "chrt", "-f", "99"];
 

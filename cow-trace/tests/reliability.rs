@@ -20,9 +20,9 @@ fn pid_space() -> std::sync::MutexGuard<'static, ()> {
     PID_SPACE.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-const K: u64 = 2000;
-const M: u64 = 800;
-const SLACK: u64 = 64;
+/// The copies each side of the standard workload makes.
+const K: u64 = STANDARD.child_writes;
+const M: u64 = STANDARD.parent_writes;
 
 #[test]
 fn a_tiny_ring_buffer_drops_are_counted_reported_and_add_up() {
@@ -108,7 +108,7 @@ fn a_reused_pid_starts_a_new_record_and_does_not_inherit_the_dead_ones_figures()
     // child copies K pages: a record that inherited the first one's figures
     // would show 2K.
     let _pids = pid_space();
-    let k = K.to_string();
+    let (pages, k) = (STANDARD.pages.to_string(), K.to_string());
     for attempt in 1..=10 {
         let r = run(
             &[
@@ -116,7 +116,7 @@ fn a_reused_pid_starts_a_new_record_and_does_not_inherit_the_dead_ones_figures()
                 "--",
                 WORKLOAD,
                 "--pages",
-                "4096",
+                &pages,
                 "--child-writes",
                 &k,
                 "--parent-writes",
@@ -191,7 +191,7 @@ fn two_instances_trace_the_same_process_without_interfering() {
     if !need_root("two_instances_trace_the_same_process_without_interfering") {
         return;
     }
-    let w = HeldWorkload::start(4096, K, M);
+    let w = HeldWorkload::start(&STANDARD);
     let pid = w.pid.to_string();
     let mut a = Background::start(&["--json", "-p", &pid]);
     let mut b = Background::start(&["--json", "-p", &pid]);

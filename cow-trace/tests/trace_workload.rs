@@ -10,51 +10,10 @@ use std::time::Duration;
 use common::*;
 use serde_json::Value;
 
-const PAGES: u64 = 8192;
-const K: u64 = 3000;
-const M: u64 = 1200;
-/// Never-written pages the launch-mode workload reads, then writes.
-const Z: u64 = 700;
-/// Pages a process touches besides the workload's own: its stack, libc's
-/// data. Measured at 3-12 here; the bound only has to catch double counting.
-const SLACK: u64 = 64;
-
-/// The checks every mode shares, given the summary and the workload report.
-/// `every_fault_timed`: the run had `--sample-every 1`.
-fn assert_ground_truth(summary: &Value, report: &Value, every_fault_timed: bool) {
-    let parent_pid = u(&report["pid"]);
-    let child_pid = u(&report["children"][0]);
-    let parent =
-        row(summary, parent_pid).unwrap_or_else(|| panic!("no row for parent {parent_pid}: {summary}"));
-    let child = row(summary, child_pid).unwrap_or_else(|| panic!("no row for child {child_pid}: {summary}"));
-
-    assert_eq!(u(&parent["forks"]), 1, "exactly one fork: {parent}");
-    assert_eq!(u(&parent["fork_latency_ns"]["count"]), 1);
-    assert!(u(&parent["fork_latency_ns"]["min"]) > 0, "fork latency > 0: {parent}");
-    assert_eq!(u(&child["ppid"]), parent_pid);
-    assert_eq!(u(&child["forks"]), 0);
-
-    let (cc, pc) = (u(&child["cow_copies"]), u(&parent["cow_copies"]));
-    assert!((K..=K + SLACK).contains(&cc), "child copied {cc} pages, wrote {K}");
-    assert!((M..=M + SLACK).contains(&pc), "parent copied {pc} pages, wrote {M}");
-    let page = u(&report["page_size"]);
-    assert_eq!(u(&child["copied_bytes"]), cc * page);
-    let lat = &child["cow_latency_ns"];
-    if every_fault_timed {
-        // Every copy has its latency.
-        assert_eq!(u(&lat["count"]), cc, "{child}");
-    } else {
-        assert_sampled_latencies(lat, cc);
-    }
-    assert!(u(&lat["p50"]) > 0);
-    assert!(child["exited"].as_bool().unwrap() && parent["exited"].as_bool().unwrap());
-
-    assert_eq!(u(&summary["dropped_events"]), 0);
-    // What userspace received is what the kernel counted.
-    let (kt, seen) = (&summary["kernel_totals"], &summary["events_received"]);
-    for k in ["spawns", "fork_latencies", "cow_copies", "cow_reuses", "zero_fills", "exits", "execs"] {
-        assert_eq!(kt[k], seen[k], "{k}: kernel vs received");
-    }
+/// The checks every mode shares (see `common::workload::check_summary`),
+/// given the summary and the workload report.
+fn assert_ground_truth(summary: &Value, report: &Value, spec: &Spec, timing: Timing) {
+    ok(workload::check_summary(summary, report, spec, timing));
 }
 
 #[test]
@@ -63,8 +22,7 @@ fn launch_mode_counts_the_pages_the_workload_wrote() {
         return;
     }
     let mut args = vec!["--json".to_string()];
-    args.extend(launch_workload(PAGES, K, M));
-    args.extend(["--zero-fills".to_string(), Z.to_string()]);
+    args.extend(launch_workload(&WITH_ZERO_FILLS));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let r = run(&args, Duration::from_secs(120));
     assert!(r.status.success(), "{}\n{}", r.stdout, r.stderr);
@@ -73,11 +31,8 @@ fn launch_mode_counts_the_pages_the_workload_wrote() {
     let s = r.summary();
     assert_eq!(s["ended_by"], "command exited");
     assert_eq!(s["command_exit_code"], 0);
-    assert_ground_truth(s, r.workload(), false);
     // Zero-page faults are told apart from copies, and not counted as such.
-    let parent = row(s, u(&r.workload()["pid"])).unwrap();
-    let zf = u(&parent["zero_fills"]);
-    assert!((Z..=Z + SLACK).contains(&zf), "parent zero-filled {zf} pages, wrote {Z}");
+    assert_ground_truth(s, r.workload(), &WITH_ZERO_FILLS, Timing::Sampled);
 }
 
 #[test]
@@ -85,7 +40,7 @@ fn pid_mode_attaches_to_a_running_process_and_follows_its_child() {
     if !need_root("pid_mode_attaches_to_a_running_process_and_follows_its_child") {
         return;
     }
-    let w = HeldWorkload::start(PAGES, K, M);
+    let w = HeldWorkload::start(&STANDARD);
     let mut t = Background::start(&["--json", "--sample-every", "1", "-p", &w.pid.to_string()]);
     t.wait_attached();
     w.go();
@@ -95,7 +50,7 @@ fn pid_mode_attaches_to_a_running_process_and_follows_its_child() {
     assert!(r.status.success(), "{}", r.stderr);
     let s = r.summary();
     assert_eq!(s["ended_by"], "targets exited");
-    assert_ground_truth(s, &report, true);
+    assert_ground_truth(s, &report, &STANDARD, Timing::EveryCopy);
     // Nothing but the workload and its child was traced.
     assert_eq!(s["processes"].as_array().unwrap().len(), 2, "{s}");
 }
@@ -105,7 +60,7 @@ fn no_follow_traces_the_parent_only() {
     if !need_root("no_follow_traces_the_parent_only") {
         return;
     }
-    let w = HeldWorkload::start(PAGES, K, M);
+    let w = HeldWorkload::start(&STANDARD);
     let mut t = Background::start(&["--json", "--no-follow", "-p", &w.pid.to_string()]);
     t.wait_attached();
     w.go();
@@ -115,7 +70,7 @@ fn no_follow_traces_the_parent_only() {
     let parent = row(s, u(&report["pid"])).expect("parent row");
     assert_eq!(u(&parent["forks"]), 1);
     let pc = u(&parent["cow_copies"]);
-    assert!((M..=M + SLACK).contains(&pc), "parent copied {pc}");
+    assert!(workload::copies_ok(pc, STANDARD.parent_writes), "parent copied {pc}");
     // The child is known (it was forked) but its faults were not traced.
     let child = row(s, u(&report["children"][0]));
     assert!(child.is_none_or(|c| u(&c["cow_copies"]) == 0), "{child:?}");
@@ -128,7 +83,7 @@ fn system_wide_mode_sees_the_workload_among_everything_else() {
     }
     let mut t = Background::start(&["--json", "-d", "120"]);
     t.wait_attached();
-    let w = HeldWorkload::start(PAGES, K, M);
+    let w = HeldWorkload::start(&STANDARD);
     w.go();
     let report = w.finish();
     std::thread::sleep(Duration::from_millis(300));
@@ -137,7 +92,7 @@ fn system_wide_mode_sees_the_workload_among_everything_else() {
     assert!(r.status.success(), "{}", r.stderr);
     let s = r.summary();
     assert_eq!(s["ended_by"], "signal SIGINT");
-    assert_ground_truth(s, &report, false);
+    assert_ground_truth(s, &report, &STANDARD, Timing::Sampled);
     // cow-trace never traces itself.
     assert!(row(s, r.child_pid as u64).is_none(), "cow-trace traced itself");
 }
@@ -147,7 +102,7 @@ fn interval_mode_reports_each_interval_then_the_summary() {
     if !need_root("interval_mode_reports_each_interval_then_the_summary") {
         return;
     }
-    let script = format!("{WORKLOAD} --pages {PAGES} --child-writes {K} --parent-writes {M}; sleep 2.5");
+    let script = format!("{WORKLOAD} {}; sleep 2.5", STANDARD.args().join(" "));
     let r = run(&["--json", "-i", "1", "--", "sh", "-c", &script], Duration::from_secs(120));
     assert!(r.status.success(), "{}", r.stderr);
     let intervals: Vec<_> = r.records.iter().filter(|x| x["type"] == "interval").collect();
@@ -160,7 +115,7 @@ fn interval_mode_reports_each_interval_then_the_summary() {
     // well inside the first second and the command lives 2.5 s more, so
     // every copy falls in an interval that was printed.
     assert_eq!(in_intervals, total, "copies in intervals vs the summary");
-    assert!(total >= K);
+    assert!(total >= STANDARD.child_writes);
     assert!(intervals.iter().all(|i| i["dropped_events"] == 0));
 }
 
@@ -184,7 +139,9 @@ fn every_ending_gives_a_summary_and_leaves_no_program_map_or_link() {
     let mut sleeper = std::process::Command::new("sleep").arg("600").spawn().unwrap();
     let long = sleeper.id().to_string();
     let short_pid = "a target that ends by itself";
-    let endings: [(&[&str], Option<(i32, &str)>, &str); 6] = [
+    // Arguments, the signal that ends the run if any, and the ending told.
+    type Ending<'a> = (&'a [&'a str], Option<(i32, &'a str)>, &'a str);
+    let endings: [Ending; 6] = [
         (&["-p", &long], Some((libc::SIGTERM, "SIGTERM")), "signal SIGTERM"),
         (&["-p", &long], Some((libc::SIGHUP, "SIGHUP")), "signal SIGHUP"),
         (&["-p", &long], Some((libc::SIGINT, "SIGINT")), "signal SIGINT"),

@@ -4,8 +4,13 @@
 //! [`setup`]), so a fresh machine needs nothing but Rust and rustup.
 
 mod bench;
+mod lint;
 mod setup;
 mod vm;
+/// The ground-truth workload and its checks, shared with the integration tests.
+#[path = "../../cow-trace/tests/common/workload.rs"]
+#[allow(dead_code)]
+mod workload;
 
 use std::{
     path::{Path, PathBuf},
@@ -24,13 +29,16 @@ enum Cli {
         #[arg(last = true)]
         args: Vec<String>,
     },
-    /// Install what is missing, then run every test: unit tests and the
-    /// integration tests that load the BPF programs (those need root).
+    /// Install what is missing, then run every test: the lints, unit tests
+    /// and the integration tests that load the BPF programs (those need root).
     Test {
         /// Extra arguments for `cargo test` (after `--`).
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// Check formatting and run clippy (warnings as errors) on every crate,
+    /// the BPF crate for its own target.
+    Lint,
     /// Only install what is missing: the BPF toolchain (nightly rust-src,
     /// bpf-linker) and the Debian packages the tests use.
     Setup,
@@ -143,7 +151,7 @@ pub fn build_release() -> Result<()> {
     run_cmd(cargo().args(["build", "--release", "--package", "cow-trace"]))
 }
 
-fn cargo() -> Command {
+pub fn cargo() -> Command {
     let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     c.current_dir(workspace_root());
     c
@@ -175,6 +183,14 @@ fn real_main() -> Result<()> {
             let t = vm::vm_test(&opts)?;
             if t.failed > 0 {
                 bail!("vm-test: {} failed", t.failed);
+            }
+            Ok(())
+        }
+        Cli::Lint => {
+            setup::ensure_toolchain()?;
+            let t = lint::lint()?;
+            if t.failed > 0 {
+                bail!("lint: {} failed", t.failed);
             }
             Ok(())
         }
@@ -210,6 +226,8 @@ fn real_main() -> Result<()> {
                     "xtask: WARNING: not root: the integration tests will be SKIPPED (run `sudo -E cargo xtask test`)"
                 );
             }
+            // A lint failure is reported and counted like a failed test.
+            let mut tally = lint::lint()?;
             let mut cmd = cargo();
             cmd.args(["test", "--release", "--no-fail-fast", "--workspace", "--exclude", "cow-trace-ebpf"])
                 .args(&args);
@@ -217,7 +235,9 @@ fn real_main() -> Result<()> {
                 // Root tests must run, not skip, when we can run them.
                 cmd.env("COW_TRACE_REQUIRE_ROOT", "1");
             }
-            let mut tally = run_tests(&mut cmd)?;
+            let tests = run_tests(&mut cmd)?;
+            tally.passed += tests.passed;
+            tally.failed += tests.failed;
             // The same workload on a kernel with kprobes and BPF trampolines.
             let vm_opts =
                 vm::VmOptions { timeout: std::time::Duration::from_secs(900), ..Default::default() };

@@ -12,7 +12,7 @@ use anyhow::{anyhow, bail, Context as _, Result};
 
 use crate::run_cmd;
 
-const NIGHTLY: &str = "nightly";
+pub const NIGHTLY: &str = "nightly";
 const BPF_LINKER_VERSION: &str = "^0.13";
 
 pub fn say(msg: &str) {

@@ -2,6 +2,8 @@
 //! reading their JSON, and skipping loudly where root is missing.
 #![allow(dead_code)]
 
+pub mod workload;
+
 use std::{
     io::{BufRead, BufReader, Read},
     path::PathBuf,
@@ -10,6 +12,8 @@ use std::{
 };
 
 use serde_json::Value;
+#[allow(unused_imports)]
+pub use workload::{Spec, Timing, SLACK, STANDARD, WITH_ZERO_FILLS};
 
 pub const COW_TRACE: &str = env!("CARGO_BIN_EXE_cow-trace");
 pub const WORKLOAD: &str = env!("CARGO_BIN_EXE_cow-workload");
@@ -103,15 +107,15 @@ fn slurp(mut r: impl Read + Send + 'static) -> std::thread::JoinHandle<String> {
 }
 
 /// The cow-trace arguments that launch the ground-truth workload.
-pub fn launch_workload(pages: u64, child_writes: u64, parent_writes: u64) -> Vec<String> {
+pub fn launch_workload(spec: &Spec) -> Vec<String> {
     let mut v: Vec<String> = vec!["--".into(), WORKLOAD.into()];
-    for (flag, n) in
-        [("--pages", pages), ("--child-writes", child_writes), ("--parent-writes", parent_writes)]
-    {
-        v.push(flag.into());
-        v.push(n.to_string());
-    }
+    v.extend(spec.args());
     v
+}
+
+/// Panics with the problems `check` found.
+pub fn ok<T>(check: Result<T, String>) -> T {
+    check.unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// Starts `cmd` with no input and its output piped to the test.
@@ -220,8 +224,9 @@ pub struct HeldWorkload {
 }
 
 impl HeldWorkload {
-    pub fn start(pages: u64, child_writes: u64, parent_writes: u64) -> Self {
-        Self::start_wrapped(&[], pages, child_writes, parent_writes)
+    /// The workload of `spec` (its zero-fills aside).
+    pub fn start(spec: &Spec) -> Self {
+        Self::start_wrapped(&[], spec.pages, spec.child_writes, spec.parent_writes)
     }
 
     /// The same, run through `wrapper` (a command that execs the rest, like
@@ -411,20 +416,8 @@ pub fn assert_totals_add_up(summary: &Value) {
     assert_eq!(lost, u(&summary["dropped_events"]), "kernel {kt} vs received {seen}");
 }
 
-/// Checks a CoW latency summary of `copies` copies taken with the default
-/// sampling (`--sample-every 16`): a task's first 64 write faults after it
-/// is scheduled in are timed, then one in 16, which stands for the 16 it
-/// closes. So the weighted count never exceeds the write faults, and falls
-/// short of the copies by fewer than 16 per time slice (a few here).
+/// Checks a CoW latency summary taken with the default sampling (see
+/// `workload::check_sampled_latencies`).
 pub fn assert_sampled_latencies(lat: &Value, copies: u64) {
-    let count = u(&lat["count"]);
-    assert!(count <= copies + 64, "{count} latencies stand for more than the {copies} copies: {lat}");
-    assert!(
-        count + copies / 10 >= copies,
-        "{count} latencies stand for too few of the {copies} copies: {lat}"
-    );
-    assert!(
-        u(&lat["min"]) > 0 && u(&lat["p50"]) >= u(&lat["min"]) && u(&lat["max"]) >= u(&lat["p99"]),
-        "{lat}"
-    );
+    ok(workload::check_sampled_latencies(lat, copies))
 }

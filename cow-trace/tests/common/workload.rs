@@ -1,0 +1,222 @@
+//! The ground-truth workload (`cow-workload`) and the checks of cow-trace's
+//! JSON for it: one specification for the integration tests and for
+//! `cargo xtask vm-test`, which includes this file by path. So it depends
+//! on `serde_json` alone, and its checks return errors instead of panicking.
+
+use serde_json::Value;
+
+/// Pages a process touches besides the workload's own: its stack, libc's
+/// data. Measured at 3-12 here; the bound only has to catch double counting.
+pub const SLACK: u64 = 64;
+
+/// What one round of the workload does; the copies follow by construction.
+#[derive(Clone, Copy, Debug)]
+pub struct Spec {
+    /// Pages mapped and written before the fork.
+    pub pages: u64,
+    /// Distinct pages the child writes: each one copied.
+    pub child_writes: u64,
+    /// Other pages the parent writes while the child lives: each one copied.
+    pub parent_writes: u64,
+    /// Never-written pages the parent reads, then writes (zero-fills, not copies).
+    pub zero_fills: u64,
+}
+
+/// The workload the tests and vm-test trace.
+pub const STANDARD: Spec = Spec { pages: 8192, child_writes: 3000, parent_writes: 1200, zero_fills: 0 };
+
+/// The same with zero-fills (launch mode, vm-test).
+pub const WITH_ZERO_FILLS: Spec = Spec { zero_fills: 700, ..STANDARD };
+
+impl Spec {
+    /// The `cow-workload` arguments for this spec.
+    pub fn args(&self) -> Vec<String> {
+        let mut v = Vec::new();
+        for (flag, n) in [
+            ("--pages", self.pages),
+            ("--child-writes", self.child_writes),
+            ("--parent-writes", self.parent_writes),
+            ("--zero-fills", self.zero_fills),
+        ] {
+            if flag != "--zero-fills" || n > 0 {
+                v.extend([flag.to_string(), n.to_string()]);
+            }
+        }
+        v
+    }
+}
+
+/// How the run timed copy-on-write faults.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Timing {
+    /// The tracepoint backend's default: some faults stand for others.
+    Sampled,
+    /// `--sample-every 1` on the tracepoint backend: one latency per copy.
+    EveryCopy,
+    /// The kernel-function backends: every write fault, reuses included.
+    EveryWriteFault,
+}
+
+/// What a run counted, for the caller's own checks and report.
+#[derive(Clone, Copy, Debug)]
+pub struct Counted {
+    pub child_copies: u64,
+    pub parent_copies: u64,
+    pub zero_fills: u64,
+    pub fork_ns: u64,
+}
+
+/// A number in the JSON, 0 when absent (a check on it then fails).
+pub fn num(v: &Value) -> u64 {
+    v.as_u64().unwrap_or(0)
+}
+
+/// The process row for `pid` in a summary or interval record.
+pub fn process_row(record: &Value, pid: u64) -> Result<&Value, String> {
+    record["processes"]
+        .as_array()
+        .and_then(|ps| ps.iter().find(|p| p["pid"] == pid))
+        .ok_or_else(|| format!("no row for PID {pid}"))
+}
+
+/// Whether `n` copies are what `wrote` writes give (plus a process's own).
+pub fn copies_ok(n: u64, wrote: u64) -> bool {
+    (wrote..=wrote + SLACK).contains(&n)
+}
+
+/// Checks a summary of a run of `spec` against the workload's `report`:
+/// one fork, the copies and zero-fills by construction, the latencies, the
+/// fork's episode, and nothing lost between the kernel and userspace.
+/// Every problem found is listed in the error.
+pub fn check_summary(
+    summary: &Value,
+    report: &Value,
+    spec: &Spec,
+    timing: Timing,
+) -> Result<Counted, String> {
+    let (parent_pid, child_pid) = (num(&report["pid"]), num(&report["children"][0]));
+    let parent = process_row(summary, parent_pid)?;
+    let child = process_row(summary, child_pid)?;
+    let (k, m, z) = (spec.child_writes, spec.parent_writes, spec.zero_fills);
+    let counted = Counted {
+        child_copies: num(&child["cow_copies"]),
+        parent_copies: num(&parent["cow_copies"]),
+        zero_fills: num(&parent["zero_fills"]),
+        fork_ns: num(&parent["fork_latency_ns"]["max"]),
+    };
+    let (cc, pc, zf) = (counted.child_copies, counted.parent_copies, counted.zero_fills);
+    let mut wrong = Vec::new();
+    let fork_lat = &parent["fork_latency_ns"];
+    if num(&parent["forks"]) != 1 || num(&fork_lat["count"]) != 1 {
+        wrong.push(format!("{} forks with {} latencies, expected 1", parent["forks"], fork_lat["count"]));
+    }
+    if num(&fork_lat["min"]) == 0 {
+        wrong.push(format!("fork latency 0: {fork_lat}"));
+    }
+    if num(&child["ppid"]) != parent_pid || num(&child["forks"]) != 0 {
+        wrong.push(format!("child's ppid {}, forks {}", child["ppid"], child["forks"]));
+    }
+    if !copies_ok(cc, k) {
+        wrong.push(format!("child copied {cc} pages, wrote {k}"));
+    }
+    if !copies_ok(pc, m) {
+        wrong.push(format!("parent copied {pc} pages, wrote {m}"));
+    }
+    if z > 0 && !copies_ok(zf, z) {
+        wrong.push(format!("parent zero-filled {zf} pages, wrote {z}"));
+    }
+    if num(&child["copied_bytes"]) != cc * num(&report["page_size"]) {
+        wrong.push(format!("child copied {} bytes in {cc} pages", child["copied_bytes"]));
+    }
+    let lat = &child["cow_latency_ns"];
+    let lat_n = num(&lat["count"]);
+    let lat_ok = match timing {
+        Timing::Sampled => check_sampled_latencies(lat, cc).map_err(|e| wrong.push(e)).is_ok(),
+        Timing::EveryCopy => lat_n == cc,
+        Timing::EveryWriteFault => lat_n >= k,
+    };
+    if !lat_ok || num(&lat["p50"]) == 0 {
+        wrong.push(format!("{lat_n} CoW latencies for {cc} child copies ({timing:?}): {lat}"));
+    }
+    if child["exited"] != true || parent["exited"] != true {
+        wrong.push(format!("exited: child {}, parent {}", child["exited"], parent["exited"]));
+    }
+    if let Err(e) = check_fork_episode(summary, report, spec, counted.fork_ns) {
+        wrong.push(e);
+    }
+    if let Err(e) = check_nothing_lost(summary) {
+        wrong.push(e);
+    }
+    if wrong.is_empty() {
+        Ok(counted)
+    } else {
+        Err(format!("{}\nsummary: {summary}", wrong.join("; ")))
+    }
+}
+
+/// The workload's fork as an episode: the one fork of its parent, to its
+/// child, with the parent's fork latency and the copies each side made
+/// while the other lived.
+pub fn check_fork_episode(summary: &Value, report: &Value, spec: &Spec, fork_ns: u64) -> Result<(), String> {
+    let (parent, child) = (&report["pid"], &report["children"][0]);
+    let all = summary["episodes"].as_array().map(Vec::as_slice).unwrap_or_default();
+    let eps: Vec<&Value> = all.iter().filter(|e| &e["parent"] == parent).collect();
+    let [ep] = eps.as_slice() else {
+        return Err(format!("{} episodes of the workload's parent {parent}, expected 1", eps.len()));
+    };
+    let mut wrong = Vec::new();
+    if &ep["child"] != child {
+        wrong.push(format!("episode {parent} -> {}, child is {child}", ep["child"]));
+    }
+    if num(&ep["fork_latency_ns"]) != fork_ns {
+        wrong.push(format!("episode fork latency {} vs the parent's {fork_ns}", ep["fork_latency_ns"]));
+    }
+    let (ec, epc) = (num(&ep["child_copies"]), num(&ep["parent_copies"]));
+    if !copies_ok(ec, spec.child_writes) || !copies_ok(epc, spec.parent_writes) {
+        wrong.push(format!("episode copies: child {ec}, parent {epc}"));
+    }
+    if wrong.is_empty() {
+        Ok(())
+    } else {
+        Err(wrong.join("; "))
+    }
+}
+
+/// No event dropped, and what userspace received is what the kernel counted.
+pub fn check_nothing_lost(summary: &Value) -> Result<(), String> {
+    let mut wrong = Vec::new();
+    if num(&summary["dropped_events"]) != 0 {
+        wrong.push(format!("{} events dropped", summary["dropped_events"]));
+    }
+    let (kt, seen) = (&summary["kernel_totals"], &summary["events_received"]);
+    for k in ["spawns", "fork_latencies", "cow_copies", "cow_reuses", "zero_fills", "exits", "execs"] {
+        if kt[k].is_null() || kt[k] != seen[k] {
+            wrong.push(format!("{k}: kernel {} vs received {}", kt[k], seen[k]));
+        }
+    }
+    if wrong.is_empty() {
+        Ok(())
+    } else {
+        Err(wrong.join("; "))
+    }
+}
+
+/// Checks a CoW latency summary of `copies` copies taken with the default
+/// sampling (`--sample-every 16`): a task's first 64 write faults after it
+/// is scheduled in are timed, then one in 16, which stands for the 16 it
+/// closes. So the weighted count never exceeds the write faults, and falls
+/// short of the copies by fewer than 16 per time slice (a few here).
+pub fn check_sampled_latencies(lat: &Value, copies: u64) -> Result<(), String> {
+    let count = num(&lat["count"]);
+    if count > copies + 64 {
+        return Err(format!("{count} latencies stand for more than the {copies} copies: {lat}"));
+    }
+    if count + copies / 10 < copies {
+        return Err(format!("{count} latencies stand for too few of the {copies} copies: {lat}"));
+    }
+    let (min, p50, p99, max) = (num(&lat["min"]), num(&lat["p50"]), num(&lat["p99"]), num(&lat["max"]));
+    if min == 0 || p50 < min || max < p99 {
+        return Err(format!("latency quantiles out of order: {lat}"));
+    }
+    Ok(())
+}
