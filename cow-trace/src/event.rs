@@ -14,7 +14,8 @@ use cow_trace_common::{
 };
 
 /// A task comm as the kernel wrote it: NUL-padded, not always UTF-8. Kept
-/// raw so that events whose name nobody reads cost no allocation.
+/// raw so that events whose name nobody reads cost no allocation; shown
+/// with [`lossless`](crate::sanitize::lossless), which keeps every byte.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Comm([u8; 16]);
 
@@ -42,7 +43,7 @@ impl Comm {
 
 impl std::fmt::Display for Comm {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&String::from_utf8_lossy(self.bytes()))
+        f.write_str(&crate::sanitize::lossless(self.bytes()))
     }
 }
 
@@ -365,7 +366,7 @@ mod tests {
         let s = |raw: &[u8; 16]| Comm::new(*raw).to_string();
         assert_eq!(s(b"redis-server\0\0\0\0"), "redis-server");
         assert_eq!(s(b"0123456789abcdef"), "0123456789abcdef");
-        assert_eq!(s(&[0xff, b'a', 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]), "\u{fffd}a");
+        assert_eq!(s(&[0xff, b'a', 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]), "\\xffa");
         assert!(Comm::default().is_empty());
         assert!(Comm::new(*b"redis-server\0\0\0\0").is("redis-server"));
     }

@@ -16,6 +16,7 @@ use std::{
 };
 
 use anyhow::{anyhow, bail, Context as _, Result};
+use cow_trace::sanitize::for_terminal;
 
 pub struct Gated {
     pub pid: u32,
@@ -37,7 +38,9 @@ fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
 /// Resolves the program as a shell would: a name with a slash is a path,
 /// anything else is looked up in PATH.
 pub fn resolve(program: &OsString) -> Result<PathBuf> {
+    // The command line is the operator's, but may be pasted from anywhere.
     let shown = program.to_string_lossy();
+    let shown = for_terminal(&shown);
     if program.as_bytes().contains(&b'/') {
         let path = PathBuf::from(program);
         if !path.is_file() {
@@ -108,7 +111,7 @@ impl Gated {
         let n = unsafe { libc::read(self.exec_err.as_raw_fd(), (&mut errno as *mut i32).cast(), 4) };
         if n == 4 {
             reap(self.pid);
-            bail!("cannot run {}: {}", self.program, io::Error::from_raw_os_error(errno));
+            bail!("cannot run {}: {}", for_terminal(&self.program), io::Error::from_raw_os_error(errno));
         }
         Ok(())
     }

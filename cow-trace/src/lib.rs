@@ -5,8 +5,8 @@
 //!
 //! Dependencies point one way, down this list: `tally` feeds `aggregate`
 //! (with `retired`), `targets` and `episode`, which read `event`; `output`
-//! renders what they produce with `fmt`. `histogram`, `regions`, `counts`
-//! and `fmt` are leaves.
+//! renders what they produce with `fmt`. `histogram`, `regions`, `counts`,
+//! `sanitize` and `fmt` are leaves.
 
 pub mod aggregate;
 pub mod counts;
@@ -17,5 +17,6 @@ pub mod histogram;
 pub mod output;
 pub mod regions;
 pub mod retired;
+pub mod sanitize;
 pub mod tally;
 pub mod targets;

@@ -9,6 +9,7 @@ use aya::maps::{MapData, RingBuf};
 use cow_trace::{
     episode::Episodes,
     output::{self, Format},
+    sanitize::for_terminal,
     tally::Tally,
 };
 use tokio::{
@@ -389,7 +390,7 @@ impl Session {
 /// What the text header says is traced.
 fn describe_targets(args: &Args, gated: Option<&launch::Gated>) -> String {
     let what = match (gated, args.pids.is_empty()) {
-        (Some(g), _) => format!("command {} (PID {})", g.program, g.pid),
+        (Some(g), _) => format!("command {} (PID {})", for_terminal(&g.program), g.pid),
         (None, false) => {
             format!("PID {}", args.pids.iter().map(u32::to_string).collect::<Vec<_>>().join(", "))
         }
