@@ -12,7 +12,7 @@ use crate::{
     episode::Episode,
     fmt::{fmt_bytes, fmt_ns},
     histogram::{Log2Row, Summary},
-    sanitize::for_terminal,
+    sanitize::{for_terminal, width},
 };
 
 fn lat(s: &Summary, f: fn(&Summary) -> u64) -> String {
@@ -26,10 +26,25 @@ fn lat(s: &Summary, f: fn(&Summary) -> u64) -> String {
 /// The per-process table. `top` bounds the rows (0: all); a last line says
 /// how many were left out.
 pub fn table(rows: &[ProcRow], top: usize) -> String {
+    let shown = if top == 0 { rows.len() } else { rows.len().min(top) };
+    // Names as printed (escaped, exited ones starred); the column is as wide
+    // as the widest of them, so an escaped name shifts no other column.
+    let comms: Vec<String> = rows[..shown]
+        .iter()
+        .map(|r| {
+            let comm = for_terminal(&r.comm);
+            if r.exited {
+                format!("{comm}*")
+            } else {
+                comm.into_owned()
+            }
+        })
+        .collect();
+    let w = comms.iter().map(|c| width(c)).max().unwrap_or(0).max(16);
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:>7} {:>7} {:<16} {:>6} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9} {:>8} {:>8} {:>7}",
+        "{:>7} {:>7} {:<w$} {:>6} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9} {:>8} {:>8} {:>7}",
         "PID",
         "PPID",
         "COMM",
@@ -45,14 +60,10 @@ pub fn table(rows: &[ProcRow], top: usize) -> String {
         "COW_P99",
         "ZEROS"
     );
-    let shown = if top == 0 { rows.len() } else { rows.len().min(top) };
-    for r in &rows[..shown] {
-        // Padded on what is printed: the escapes, not the raw bytes.
-        let comm = for_terminal(&r.comm);
-        let comm = if r.exited { format!("{comm}*") } else { comm.into_owned() };
+    for (r, comm) in rows[..shown].iter().zip(&comms) {
         let _ = writeln!(
             out,
-            "{:>7} {:>7} {:<16} {:>6} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9} {:>8} {:>8} {:>7}",
+            "{:>7} {:>7} {:<w$} {:>6} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9} {:>8} {:>8} {:>7}",
             r.pid,
             r.ppid,
             comm,
@@ -439,6 +450,12 @@ mod tests {
         }
         assert!(lines[1].contains(" \\x1b[31mEV\\nIL\\x07 "), "{}", lines[1]);
         assert!(lines[2].contains(" \\u{202e}evil* "), "{}", lines[2]);
+        // Every column after COMM starts where the header's does.
+        let forks_end = lines[0].find("FORKS").unwrap() + "FORKS".len();
+        for l in &lines[1..] {
+            assert_eq!(l.as_bytes()[forks_end - 1], b'1', "{l:?}");
+            assert_eq!(l.as_bytes()[forks_end], b' ', "{l:?}");
+        }
         let mut ep = episode(10, 5);
         ep.child_comm = name.into();
         ep.top_regions = vec![RegionBytes { region: format!("/tmp/{name} (deleted)"), bytes: 4096 }];
