@@ -266,3 +266,128 @@ garbage line
         assert_eq!(Maps::parse(b"").find(0x1000), None);
     }
 }
+
+/// Properties of the parser over arbitrary and generated `maps` text.
+#[cfg(test)]
+mod props {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// A mapping as the kernel would list it: page-aligned gap before it,
+    /// length, inode, and a file name (`None`: anonymous).
+    type Spec = (u64, u64, u32, Option<Vec<u8>>);
+
+    fn mapping() -> impl Strategy<Value = Spec> {
+        // No backslash in generated names: `\012` in a name cannot be told
+        // from an escaped newline (see unescape_newlines).
+        let name = prop::collection::vec(
+            any::<u8>().prop_filter("no NUL or backslash", |&b| b != 0 && b != b'\\'),
+            0..300,
+        );
+        (0u64..64, 1u64..64, any::<u32>(), prop::option::of(name))
+    }
+
+    /// The line the kernel writes for a mapping (show_map_vma): a newline
+    /// in the path escaped as `\012`, the path padded to column 73.
+    fn line(start: u64, end: u64, inode: u32, name: Option<&[u8]>) -> Vec<u8> {
+        let mut l = format!("{start:08x}-{end:08x} rw-p 00000000 fe:01 {inode} ").into_bytes();
+        if let Some(name) = name {
+            l.resize(l.len().max(73), b' ');
+            l.push(b'/');
+            for &b in name {
+                if b == b'\n' {
+                    l.extend_from_slice(b"\\012");
+                } else {
+                    l.push(b);
+                }
+            }
+        }
+        l.push(b'\n');
+        l
+    }
+
+    fn layout(specs: &[Spec]) -> (Vec<u8>, Vec<Region>) {
+        let (mut text, mut want, mut at) = (Vec::new(), Vec::new(), 0x1000u64);
+        for (gap, len, inode, name) in specs {
+            let start = at + gap * 0x1000;
+            let end = start + len * 0x1000;
+            at = end;
+            text.extend(line(start, end, *inode, name.as_deref()));
+            let name = match name {
+                Some(n) => lossless(&[b"/", n.as_slice()].concat()).into_owned(),
+                None => format!("[anon {start:x}]"),
+            };
+            want.push(Region { start, end, name });
+        }
+        (text, want)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1024))]
+
+        #[test]
+        fn any_bytes_parse_to_disjoint_sorted_regions(
+            bytes in prop::collection::vec(any::<u8>(), 0..2000),
+            specs in prop::collection::vec(mapping(), 0..8),
+        ) {
+            // Garbage alone, and garbage spliced into a real listing.
+            let (good, _) = layout(&specs);
+            for text in [bytes.clone(), [good.as_slice(), &bytes, &good].concat()] {
+                let m = Maps::parse(&text);
+                for pair in m.regions().windows(2) {
+                    prop_assert!(pair[0].end <= pair[1].start, "{:?}", pair);
+                }
+                for r in m.regions() {
+                    prop_assert!(r.start < r.end);
+                    prop_assert_eq!(m.find(r.start), Some(r));
+                    prop_assert_eq!(m.find(r.end - 1), Some(r));
+                }
+            }
+        }
+
+        #[test]
+        fn kernel_listings_round_trip(specs in prop::collection::vec(mapping(), 0..12)) {
+            let (text, want) = layout(&specs);
+            let m = Maps::parse(&text);
+            prop_assert_eq!(m.regions(), want.as_slice());
+        }
+
+        #[test]
+        fn a_malformed_line_is_dropped_and_the_rest_kept(
+            specs in prop::collection::vec(mapping(), 1..8),
+            victim in any::<prop::sample::Index>(),
+            how in 0usize..5,
+        ) {
+            let (text, mut want) = layout(&specs);
+            let mut lines: Vec<Vec<u8>> = text.split_inclusive(|&b| b == b'\n').map(<[u8]>::to_vec).collect();
+            let i = victim.index(lines.len());
+            let l = &mut lines[i];
+            let sp = |l: &Vec<u8>, n: usize| l.iter().enumerate().filter(|(_, &b)| b == b' ').nth(n).unwrap().0;
+            match how {
+                // Start not hex.
+                0 => l[0] = b'g',
+                // Permissions of three letters.
+                1 => {
+                    l.remove(sp(l, 0) + 1);
+                }
+                // No inode.
+                2 => {
+                    let at = sp(l, 4);
+                    l.drain(sp(l, 3)..at);
+                }
+                // A sign before the hex.
+                3 => l.insert(0, b'+'),
+                // Cut short after the dash.
+                _ => {
+                    let d = l.iter().position(|&b| b == b'-').unwrap();
+                    l.truncate(d + 1);
+                    l.push(b'\n');
+                }
+            }
+            want.remove(i);
+            let m = Maps::parse(&lines.concat());
+            prop_assert_eq!(m.regions(), want.as_slice());
+        }
+    }
+}
