@@ -1,5 +1,6 @@
 //! Launch mode: start the command held at a gate until tracing is attached,
-//! so that nothing it does (its first fork included) goes unseen.
+//! so that nothing it does (its first fork included) goes unseen; with
+//! `-u USER`, as that user.
 //!
 //! `std::process::Command::spawn` waits for the child's exec, which would
 //! deadlock with a gate in `pre_exec`; hence a plain fork/exec here, done

@@ -130,6 +130,60 @@ mod tests {
     }
 
     #[test]
+    fn maps_read_while_another_thread_remaps_still_hold_what_did_not_move() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let page = 4096;
+        // A mapping that stays, amid one that comes and goes, grows and
+        // shrinks next to others on another thread.
+        let stay = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                4 * page,
+                libc::PROT_READ,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(stay, libc::MAP_FAILED);
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let churn = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut n = 0usize;
+                while !stop.load(Ordering::Relaxed) {
+                    let len = (1 + n % 7) * page;
+                    let prot = if n % 2 == 0 { libc::PROT_READ } else { libc::PROT_READ | libc::PROT_WRITE };
+                    let p = unsafe {
+                        libc::mmap(
+                            std::ptr::null_mut(),
+                            len,
+                            prot,
+                            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                            -1,
+                            0,
+                        )
+                    };
+                    assert_ne!(p, libc::MAP_FAILED);
+                    unsafe { libc::munmap(p, len) };
+                    n += 1;
+                }
+                n
+            })
+        };
+        let local = 0u64;
+        for _ in 0..300 {
+            let m = cow_trace::regions::Maps::parse(&read_maps(std::process::id()).expect("own maps"));
+            assert!(m.find(stay as u64).is_some_and(|r| r.start <= stay as u64), "the mapping that stayed");
+            assert!(m.find(&local as *const u64 as u64).is_some(), "this thread's stack");
+            assert!(m.regions().windows(2).all(|w| w[0].end <= w[1].start));
+        }
+        stop.store(true, Ordering::Relaxed);
+        assert!(churn.join().unwrap() > 0, "the other thread remapped meanwhile");
+        unsafe { libc::munmap(stay, 4 * page) };
+    }
+
+    #[test]
     fn this_process_is_alive() {
         assert!(alive(std::process::id()));
     }
