@@ -133,8 +133,8 @@ impl Args {
         args.dashdash = argv.iter().skip(1).any(|a| a == "--");
         if args.user.is_some() && args.command.is_empty() {
             return Err(ArgsError::Usage(
-                "-u/--user runs a launched command as USER: name the command after `--` \
-                 (e.g. cow-trace -u nobody -- ./job.sh) (see cow-trace --help)"
+                "-u/--user runs a launched command as USER: name the command after `--`, \
+                 e.g. cow-trace -u nobody -- ./job.sh (see cow-trace --help)"
                     .into(),
             ));
         }

@@ -153,7 +153,11 @@ mod tests {
                 let mut n = 0usize;
                 while !stop.load(Ordering::Relaxed) {
                     let len = (1 + n % 7) * page;
-                    let prot = if n % 2 == 0 { libc::PROT_READ } else { libc::PROT_READ | libc::PROT_WRITE };
+                    let prot = if n.is_multiple_of(2) {
+                        libc::PROT_READ
+                    } else {
+                        libc::PROT_READ | libc::PROT_WRITE
+                    };
                     let p = unsafe {
                         libc::mmap(
                             std::ptr::null_mut(),

@@ -35,10 +35,10 @@ pub struct Maps {
 impl Maps {
     /// Parses the bytes of `/proc/PID/maps`. Lines that do not parse are
     /// skipped: a malformed line is not worth losing the rest for. The
-    /// kernel hands the file out a page at a time, so a process that maps
-    /// or unmaps meanwhile can make two lines overlap (a region seen before
-    /// and after it moved): the one with the lower start is kept, so that
-    /// every address has at most one region.
+    /// kernel lets go of the address space between two read() calls, so a
+    /// process that maps or unmaps meanwhile can make two lines overlap (a
+    /// region seen before and after it moved): the one with the lower start
+    /// is kept, so that every address has at most one region.
     pub fn parse(text: &[u8]) -> Self {
         let mut regions: Vec<Region> = text.split(|&b| b == b'\n').filter_map(parse_line).collect();
         regions.sort_by_key(|r| (r.start, r.end));
