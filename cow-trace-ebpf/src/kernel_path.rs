@@ -13,9 +13,12 @@ use aya_ebpf::{
     maps::HashMap,
     programs::RawTracePointContext,
 };
-use cow_trace_common::{counter, EventKind, FLAG_DUP_MMAP};
+use cow_trace_common::counter;
 
-use crate::{bump, current_ids, emit, is_traced, now, read_at, setting, GFP_MOVABLE, GFP_ZERO};
+use crate::{
+    emit::{emit, Detail, Outcome},
+    shared::{bump, current_ids, is_traced, now, read_at, setting, Ids, GFP_MOVABLE, GFP_ZERO},
+};
 
 /// `copy_process` calls in flight in traced threads, keyed by thread id.
 #[map]
@@ -55,29 +58,28 @@ const HUGE: u32 = 8;
 const MAX_ERRNO: u64 = 4095;
 
 pub fn clone_enter() {
-    let (tgid, tid) = current_ids();
+    let Ids { tgid, tid } = current_ids();
     if !is_traced(tgid) {
         return;
     }
-    let _ = CLONES.insert(&tid, &CloneStart { ts: now(), dup_ts: 0, dup_ns: 0 }, 0);
+    let _ = CLONES.insert(tid, CloneStart { ts: now(), dup_ts: 0, dup_ns: 0 }, 0);
 }
 
 /// `task`: what `copy_process` returned, a task or an `ERR_PTR`.
 pub fn clone_exit(task: u64) {
-    let (tgid, tid) = current_ids();
+    let ids = current_ids();
     // SAFETY: the value is copied out before the entry is removed.
-    let Some(start) = (unsafe { CLONES.get(&tid) }) else {
+    let Some(start) = (unsafe { CLONES.get(ids.tid) }) else {
         return;
     };
-    let (ts, dup_ns) = (start.ts, start.dup_ns);
-    let _ = CLONES.remove(&tid);
+    let (ts, dup_mmap_ns) = (start.ts, start.dup_ns);
+    let _ = CLONES.remove(ids.tid);
     if task == 0 || task >= MAX_ERRNO.wrapping_neg() {
         return; // the clone failed
     }
     let _ = child_process(task as *const u8).map(|child| {
-        let flags = if dup_ns > 0 { FLAG_DUP_MMAP } else { 0 };
         let t = now();
-        emit(EventKind::ForkLatency, tgid, tid, child, t, t.saturating_sub(ts), dup_ns, flags);
+        emit(ids, t, Detail::ForkLatency { child, latency_ns: t.saturating_sub(ts), dup_mmap_ns });
     });
 }
 
@@ -94,16 +96,14 @@ fn child_process(task: *const u8) -> Result<u32, i32> {
 }
 
 pub fn dup_enter() {
-    let (_, tid) = current_ids();
-    if let Some(c) = CLONES.get_ptr_mut(&tid) {
+    if let Some(c) = CLONES.get_ptr_mut(current_ids().tid) {
         // SAFETY: entry owned by this thread until copy_process returns.
         unsafe { (*c).dup_ts = now() };
     }
 }
 
 pub fn dup_exit() {
-    let (_, tid) = current_ids();
-    if let Some(c) = CLONES.get_ptr_mut(&tid) {
+    if let Some(c) = CLONES.get_ptr_mut(current_ids().tid) {
         // SAFETY: as above.
         unsafe {
             if (*c).dup_ts != 0 {
@@ -116,21 +116,20 @@ pub fn dup_exit() {
 
 /// `vmf`: the `struct vm_fault *` of `do_wp_page` / `do_huge_pmd_wp_page`.
 pub fn fault_enter(vmf: *const u8, huge: bool) {
-    let (tgid, tid) = current_ids();
+    let Ids { tgid, tid } = current_ids();
     if !is_traced(tgid) {
         return;
     }
     // SAFETY: the kernel's own argument; offset from its BTF.
     let addr: u64 = unsafe { read_at(vmf, setting!(vmf_address)) }.unwrap_or(0);
     let seen = if huge { HUGE } else { 0 };
-    if FAULTS.insert(&tid, &Fault { ts: now(), addr, bytes: 0, tgid, seen }, 0).is_err() {
+    if FAULTS.insert(tid, Fault { ts: now(), addr, bytes: 0, tgid, seen }, 0).is_err() {
         bump(counter::UNCLASSIFIED);
     }
 }
 
 pub fn wp_copy_enter() {
-    let (_, tid) = current_ids();
-    if let Some(f) = FAULTS.get_ptr_mut(&tid) {
+    if let Some(f) = FAULTS.get_ptr_mut(current_ids().tid) {
         // SAFETY: entry owned by this thread until its fault returns.
         unsafe { (*f).seen |= SEEN_COPY_PATH };
     }
@@ -138,28 +137,29 @@ pub fn wp_copy_enter() {
 
 /// `ret`: the `vm_fault_t` the fault handler returned.
 pub fn fault_exit(ret: u32) {
-    let (_, tid) = current_ids();
+    let tid = current_ids().tid;
     // SAFETY: the value is copied out before the entry is removed.
-    let Some(f) = (unsafe { FAULTS.get(&tid) }) else {
+    let Some(f) = (unsafe { FAULTS.get(tid) }) else {
         return;
     };
     let (ts, addr, bytes, tgid, seen) = (f.ts, f.addr, f.bytes, f.tgid, f.seen);
-    let _ = FAULTS.remove(&tid);
+    let _ = FAULTS.remove(tid);
+    let ids = Ids { tgid, tid };
     let t = now();
-    let lat = t.saturating_sub(ts);
+    let latency_ns = t.saturating_sub(ts);
     if seen & HUGE != 0 {
-        emit(EventKind::HugeCow, tgid, tid, bytes as u32, t, lat, addr, ret);
+        emit(ids, t, Detail::HugeCow { latency_ns, addr, allocated: bytes as u32, vm_fault: ret });
         return;
     }
     let copied = if setting!(wp_copy_hooked) != 0 { seen & SEEN_COPY_PATH } else { seen & SEEN_ALLOC };
-    let kind = if copied == 0 {
-        EventKind::CowReuse
+    let outcome = if copied == 0 {
+        Outcome::Reuse
     } else if seen & SEEN_ZERO != 0 {
-        EventKind::ZeroFill
+        Outcome::ZeroFill
     } else {
-        EventKind::CowCopy
+        Outcome::Copy
     };
-    emit(kind, tgid, tid, 0, t, lat, addr, 0);
+    emit(ids, t, Detail::Fault { outcome, latency_ns, addr });
 }
 
 /// Notes the user pages a fault in flight allocates.
@@ -170,8 +170,7 @@ pub fn mm_page_alloc_wp(ctx: RawTracePointContext) -> i32 {
     if gfp & GFP_MOVABLE == 0 {
         return 0;
     }
-    let (_, tid) = current_ids();
-    if let Some(f) = FAULTS.get_ptr_mut(&tid) {
+    if let Some(f) = FAULTS.get_ptr_mut(current_ids().tid) {
         let order: u64 = ctx.arg(1);
         // SAFETY: entry owned by this thread until its fault returns.
         unsafe {

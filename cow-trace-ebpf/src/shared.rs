@@ -1,0 +1,109 @@
+//! What every program uses: the load-time settings, the traced set, the
+//! counters, and the few helpers around them. Depends on nothing else in
+//! the crate.
+
+use aya_ebpf::{
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel},
+    macros::map,
+    maps::{HashMap, PerCpuArray},
+};
+use cow_trace_common::{counter, Config};
+
+/// Written by the loader before the object is loaded (read-only after).
+#[unsafe(no_mangle)]
+pub(crate) static CONFIG: Config = Config {
+    trace_all: 0,
+    follow: 0,
+    task_pid: 0,
+    task_tgid: 0,
+    task_signal: 0,
+    task_exit_code: 0,
+    signal_live: 0,
+    sys_exit_ret: 0,
+    self_tgid: 0,
+    empty: 0,
+    wakeup_bytes: 0,
+    sample_every: 1,
+    vmf_address: 0,
+    wp_copy_hooked: 0,
+};
+
+/// Traced thread-group ids (unused when `trace_all`).
+#[map]
+pub(crate) static TRACED: HashMap<u32, u8> = HashMap::with_max_entries(65536, 0);
+
+/// In-kernel totals and drop counts, indexed by `counter::*`.
+#[map]
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
+
+/// `__GFP_MOVABLE`: one of the four zone-modifier bits, fixed since they were
+/// introduced. User pages (including CoW copies) carry it; page tables and
+/// atomic allocations from interrupts do not.
+pub(crate) const GFP_MOVABLE: u32 = 0x08;
+/// `__GFP_ZERO`, bit 8 from Linux 2.6 to 6.18 (`___GFP_ZERO_BIT = 8`).
+/// A write fault on the shared zero page asks for a zeroed page; a real
+/// copy does not.
+pub(crate) const GFP_ZERO: u32 = 0x100;
+
+/// One field of `CONFIG`. A volatile read stops the compiler from folding
+/// the zeros the object was compiled with; reading one field at a time keeps
+/// the hot hooks from loading the whole struct for the one or two they use.
+macro_rules! setting {
+    ($field:ident) => {{
+        // SAFETY: CONFIG is plain data, written only before loading.
+        #[allow(unused_unsafe)]
+        let v = unsafe { core::ptr::read_volatile(&$crate::shared::CONFIG.$field) };
+        v
+    }};
+}
+pub(crate) use setting;
+
+/// The process (thread-group id, the userspace PID) and the thread an
+/// event is about.
+#[derive(Clone, Copy)]
+pub(crate) struct Ids {
+    pub(crate) tgid: u32,
+    pub(crate) tid: u32,
+}
+
+#[inline(always)]
+pub(crate) fn current_ids() -> Ids {
+    let id = bpf_get_current_pid_tgid();
+    Ids { tgid: (id >> 32) as u32, tid: id as u32 }
+}
+
+#[inline(always)]
+pub(crate) fn is_traced(tgid: u32) -> bool {
+    // SAFETY: lookup result is only tested for presence.
+    tgid != setting!(self_tgid) && (setting!(trace_all) != 0 || unsafe { TRACED.get(tgid).is_some() })
+}
+
+/// Adds `n` to counter `idx` (`counter::*`) on this CPU.
+#[inline(always)]
+pub(crate) fn count(idx: u32, n: u64) {
+    if let Some(c) = COUNTERS.get_ptr_mut(idx) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU.
+        unsafe { *c += n };
+    }
+}
+
+#[inline(always)]
+pub(crate) fn bump(idx: u32) {
+    count(idx, 1);
+}
+
+#[inline(always)]
+pub(crate) fn now() -> u64 {
+    // SAFETY: helper has no preconditions.
+    unsafe { bpf_ktime_get_ns() }
+}
+
+/// Reads a `T` at `base + offset` in kernel memory (offsets come from the
+/// running kernel's BTF, through `CONFIG`).
+///
+/// # Safety
+/// `base` must be a kernel pointer the hook received or read.
+#[inline(always)]
+pub(crate) unsafe fn read_at<T>(base: *const u8, offset: u32) -> Result<T, i32> {
+    unsafe { bpf_probe_read_kernel(base.add(offset as usize) as *const T) }
+}

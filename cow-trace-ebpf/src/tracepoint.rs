@@ -1,0 +1,202 @@
+//! The tracepoint backend's fault classification, from raw tracepoints only.
+//!
+//! Rule (why it holds: docs/kernel-notes.md, "The tracepoint-only
+//! copy/reuse rule"): a user write fault on a present page opens a
+//! *pending* fault for its thread. An order-0 movable page allocated by that
+//! thread before its next fault, syscall or exit means the fault copied (a
+//! zero-fill if the page was asked for zeroed); no such allocation means the
+//! page was reused in place.
+
+use aya_ebpf::{
+    macros::{map, raw_tracepoint},
+    maps::Array,
+    programs::RawTracePointContext,
+};
+use cow_trace_common::{counter, FaultRecord, TIMED_PER_SLICE};
+
+use crate::{
+    batch::{batch, batch_fault, cut_if_old, end_slice, Clock},
+    emit::{emit, Detail, Outcome},
+    shared::{bump, current_ids, is_traced, now, setting, Ids, GFP_MOVABLE, GFP_ZERO},
+};
+
+/// Write faults waiting for their outcome: a direct-mapped table indexed by
+/// thread id modulo its size, because an array lookup is inlined where a
+/// hash lookup is a call, on the hottest path of the tool. When two threads
+/// collide, the older fault is counted unclassified, never guessed.
+#[map]
+static PENDING: Array<Pending> = Array::with_max_entries(PENDING_SLOTS, 0);
+const PENDING_SLOTS: u32 = 1 << 16;
+
+#[repr(C)]
+struct Pending {
+    /// Fault time when the fault is timed, else 0.
+    start: u64,
+    /// The faulting address rounded down to 4 KiB, with
+    /// `FaultRecord::SAMPLED` when the fault is a timed sample.
+    addr: u64,
+    tgid: u32,
+    /// The thread whose fault is open in this slot; 0 when none is (thread
+    /// 0 is the idle task, which takes no user faults).
+    tid: u32,
+}
+
+/// x86 page-fault error code: bit 0 = protection fault on a present page,
+/// bit 1 = write access.
+const PF_PROT_WRITE: u64 = 0b11;
+
+/// The slot of thread `tid`, whoever holds it now. Only a thread with a
+/// colliding id can write it concurrently; every writer closes the slot
+/// (`tid = 0`) before batching its outcome, so an allocation in an
+/// interrupt meanwhile never takes that fault for a copy.
+#[inline(always)]
+fn pending_slot(tid: u32) -> Option<*mut Pending> {
+    PENDING.get_ptr_mut(tid & (PENDING_SLOTS - 1))
+}
+
+/// Resolves the thread's pending write fault, if any, as a reuse: into
+/// this CPU's batch when `batched` (preemption off), else directly.
+#[inline(always)]
+pub(crate) fn settle_pending(tid: u32, batched: bool) {
+    let Some(p) = pending_slot(tid) else {
+        return;
+    };
+    // SAFETY: a valid slot (see `pending_slot`).
+    unsafe {
+        if (*p).tid != tid {
+            return;
+        }
+        (*p).tid = 0;
+        if batched {
+            if let Some(b) = batch() {
+                let addr = (*p).addr & !FaultRecord::SAMPLED;
+                batch_fault(b, Outcome::Reuse, (*p).tgid, 0, addr, Clock::events());
+            }
+        } else {
+            let ids = Ids { tgid: (*p).tgid, tid };
+            let addr = (*p).addr & FaultRecord::ADDR_MASK;
+            emit(ids, now(), Detail::Fault { outcome: Outcome::Reuse, latency_ns: 0, addr });
+        }
+    }
+}
+
+/// Opens a pending fault for the thread. The first `TIMED_PER_SLICE` faults
+/// of a time slice are timed, then one in `sample_every`: in a burst, two
+/// clock reads per fault would cost more than the rest of the two hooks
+/// (docs/kernel-notes.md, "Timing samples").
+#[raw_tracepoint(tracepoint = "page_fault_user")]
+pub fn page_fault_user(ctx: RawTracePointContext) -> i32 {
+    if setting!(empty) != 0 {
+        return 0;
+    }
+    // TP_PROTO(unsigned long address, struct pt_regs *regs, unsigned long error_code)
+    let error_code: u64 = ctx.arg(2);
+    if error_code & PF_PROT_WRITE != PF_PROT_WRITE {
+        return 0;
+    }
+    let Ids { tgid, tid } = current_ids();
+    if !is_traced(tgid) {
+        return 0;
+    }
+    let addr: u64 = ctx.arg(0);
+    let (Some(p), Some(b)) = (pending_slot(tid), batch()) else {
+        return 0;
+    };
+    // SAFETY: a valid slot (see `pending_slot`); this CPU's batch, with
+    // preemption off.
+    unsafe {
+        let n = (*b).slice_faults;
+        (*b).slice_faults = n.wrapping_add(1);
+        let every = setting!(sample_every);
+        // Past the first faults, fault n is timed when it closes a run of
+        // `every` and stands for that run: a sample describes faults that
+        // happened, never faults that may not come.
+        let (clock, flag) = if n < TIMED_PER_SLICE || every <= 1 {
+            (Clock::read(), 0)
+        } else if (n + 1 - TIMED_PER_SLICE) & (every - 1) == 0 {
+            (Clock::read(), FaultRecord::SAMPLED)
+        } else {
+            (Clock::events(), 0)
+        };
+        if (*p).tid == tid {
+            // The previous fault of this thread allocated nothing.
+            (*p).tid = 0;
+            batch_fault(b, Outcome::Reuse, (*p).tgid, 0, (*p).addr & !FaultRecord::SAMPLED, clock);
+        } else {
+            if (*p).tid != 0 {
+                bump(counter::UNCLASSIFIED);
+            }
+            // A timed fault checks the batch's age even when it adds
+            // nothing to it now.
+            cut_if_old(b, clock.now_ns);
+        }
+        let start = clock.now_ns;
+        *p = Pending { start, addr: (addr & FaultRecord::ADDR_MASK) | flag, tgid, tid };
+    }
+    0
+}
+
+/// Closes the thread's pending fault as a copy (or zero-fill) when it
+/// allocates an order-0 user page. Can nest over the other hooks (from an
+/// interrupt), but touches the batch only for an open slot.
+#[raw_tracepoint(tracepoint = "mm_page_alloc")]
+pub fn mm_page_alloc(ctx: RawTracePointContext) -> i32 {
+    if setting!(empty) != 0 {
+        return 0;
+    }
+    // TP_PROTO(struct page *page, unsigned int order, gfp_t gfp_flags, int migratetype)
+    let order: u64 = ctx.arg(1);
+    let gfp: u64 = ctx.arg(2);
+    if order != 0 || (gfp as u32) & GFP_MOVABLE == 0 {
+        return 0;
+    }
+    let Ids { tid, .. } = current_ids();
+    let Some(p) = pending_slot(tid) else {
+        return 0;
+    };
+    // SAFETY: a valid slot (see `pending_slot`); this CPU's batch, with
+    // preemption off.
+    unsafe {
+        if (*p).tid != tid {
+            return 0;
+        }
+        (*p).tid = 0;
+        let Some(b) = batch() else {
+            return 0;
+        };
+        let outcome = if (gfp as u32) & GFP_ZERO != 0 { Outcome::ZeroFill } else { Outcome::Copy };
+        let (clock, latency) = match (*p).start {
+            0 => (Clock::events(), 0),
+            start => {
+                let c = Clock::read();
+                (c, c.now_ns.saturating_sub(start))
+            }
+        };
+        batch_fault(b, outcome, (*p).tgid, latency, (*p).addr, clock);
+    }
+    0
+}
+
+/// A syscall ends the window in which a pending fault can still turn out to
+/// be a copy: allocations made by the syscall are the syscall's. Syscall
+/// tracepoints may be preemptible (6.13 on), so this one never batches.
+#[raw_tracepoint(tracepoint = "sys_enter")]
+pub fn sys_enter(_ctx: RawTracePointContext) -> i32 {
+    if setting!(empty) != 0 {
+        return 0;
+    }
+    settle_pending(current_ids().tid, false);
+    0
+}
+
+/// A task leaving the CPU takes its batched fault outcomes with it: the
+/// batch never holds another task's records, and no record waits behind a
+/// task that sleeps.
+#[raw_tracepoint(tracepoint = "sched_switch")]
+pub fn sched_switch(_ctx: RawTracePointContext) -> i32 {
+    if setting!(empty) != 0 {
+        return 0;
+    }
+    end_slice();
+    0
+}
