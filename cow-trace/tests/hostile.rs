@@ -80,7 +80,8 @@ fn text_output_holds_no_control_byte_and_keeps_its_rows() {
     if !need_root("text_output_holds_no_control_byte_and_keeps_its_rows") {
         return;
     }
-    let (r, w) = trace_hostile(&["-i", "1"]);
+    // Every row shown, so that each is checked.
+    let (r, w) = trace_hostile(&["--top", "0"]);
     // The workload shares stdout; its own report line is not ours to check.
     let ours: Vec<&str> = r.stdout.lines().filter(|l| !l.starts_with("{\"parent\"")).collect();
     for line in &ours {
