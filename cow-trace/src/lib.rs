@@ -6,7 +6,8 @@
 //! Dependencies point one way, down this list: `tally` feeds `aggregate`
 //! (with `retired`, both keeping `process` records), `targets` and
 //! `episode`, which read `event`; `output` renders what they produce with
-//! `fmt`. `histogram`, `regions`, `counts` and `fmt` are leaves.
+//! `fmt` and `sanitize`. `histogram`, `regions`, `counts`, `sanitize` and
+//! `fmt` are leaves.
 
 pub mod aggregate;
 pub mod counts;
@@ -18,5 +19,6 @@ pub mod output;
 pub mod process;
 pub mod regions;
 pub mod retired;
+pub mod sanitize;
 pub mod tally;
 pub mod targets;
