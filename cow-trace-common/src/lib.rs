@@ -61,7 +61,7 @@ impl EventKind {
     }
 }
 
-/// One record in the ring buffer: 64 bytes, no padding.
+/// One record in the ring buffer: 72 bytes, no padding.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Event {
@@ -86,6 +86,9 @@ pub struct Event {
     /// Kind-specific flags (see `FLAG_*`).
     pub flags: u32,
     pub _reserved: u32,
+    /// CoW events: the user instruction pointer of the write that faulted
+    /// (the task's user registers), 0 when unknown.
+    pub ip: u64,
 }
 
 /// First `u32` of a [`FaultBatch`] record, where an [`Event`] has its kind
@@ -96,7 +99,7 @@ pub const FAULT_BATCH: u32 = 0x4642_4154; // "TABF"
 pub const FAULT_BATCH_LEN: usize = 64;
 
 /// One CoW-fault outcome (copy, reuse or zero-fill) in a [`FaultBatch`]:
-/// what an [`Event`] of that kind carries, in 16 bytes instead of 64. Its
+/// what an [`Event`] of that kind carries, in 24 bytes instead of 72. Its
 /// time is its batch's.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -104,6 +107,8 @@ pub struct FaultRecord {
     /// The faulting address rounded down to 4 KiB; the [`EventKind`] in
     /// bits 0-3; [`FaultRecord::SAMPLED`] in bit 4.
     pub addr_kind: u64,
+    /// As [`Event::ip`].
+    pub ip: u64,
     /// As [`Event::latency_ns`], saturated at `u32::MAX` (4.3 s); 0 when
     /// the fault was not timed.
     pub latency_ns: u32,
@@ -247,6 +252,9 @@ pub struct Config {
     /// of a task's time slice, time one fault in this many (1: every
     /// fault). Each clock read costs about as much as the rest of the hook.
     pub sample_every: u32,
+    /// `offsetof(struct pt_regs, ip)`: the user instruction pointer of a
+    /// fault, from the tracepoint's `regs` or the task's user registers.
+    pub regs_ip: u32,
 }
 
 /// Write faults a task takes after being scheduled in that are all timed,
@@ -267,7 +275,7 @@ mod user {
 }
 
 // Layout checks: a change that introduces padding fails to compile.
-const _: () = assert!(core::mem::size_of::<Event>() == 64);
-const _: () = assert!(core::mem::size_of::<Config>() == 56);
-const _: () = assert!(core::mem::size_of::<FaultRecord>() == 16);
-const _: () = assert!(core::mem::size_of::<FaultBatch>() == FAULT_BATCH_HEADER + FAULT_BATCH_LEN * 16 + 16);
+const _: () = assert!(core::mem::size_of::<Event>() == 72);
+const _: () = assert!(core::mem::size_of::<Config>() == 60);
+const _: () = assert!(core::mem::size_of::<FaultRecord>() == 24);
+const _: () = assert!(core::mem::size_of::<FaultBatch>() == FAULT_BATCH_HEADER + FAULT_BATCH_LEN * 24 + 16);

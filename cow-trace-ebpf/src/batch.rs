@@ -74,7 +74,8 @@ impl Clock {
     }
 }
 
-/// Adds a fault outcome of process `pid` to batch `b`. `addr` may carry
+/// Adds a fault outcome of process `pid` at user instruction `ip` to batch
+/// `b`. `addr` may carry
 /// `FaultRecord::SAMPLED`. The clock is read only when a batch starts and
 /// `clock` has none: each read costs about as much as the rest of the hook.
 /// A full batch is sent at once; a stale one (see the module's invariants)
@@ -89,6 +90,7 @@ pub(crate) unsafe fn batch_fault(
     pid: u32,
     latency_ns: u64,
     addr: u64,
+    ip: u64,
     clock: Clock,
 ) {
     let kind = outcome.kind();
@@ -112,6 +114,7 @@ pub(crate) unsafe fn batch_fault(
         };
         *r = FaultRecord {
             addr_kind: addr | kind as u64,
+            ip,
             latency_ns: if latency_ns > u32::MAX as u64 { u32::MAX } else { latency_ns as u32 },
             pid,
         };

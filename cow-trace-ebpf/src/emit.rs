@@ -51,9 +51,9 @@ pub(crate) enum Detail {
     Exit { code: i32 },
     /// The process replaced its program.
     Exec,
-    /// A 4 KiB write fault at `addr` resolved by `outcome` in `latency_ns`
-    /// (0: not timed).
-    Fault { outcome: Outcome, latency_ns: u64, addr: u64 },
+    /// A 4 KiB write fault at `addr` by user instruction `ip`, resolved by
+    /// `outcome` in `latency_ns` (0: not timed).
+    Fault { outcome: Outcome, latency_ns: u64, addr: u64, ip: u64 },
     /// A huge-page write fault at `addr`: `allocated` bytes of user memory
     /// allocated meanwhile, `vm_fault` the handler's raw return.
     HugeCow { latency_ns: u64, addr: u64, allocated: u32, vm_fault: u32 },
@@ -99,6 +99,10 @@ impl Detail {
 pub(crate) fn emit(ids: Ids, ts_ns: u64, detail: Detail) {
     let kind = detail.kind();
     let (other, latency_ns, addr, flags) = detail.fields();
+    let ip = match detail {
+        Detail::Fault { ip, .. } => ip,
+        _ => 0,
+    };
     bump(kind as u32);
     match EVENTS.reserve::<Event>(0) {
         Some(mut entry) => {
@@ -119,6 +123,7 @@ pub(crate) fn emit(ids: Ids, ts_ns: u64, detail: Detail) {
                 comm,
                 flags,
                 _reserved: 0,
+                ip,
             });
             entry.submit(submit_flags(kind));
         }

@@ -17,7 +17,9 @@ use cow_trace_common::counter;
 
 use crate::{
     emit::{emit, Detail, Outcome},
-    shared::{bump, current_ids, is_traced, now, read_at, setting, Ids, GFP_MOVABLE, GFP_ZERO},
+    shared::{
+        bump, current_ids, current_user_ip, is_traced, now, read_at, setting, Ids, GFP_MOVABLE, GFP_ZERO,
+    },
 };
 
 /// `copy_process` calls in flight in traced threads, keyed by thread id.
@@ -39,6 +41,8 @@ struct CloneStart {
 struct Fault {
     ts: u64,
     addr: u64,
+    /// The user instruction that wrote (the task's user registers).
+    ip: u64,
     /// User memory allocated during the fault, in bytes.
     bytes: u64,
     tgid: u32,
@@ -123,7 +127,8 @@ pub fn fault_enter(vmf: *const u8, huge: bool) {
     // SAFETY: the kernel's own argument; offset from its BTF.
     let addr: u64 = unsafe { read_at(vmf, setting!(vmf_address)) }.unwrap_or(0);
     let seen = if huge { HUGE } else { 0 };
-    if FAULTS.insert(tid, Fault { ts: now(), addr, bytes: 0, tgid, seen }, 0).is_err() {
+    let ip = current_user_ip();
+    if FAULTS.insert(tid, Fault { ts: now(), addr, ip, bytes: 0, tgid, seen }, 0).is_err() {
         bump(counter::UNCLASSIFIED);
     }
 }
@@ -142,7 +147,7 @@ pub fn fault_exit(ret: u32) {
     let Some(f) = (unsafe { FAULTS.get(tid) }) else {
         return;
     };
-    let (ts, addr, bytes, tgid, seen) = (f.ts, f.addr, f.bytes, f.tgid, f.seen);
+    let (ts, addr, ip, bytes, tgid, seen) = (f.ts, f.addr, f.ip, f.bytes, f.tgid, f.seen);
     let _ = FAULTS.remove(tid);
     let ids = Ids { tgid, tid };
     let t = now();
@@ -159,7 +164,7 @@ pub fn fault_exit(ret: u32) {
     } else {
         Outcome::Copy
     };
-    emit(ids, t, Detail::Fault { outcome, latency_ns, addr });
+    emit(ids, t, Detail::Fault { outcome, latency_ns, addr, ip });
 }
 
 /// Notes the user pages a fault in flight allocates.

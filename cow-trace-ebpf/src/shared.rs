@@ -3,7 +3,10 @@
 //! the crate.
 
 use aya_ebpf::{
-    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel},
+    helpers::{
+        bpf_get_current_pid_tgid, bpf_get_current_task_btf, bpf_ktime_get_ns, bpf_probe_read_kernel,
+        bpf_task_pt_regs,
+    },
     macros::map,
     maps::{HashMap, PerCpuArray},
 };
@@ -26,6 +29,7 @@ pub(crate) static CONFIG: Config = Config {
     sample_every: 1,
     vmf_address: 0,
     wp_copy_hooked: 0,
+    regs_ip: 0,
 };
 
 /// Traced thread-group ids (unused when `trace_all`).
@@ -106,4 +110,28 @@ pub(crate) fn now() -> u64 {
 #[inline(always)]
 pub(crate) unsafe fn read_at<T>(base: *const u8, offset: u32) -> Result<T, i32> {
     unsafe { bpf_probe_read_kernel(base.add(offset as usize) as *const T) }
+}
+
+/// The instruction pointer saved in `regs` (a `struct pt_regs *`), 0 when
+/// it cannot be read.
+///
+/// # Safety
+/// `regs` must be a kernel pointer the hook received or read.
+#[inline(always)]
+pub(crate) unsafe fn regs_ip(regs: *const u8) -> u64 {
+    unsafe { read_at(regs, setting!(regs_ip)) }.unwrap_or(0)
+}
+
+/// The current task's user instruction pointer: where it was in user space
+/// when it entered the kernel (the write that faulted, for a user fault).
+#[inline(always)]
+pub(crate) fn current_user_ip() -> u64 {
+    // SAFETY: both helpers take and return kernel pointers only.
+    unsafe {
+        let regs = bpf_task_pt_regs(bpf_get_current_task_btf());
+        if regs == 0 {
+            return 0;
+        }
+        regs_ip(regs as *const u8)
+    }
 }

@@ -17,7 +17,7 @@ use cow_trace_common::{counter, FaultRecord, TIMED_PER_SLICE};
 use crate::{
     batch::{batch, batch_fault, cut_if_old, end_slice, Clock},
     emit::{emit, Detail, Outcome},
-    shared::{bump, current_ids, is_traced, now, setting, Ids, GFP_MOVABLE, GFP_ZERO},
+    shared::{bump, current_ids, is_traced, now, regs_ip, setting, Ids, GFP_MOVABLE, GFP_ZERO},
 };
 
 /// Write faults waiting for their outcome: a direct-mapped table indexed by
@@ -35,6 +35,8 @@ struct Pending {
     /// The faulting address rounded down to 4 KiB, with
     /// `FaultRecord::SAMPLED` when the fault is a timed sample.
     addr: u64,
+    /// The user instruction that faulted.
+    ip: u64,
     tgid: u32,
     /// The thread whose fault is open in this slot; 0 when none is (thread
     /// 0 is the idle task, which takes no user faults).
@@ -70,12 +72,13 @@ pub(crate) fn settle_pending(tid: u32, batched: bool) {
         if batched {
             if let Some(b) = batch() {
                 let addr = (*p).addr & !FaultRecord::SAMPLED;
-                batch_fault(b, Outcome::Reuse, (*p).tgid, 0, addr, Clock::events());
+                batch_fault(b, Outcome::Reuse, (*p).tgid, 0, addr, (*p).ip, Clock::events());
             }
         } else {
             let ids = Ids { tgid: (*p).tgid, tid };
             let addr = (*p).addr & FaultRecord::ADDR_MASK;
-            emit(ids, now(), Detail::Fault { outcome: Outcome::Reuse, latency_ns: 0, addr });
+            let ip = (*p).ip;
+            emit(ids, now(), Detail::Fault { outcome: Outcome::Reuse, latency_ns: 0, addr, ip });
         }
     }
 }
@@ -121,7 +124,8 @@ pub fn page_fault_user(ctx: RawTracePointContext) -> i32 {
         if (*p).tid == tid {
             // The previous fault of this thread allocated nothing.
             (*p).tid = 0;
-            batch_fault(b, Outcome::Reuse, (*p).tgid, 0, (*p).addr & !FaultRecord::SAMPLED, clock);
+            let addr = (*p).addr & !FaultRecord::SAMPLED;
+            batch_fault(b, Outcome::Reuse, (*p).tgid, 0, addr, (*p).ip, clock);
         } else {
             if (*p).tid != 0 {
                 bump(counter::UNCLASSIFIED);
@@ -131,7 +135,9 @@ pub fn page_fault_user(ctx: RawTracePointContext) -> i32 {
             cut_if_old(b, clock.now_ns);
         }
         let start = clock.now_ns;
-        *p = Pending { start, addr: (addr & FaultRecord::ADDR_MASK) | flag, tgid, tid };
+        // The user registers at the fault: `regs->ip` is the writing instruction.
+        let ip = regs_ip(ctx.arg::<*const u8>(1));
+        *p = Pending { start, addr: (addr & FaultRecord::ADDR_MASK) | flag, ip, tgid, tid };
     }
     0
 }
@@ -172,7 +178,7 @@ pub fn mm_page_alloc(ctx: RawTracePointContext) -> i32 {
                 (c, c.now_ns.saturating_sub(start))
             }
         };
-        batch_fault(b, outcome, (*p).tgid, latency, (*p).addr, clock);
+        batch_fault(b, outcome, (*p).tgid, latency, (*p).addr, (*p).ip, clock);
     }
     0
 }

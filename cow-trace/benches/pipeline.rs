@@ -57,6 +57,7 @@ fn records(n: usize) -> Vec<Vec<u8>> {
                     comm: *b"bench\0\0\0\0\0\0\0\0\0\0\0",
                     flags: 0,
                     _reserved: 0,
+                    ip: 0,
                 };
                 out.push(encode_wire(&e));
             }
@@ -68,6 +69,7 @@ fn records(n: usize) -> Vec<Vec<u8>> {
                 let flag = if timed { FaultRecord::SAMPLED } else { 0 };
                 batch.push(FaultRecord {
                     addr_kind: addr | flag | kind as u64,
+                    ip: 0x5555_0000_0000 + (i as u64 % 64) * 16,
                     latency_ns: if timed { 800 + (i as u32 * 7919) % 50_000 } else { 0 },
                     pid,
                 });

@@ -548,6 +548,7 @@ mod tests {
             comm: c,
             flags: 0,
             _reserved: 0,
+            ip: 0,
         }
     }
 

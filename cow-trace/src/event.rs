@@ -47,10 +47,13 @@ impl std::fmt::Display for Comm {
     }
 }
 
-/// A CoW fault outcome: where, how long, and how many it stands for.
+/// A CoW fault outcome: where, by which instruction, how long, and how
+/// many it stands for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Fault {
     pub addr: u64,
+    /// The user instruction pointer of the write; 0 when unknown.
+    pub ip: u64,
     /// 0 when the fault was not timed.
     pub latency_ns: u64,
     /// How many faults the latency stands for in a histogram: more than one
@@ -124,7 +127,8 @@ impl Event {
 
     /// Decodes a wire event; `None` for a kind this version does not know.
     pub fn from_wire(w: &Wire) -> Option<Self> {
-        let fault = || Fault { addr: w.addr, latency_ns: w.latency_ns, weight: (w.other as u64).max(1) };
+        let fault =
+            || Fault { addr: w.addr, ip: w.ip, latency_ns: w.latency_ns, weight: (w.other as u64).max(1) };
         let what = match EventKind::from_u32(w.kind)? {
             EventKind::Spawn => What::Spawn { child: w.other, no_syscall: w.flags & FLAG_NO_SYSCALL != 0 },
             EventKind::ForkLatency => What::ForkLatency {
@@ -153,7 +157,7 @@ impl Event {
     /// keys faults by process, so the thread is not kept.
     pub fn from_fault_record(ts_ns: u64, r: &FaultRecord, sample_every: u32) -> Option<Self> {
         let weight = if r.sampled() { sample_every.max(1) as u64 } else { 1 };
-        let f = Fault { addr: r.addr(), latency_ns: r.latency_ns as u64, weight };
+        let f = Fault { addr: r.addr(), ip: r.ip, latency_ns: r.latency_ns as u64, weight };
         let what = match EventKind::from_u32(r.kind())? {
             EventKind::CowCopy => What::Copy(f),
             EventKind::CowReuse => What::Reuse(f),
@@ -221,8 +225,8 @@ pub fn encode_batch(ts_ns: u64, records: &[FaultRecord], count: u32) -> Vec<u8> 
     b.extend_from_slice(&count.to_ne_bytes());
     b.extend_from_slice(&ts_ns.to_ne_bytes());
     for r in records {
-        // SAFETY: FaultRecord is 16 bytes of plain integers.
-        b.extend_from_slice(&unsafe { std::mem::transmute::<FaultRecord, [u8; 16]>(*r) });
+        // SAFETY: FaultRecord is 24 bytes of plain integers.
+        b.extend_from_slice(&unsafe { std::mem::transmute::<FaultRecord, [u8; 24]>(*r) });
     }
     b
 }
@@ -230,8 +234,8 @@ pub fn encode_batch(ts_ns: u64, records: &[FaultRecord], count: u32) -> Vec<u8> 
 /// The bytes of a single-event record. For tests and benchmarks.
 #[doc(hidden)]
 pub fn encode_wire(e: &Wire) -> Vec<u8> {
-    // SAFETY: the wire event is 64 bytes of plain integers.
-    unsafe { std::mem::transmute::<Wire, [u8; 64]>(*e) }.to_vec()
+    // SAFETY: the wire event is 72 bytes of plain integers.
+    unsafe { std::mem::transmute::<Wire, [u8; 72]>(*e) }.to_vec()
 }
 
 #[cfg(test)]
@@ -251,15 +255,18 @@ mod tests {
             comm: *b"redis-server\0\0\0\0",
             flags: 0,
             _reserved: 0,
+            ip: 0x5555_5555_1234,
         };
         let bytes = encode_wire(&e);
         assert_eq!(decode_wire(&bytes), Some(e));
         // Unaligned input decodes the same.
-        let mut shifted = [0u8; 65];
+        let mut shifted = [0u8; 73];
         shifted[1..].copy_from_slice(&bytes);
         assert_eq!(decode_wire(&shifted[1..]), Some(e));
-        assert_eq!(decode_wire(&bytes[..63]), None);
-        assert_eq!(decode_wire(&[0u8; 72]), None);
+        assert_eq!(decode_wire(&bytes[..71]), None);
+        assert_eq!(decode_wire(&[0u8; 80]), None);
+        let copy = Event::from_wire(&e).unwrap();
+        assert!(matches!(copy.what, What::Copy(Fault { ip: 0x5555_5555_1234, .. })));
     }
 
     #[test]
@@ -275,6 +282,7 @@ mod tests {
             comm: *b"redis-server\0\0\0\0",
             flags: FLAG_DUP_MMAP,
             _reserved: 0,
+            ip: 0,
         };
         let e = Event::from_wire(&w).unwrap();
         assert_eq!(
@@ -315,28 +323,43 @@ mod tests {
     fn fault_batches_decode_into_the_events_they_stand_for() {
         let copy = FaultRecord {
             addr_kind: 0x7f00_1234_5000 | EventKind::CowCopy as u64,
+            ip: 0x5555_0000_1000,
             latency_ns: 2_500,
             pid: 42,
         };
         let sampled = FaultRecord {
             addr_kind: 0x7f00_1234_6000 | FaultRecord::SAMPLED | EventKind::CowCopy as u64,
+            ip: 0x5555_0000_2000,
             latency_ns: 900,
             pid: 42,
         };
-        let reuse = FaultRecord { addr_kind: 0x5000 | EventKind::CowReuse as u64, latency_ns: 0, pid: 43 };
+        let reuse =
+            FaultRecord { addr_kind: 0x5000 | EventKind::CowReuse as u64, ip: 7, latency_ns: 0, pid: 43 };
         let bytes = encode_batch(7_000, &[copy, sampled, reuse], 3);
         let events: Vec<Event> = events(&bytes, 16).into_iter().map(|e| e.expect("an outcome")).collect();
         assert_eq!(events.len(), 3);
         assert_eq!(
             (events[0].pid, events[0].ts_ns, events[0].what),
-            (42, 7_000, What::Copy(Fault { addr: 0x7f00_1234_5000, latency_ns: 2_500, weight: 1 }))
+            (
+                42,
+                7_000,
+                What::Copy(Fault {
+                    addr: 0x7f00_1234_5000,
+                    ip: 0x5555_0000_1000,
+                    latency_ns: 2_500,
+                    weight: 1
+                })
+            )
         );
         // A timed sample stands for `sample_every` copies; its address
         // loses the flag.
-        assert_eq!(events[1].what, What::Copy(Fault { addr: 0x7f00_1234_6000, latency_ns: 900, weight: 16 }));
+        assert_eq!(
+            events[1].what,
+            What::Copy(Fault { addr: 0x7f00_1234_6000, ip: 0x5555_0000_2000, latency_ns: 900, weight: 16 })
+        );
         assert_eq!(
             (events[2].pid, events[2].what),
-            (43, What::Reuse(Fault { addr: 0x5000, latency_ns: 0, weight: 1 }))
+            (43, What::Reuse(Fault { addr: 0x5000, ip: 7, latency_ns: 0, weight: 1 }))
         );
         // A count that disagrees with the length, an empty batch, or a
         // count beyond the batch's capacity is malformed.
@@ -346,14 +369,14 @@ mod tests {
         assert!(decode_batch(&encode_batch(1, &too_many, too_many.len() as u32)).is_none());
         assert_eq!(events_of_malformed(&encode_batch(1, &[copy, reuse], 3)), 1);
         // A single event is not a batch.
-        assert!(decode_batch(&[3u8; 64]).is_none());
+        assert!(decode_batch(&[3u8; 72]).is_none());
         // A record whose kind is not a fault outcome is not trusted: an
         // exit or a spawn never travels in a batch.
         for kind in [EventKind::Exit, EventKind::Spawn, EventKind::HugeCow] {
-            let r = FaultRecord { addr_kind: 0x5000 | kind as u64, latency_ns: 0, pid: 42 };
+            let r = FaultRecord { addr_kind: 0x5000 | kind as u64, ip: 0, latency_ns: 0, pid: 42 };
             assert!(Event::from_fault_record(1, &r, 16).is_none(), "{kind:?}");
         }
-        let r = FaultRecord { addr_kind: 0x5000, latency_ns: 0, pid: 42 };
+        let r = FaultRecord { addr_kind: 0x5000, ip: 0, latency_ns: 0, pid: 42 };
         assert!(Event::from_fault_record(1, &r, 16).is_none());
     }
 
@@ -381,8 +404,8 @@ mod props {
     use super::*;
 
     fn wire() -> impl Strategy<Value = Wire> {
-        (any::<[u32; 4]>(), any::<[u64; 3]>(), any::<[u8; 16]>(), any::<[u32; 2]>()).prop_map(
-            |([kind, pid, tid, other], [ts_ns, latency_ns, addr], comm, [flags, _reserved])| Wire {
+        (any::<[u32; 4]>(), any::<[u64; 4]>(), any::<[u8; 16]>(), any::<[u32; 2]>()).prop_map(
+            |([kind, pid, tid, other], [ts_ns, latency_ns, addr, ip], comm, [flags, _reserved])| Wire {
                 kind: kind % 12,
                 pid,
                 tid,
@@ -393,13 +416,15 @@ mod props {
                 comm,
                 flags,
                 _reserved,
+                ip,
             },
         )
     }
 
     fn record() -> impl Strategy<Value = FaultRecord> {
-        any::<(u64, u32, u32)>().prop_map(|(addr_kind, latency_ns, pid)| FaultRecord {
+        any::<(u64, u64, u32, u32)>().prop_map(|(addr_kind, ip, latency_ns, pid)| FaultRecord {
             addr_kind,
+            ip,
             latency_ns,
             pid,
         })
@@ -461,6 +486,9 @@ mod props {
                 prop_assert_eq!(e.is_some(), outcome);
                 if let Some(e) = e {
                     prop_assert_eq!((e.pid, e.ts_ns), (r.pid, ts));
+                    if let What::Copy(f) | What::Reuse(f) | What::ZeroFill(f) = e.what {
+                        prop_assert_eq!(f.ip, r.ip);
+                    }
                 }
             }
             prop_assume!(wrong != count);

@@ -47,6 +47,8 @@ pub struct KernelOffsets {
     /// `offsetof(struct vm_fault, address)`, for the kprobe and fentry
     /// backends.
     pub vmf_address: Option<u32>,
+    /// `offsetof(struct pt_regs, ip)`: the faulting user instruction.
+    pub regs_ip: u32,
 }
 
 impl KernelOffsets {
@@ -54,6 +56,7 @@ impl KernelOffsets {
         Ok(Self {
             task: TaskOffsets::from_btf(btf)?,
             vmf_address: member_offset(btf, "vm_fault", "address").ok(),
+            regs_ip: member_offset(btf, "pt_regs", "ip")?,
         })
     }
 }
@@ -338,6 +341,8 @@ print fmt: \"0x%lx\", REC->ret
         assert!(member_offset(&btf, "task_struct", "no_such_member").is_err());
         // Inside an anonymous const struct in every kernel that has one.
         assert!(member_offset(&btf, "vm_fault", "address").is_ok());
+        // x86_64's pt_regs: r15..r8, ax, cx, dx, si, di, orig_ax, then ip.
+        assert_eq!(member_offset(&btf, "pt_regs", "ip").unwrap(), 16 * 8);
         assert!(has_btf_func(&btf, "copy_process"));
         assert!(!has_btf_func(&btf, "task_struct"));
     }

@@ -212,6 +212,7 @@ mod tests {
             comm: c,
             flags: 0,
             _reserved: 0,
+            ip: 0,
         }
     }
 

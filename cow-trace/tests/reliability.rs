@@ -43,11 +43,11 @@ fn a_tiny_ring_buffer_drops_are_counted_reported_and_add_up() {
     assert!(r.status.success(), "{}", r.stderr);
     let s = r.summary();
     let dropped = u(&s["dropped_events"]);
-    // Copies travel in batches: 16 bytes each plus 24 per batch (its
-    // header and the ring's), so the ring holds fewer than 4096 / 16 = 256
-    // of them, and at least PAGES - 256 copy events cannot have been
+    // Copies travel in batches: 24 bytes each plus 24 per batch (its
+    // header and the ring's), so the ring holds fewer than 4096 / 24 = 170
+    // of them, and at least PAGES - 170 copy events cannot have been
     // delivered.
-    assert!(dropped >= PAGES - 256, "expected most of {PAGES} copies dropped with a 4K ring: {s}");
+    assert!(dropped >= PAGES - 170, "expected most of {PAGES} copies dropped with a 4K ring: {s}");
     assert_totals_add_up(s);
     // The kernel's count of copies is whole even when events were dropped.
     assert!(u(&s["kernel_totals"]["cow_copies"]) >= PAGES, "{s}");

@@ -209,6 +209,7 @@ fn config(
         sample_every: opts.sample_every,
         vmf_address,
         wp_copy_hooked: funcs.contains(&"wp_page_copy") as u32,
+        regs_ip: offsets.regs_ip,
     })
 }
 
