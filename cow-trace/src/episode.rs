@@ -22,14 +22,19 @@
 //! Pure like the aggregator: the only outside inputs are the maps reader,
 //! injected so tests run without a kernel, and what `settle` is told.
 
-use std::collections::{HashMap, VecDeque};
+use std::{
+    cell::RefCell,
+    collections::{HashMap, VecDeque},
+};
 
 use serde::Serialize;
 
 use crate::{
+    attribution::{Attribution, Target, Writer},
     event::{Event, Fault, What},
     histogram::{Histogram, Summary},
     regions::MapsCache,
+    symbolize::Symbolizer,
 };
 
 /// Regions shown per episode.
@@ -48,7 +53,7 @@ pub struct RegionBytes {
 
 /// A finished (or, in the final summary, still running) episode, as printed
 /// and serialised.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Episode {
     /// `fork`, or `fork+exec` when the child replaced its program.
     pub kind: &'static str,
@@ -75,6 +80,10 @@ pub struct Episode {
     pub cow_latency_ns: Summary,
     /// Where the copies landed, most bytes first (at most three).
     pub top_regions: Vec<RegionBytes>,
+    /// The code that wrote the copied pages, most pages first (`--top`).
+    pub top_writers: Vec<Writer>,
+    /// The data objects or mappings written, most pages first (`--top`).
+    pub top_data: Vec<Target>,
 }
 
 #[derive(Clone)]
@@ -93,6 +102,8 @@ struct Open {
     per_second: HashMap<u64, u64>,
     /// Pages copied per region name.
     regions: HashMap<String, u64>,
+    /// Copies by writer and by written location.
+    attribution: Attribution,
     /// Set when the child has exited; the episode is closing.
     closed: Option<Closed>,
 }
@@ -130,6 +141,10 @@ pub struct Episodes {
     by_parent: HashMap<u32, Vec<u32>>,
     /// Parents' maps, read at their fork and on misses.
     maps: MapsCache,
+    /// Names writers and targets when an episode is reported.
+    symbolizer: RefCell<Symbolizer>,
+    /// Writers and targets reported per episode (0: all).
+    top: usize,
     /// Finished since the last `take_finished`.
     finished: Vec<Episode>,
     /// Finished, for the summary; bounded by `max_kept`.
@@ -177,6 +192,8 @@ impl Episodes {
             open: HashMap::new(),
             by_parent: HashMap::new(),
             maps: MapsCache::new(read_maps),
+            symbolizer: RefCell::new(Symbolizer::new()),
+            top: 0,
             finished: Vec::new(),
             kept: VecDeque::new(),
             max_kept: 4096,
@@ -185,6 +202,12 @@ impl Episodes {
             settles: 0,
             reused: Vec::new(),
         }
+    }
+
+    /// Reports at most `top` writers and targets per episode (0: all).
+    pub fn with_top(mut self, top: usize) -> Self {
+        self.top = top;
+        self
     }
 
     #[cfg(test)]
@@ -266,6 +289,7 @@ impl Episodes {
                 cow_lat: Histogram::default(),
                 per_second: HashMap::new(),
                 regions: HashMap::new(),
+                attribution: Attribution::default(),
                 closed: None,
             },
         );
@@ -344,7 +368,8 @@ impl Episodes {
         };
         // A parent already gone leaves its child's maps, the same layout
         // at the fork.
-        let region = self.maps.region(parent, child, f.addr, ts);
+        let maps = self.maps.maps(parent, child, f.addr, ts);
+        let region = maps.find(f.addr).map(|r| r.name.clone());
         let o = match slot {
             Slot::Open(c) => self.open.get_mut(&c).expect("looked up above"),
             Slot::Reused(i) => &mut self.reused[i],
@@ -359,6 +384,7 @@ impl Episodes {
         }
         *o.per_second.entry((ts - o.start_ns) / RATE_BUCKET_NS).or_default() += 1;
         *o.regions.entry(region.unwrap_or_else(|| UNMAPPED.to_string())).or_default() += 1;
+        o.attribution.record(maps, f);
     }
 
     fn unlink(&mut self, o: &Open) {
@@ -380,6 +406,8 @@ impl Episodes {
             .collect();
         regions.sort_by(|a, b| b.bytes.cmp(&a.bytes).then_with(|| a.region.cmp(&b.region)));
         regions.truncate(TOP_REGIONS);
+        let (top_writers, top_data) =
+            o.attribution.report(&mut self.symbolizer.borrow_mut(), copies, self.top);
         Episode {
             kind: if o.exec_after_ns.is_some() { "fork+exec" } else { "fork" },
             parent: o.parent,
@@ -397,6 +425,8 @@ impl Episodes {
             peak_copy_bytes_per_s: o.per_second.values().max().copied().unwrap_or(0) * self.page_size,
             cow_latency_ns: o.cow_lat.summary(),
             top_regions: regions,
+            top_writers,
+            top_data,
         }
     }
 

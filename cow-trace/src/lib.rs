@@ -10,6 +10,7 @@
 //! `fmt` are leaves.
 
 pub mod aggregate;
+pub mod attribution;
 pub mod counts;
 pub mod episode;
 pub mod event;
@@ -20,5 +21,6 @@ pub mod process;
 pub mod regions;
 pub mod retired;
 pub mod sanitize;
+pub mod symbolize;
 pub mod tally;
 pub mod targets;

@@ -132,6 +132,42 @@ pub fn episode_line(ep: &Episode) -> String {
             .collect();
         s += &format!("; top regions: {}", top.join(", "));
     }
+    s += &attribution_lines(ep);
+    s
+}
+
+/// A module as shown: a file's base name, a region's own name.
+fn module_label(module: &str) -> String {
+    let base = if module.starts_with('/') { module.rsplit('/').next().unwrap_or(module) } else { module };
+    for_terminal(base).into_owned()
+}
+
+fn pct(share: f64) -> String {
+    format!("{:.1}%", share * 100.0)
+}
+
+/// The episode's writers and written data, one per line under it.
+fn attribution_lines(ep: &Episode) -> String {
+    let mut s = String::new();
+    for w in &ep.top_writers {
+        let what = match (&w.function, w.module_offset) {
+            (Some(f), _) => format!("{} ({})", for_terminal(f), module_label(&w.module)),
+            (None, Some(off)) => format!("{}+{off:#x}", module_label(&w.module)),
+            (None, None) => module_label(&w.module),
+        };
+        let source = w.source.as_deref().map(|l| format!(" at {}", for_terminal(l))).unwrap_or_default();
+        let stripped = if w.stripped && w.function.is_none() { " [stripped]" } else { "" };
+        s += &format!("\n    writer {what}{source}{stripped}: {} pages ({})", w.pages, pct(w.share));
+    }
+    for t in &ep.top_data {
+        let what = match &t.object {
+            Some(o) => {
+                format!("{} ({})", for_terminal(o), module_label(t.module.as_ref().unwrap_or(&t.region)))
+            }
+            None => module_label(&t.region),
+        };
+        s += &format!("\n    data {what}: {} pages ({})", t.pages, pct(t.share));
+    }
     s
 }
 
@@ -514,6 +550,8 @@ mod tests {
             peak_copy_bytes_per_s: copied_pages * 4096,
             cow_latency_ns: Summary::default(),
             top_regions: vec![],
+            top_writers: vec![],
+            top_data: vec![],
         }
     }
 
@@ -541,5 +579,42 @@ mod tests {
         assert_eq!(v["kind"], "fork");
         assert_eq!(v["copied_bytes"], 5 * 4096);
         assert_eq!(v["child"], 10);
+    }
+
+    #[test]
+    fn episode_lines_name_writers_and_data_safely() {
+        use crate::attribution::{Target, Writer};
+        let mut ep = episode(10, 4);
+        let w = |function: Option<&str>, module: &str, off: Option<u64>, stripped, pages| Writer {
+            function: function.map(String::from),
+            module: module.into(),
+            module_offset: off,
+            source: function.map(|_| "w.c:7".into()),
+            stripped,
+            pages,
+            share: pages as f64 / 4.0,
+        };
+        ep.top_writers = vec![
+            w(Some("write_big"), "/tmp/x/cow\x1b[2Jattr", None, false, 3),
+            w(None, "/usr/lib/libc.so.6", Some(0x9a1b0), true, 1),
+        ];
+        ep.top_data = vec![Target {
+            object: Some("big".into()),
+            module: Some("/tmp/x/a".into()),
+            region: "[anon 1000]".into(),
+            pages: 4,
+            share: 1.0,
+        }];
+        let line = episode_line(&ep);
+        let lines: Vec<_> = line.lines().collect();
+        assert_eq!(lines[1], "    writer write_big (cow\\x1b[2Jattr) at w.c:7: 3 pages (75.0%)");
+        assert_eq!(lines[2], "    writer libc.so.6+0x9a1b0 [stripped]: 1 pages (25.0%)");
+        assert_eq!(lines[3], "    data big (a): 4 pages (100.0%)");
+        assert!(!line.contains('\x1b'));
+        let v: serde_json::Value =
+            serde_json::from_str(&json_line(&EpisodeRecord { kind: "episode", episode: &ep })).unwrap();
+        assert_eq!(v["top_writers"][0]["module"], "/tmp/x/cow\x1b[2Jattr");
+        assert_eq!(v["top_writers"][1]["module_offset"], 0x9a1b0);
+        assert_eq!(v["top_data"][0]["object"], "big");
     }
 }

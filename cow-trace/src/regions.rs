@@ -18,12 +18,39 @@ use crate::sanitize::lossless;
 /// A miss in the cached maps re-reads them at most this often.
 const MAPS_REREAD_NS: u64 = 100_000_000;
 
-/// One mapping: `[start, end)` and what to call it.
+/// One mapping: `[start, end)`, what to call it, and for a file the offset
+/// in it of `start`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Region {
     pub start: u64,
     pub end: u64,
     pub name: String,
+    pub offset: u64,
+    /// Maps a file (its name is the file's path).
+    pub file: bool,
+}
+
+/// Where an instruction is, in terms that outlive the process: a file and
+/// an offset in it, else the region's name (anonymous code, the vDSO).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum CodeAt {
+    File {
+        path: String,
+        offset: u64,
+    },
+    Region(String),
+    /// In no known mapping, or no instruction pointer at all (0).
+    Unknown,
+}
+
+/// Where a written address is, for naming the data there: for a module's
+/// own data (its file-backed data segment, or the anonymous `.bss` that
+/// follows it) the module and the address relative to where its first
+/// mapping starts; else just the region.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum DataAt {
+    Module { path: String, region: String, rel: u64 },
+    Region(String),
 }
 
 /// A process's mappings, sorted by start address.
@@ -62,9 +89,56 @@ impl Maps {
 
     /// The region holding `addr`, if any.
     pub fn find(&self, addr: u64) -> Option<&Region> {
-        let i = self.regions.partition_point(|r| r.start <= addr);
-        let r = self.regions.get(i.checked_sub(1)?)?;
-        (addr < r.end).then_some(r)
+        self.index_of(addr).map(|i| &self.regions[i])
+    }
+
+    fn index_of(&self, addr: u64) -> Option<usize> {
+        let i = self.regions.partition_point(|r| r.start <= addr).checked_sub(1)?;
+        (addr < self.regions[i].end).then_some(i)
+    }
+
+    /// The file whose `.bss` anonymous region `i` is: the file mapped
+    /// right before it, across the anonymous regions an madvise or
+    /// mprotect split the `.bss` into.
+    fn bss_owner(&self, i: usize) -> Option<&Region> {
+        let mut at = i;
+        while self.regions[at].name.starts_with("[anon ") {
+            let prev = &self.regions[at.checked_sub(1)?];
+            if prev.end != self.regions[at].start {
+                return None;
+            }
+            at -= 1;
+        }
+        Some(&self.regions[at]).filter(|r| r.file)
+    }
+
+    /// Where instruction `ip` is (see [`CodeAt`]).
+    pub fn code_at(&self, ip: u64) -> CodeAt {
+        match self.find(ip) {
+            _ if ip == 0 => CodeAt::Unknown,
+            Some(r) if r.file => CodeAt::File { path: r.name.clone(), offset: ip - r.start + r.offset },
+            Some(r) => CodeAt::Region(r.name.clone()),
+            None => CodeAt::Unknown,
+        }
+    }
+
+    /// Where written address `addr` is (see [`DataAt`]); `None` outside
+    /// every mapping. An anonymous region right after a file's mapping is
+    /// taken for that file's `.bss`, as the loader lays it out.
+    pub fn data_at(&self, addr: u64) -> Option<DataAt> {
+        let i = self.index_of(addr)?;
+        let r = &self.regions[i];
+        let owner = if r.file { Some(r) } else { self.bss_owner(i) };
+        let region = DataAt::Region(r.name.clone());
+        let Some(owner) = owner else { return Some(region) };
+        // The module's load base: the start of its mapping at file offset 0.
+        let base = self.regions.iter().find(|m| m.file && m.name == owner.name && m.offset == 0);
+        Some(match base {
+            Some(b) if addr >= b.start => {
+                DataAt::Module { path: owner.name.clone(), region: r.name.clone(), rel: addr - b.start }
+            }
+            _ => region,
+        })
     }
 }
 
@@ -107,7 +181,8 @@ fn parse_line(line: &[u8]) -> Option<Region> {
     // ` (deleted)` is kept too: the kernel's, or part of the name; either
     // way it is what `maps` shows.
     let name = if rest.is_empty() { format!("[anon {start:x}]") } else { unescape_newlines(rest) };
-    Some(Region { start, end, name })
+    let file = rest.first() == Some(&b'/');
+    Some(Region { start, end, name, offset: hex(fields[2])?, file })
 }
 
 /// The kernel writes a newline in a path as `\012` (and escapes nothing
@@ -169,23 +244,24 @@ impl MapsCache {
     /// stand in when `pid`'s cannot be read (a child has its parent's
     /// layout at the fork). `None`: in no known mapping.
     pub fn region(&mut self, pid: u32, alt: u32, addr: u64, now_ns: u64) -> Option<String> {
+        self.maps(pid, alt, addr, now_ns).find(addr).map(|r| r.name.clone())
+    }
+
+    /// `pid`'s layout as [`region`](Self::region) finds it for `addr`.
+    pub fn maps(&mut self, pid: u32, alt: u32, addr: u64, now_ns: u64) -> &Maps {
         let read = &self.read;
         let read = |p: u32| read(p).or_else(|| read(alt));
         let cached = self.cached.entry(pid).or_insert_with(|| Cached {
             maps: read(pid).map(|t| Maps::parse(&t)).unwrap_or_default(),
             read_at_ns: now_ns,
         });
-        if let Some(r) = cached.maps.find(addr) {
-            return Some(r.name.clone());
-        }
-        if now_ns.saturating_sub(cached.read_at_ns) >= MAPS_REREAD_NS {
+        if cached.maps.find(addr).is_none() && now_ns.saturating_sub(cached.read_at_ns) >= MAPS_REREAD_NS {
             if let Some(text) = read(pid) {
                 cached.maps = Maps::parse(&text);
             }
             cached.read_at_ns = now_ns;
-            return cached.maps.find(addr).map(|r| r.name.clone());
         }
-        None
+        &cached.maps
     }
 }
 
@@ -206,6 +282,35 @@ mod tests {
 7f00000000-7f00001000 rw-p 00000000 fe:01 42                             /tmp/a file (deleted)
 garbage line
 ";
+
+    #[test]
+    fn code_and_data_locations_outlive_the_process() {
+        let m = Maps::parse(REDIS.as_bytes());
+        let bin = "/usr/bin/redis-check-rdb".to_string();
+        // Text: file offset = address - start + the mapping's offset.
+        assert_eq!(m.code_at(0x55d0c4a6b010), CodeAt::File { path: bin.clone(), offset: 0x6b010 });
+        assert_eq!(m.code_at(0x7ffd1e1b6100), CodeAt::Region("[vdso]".into()));
+        assert_eq!(m.code_at(0), CodeAt::Unknown);
+        assert_eq!(m.code_at(0x10), CodeAt::Unknown);
+        // Data in the module's own segment: relative to its first mapping.
+        let data = m.data_at(0x55d0c4d60008).unwrap();
+        assert_eq!(data, DataAt::Module { path: bin.clone(), region: bin.clone(), rel: 0x360008 });
+        // The heap follows the binary with a gap: not its .bss.
+        assert_eq!(m.data_at(0x55d0c5a1d000), Some(DataAt::Region("[heap]".into())));
+        assert_eq!(m.data_at(0x10), None);
+        // An anonymous mapping right after a file's is that file's .bss.
+        let bss = format!(
+            "{REDIS}55d0c4d7c000-55d0c4d7d000 rw-p 00000000 00:00 0\n55d0c4d7d000-55d0c4d90000 rw-p 00000000 00:00 0\n"
+        );
+        let m = Maps::parse(bss.as_bytes());
+        let at = m.data_at(0x55d0c4d7c100).unwrap();
+        let region = "[anon 55d0c4d7c000]".to_string();
+        assert_eq!(at, DataAt::Module { path: bin.clone(), region, rel: 0x37c100 });
+        // Split in two (madvise): the second part is the file's too.
+        let at = m.data_at(0x55d0c4d8f000).unwrap();
+        let region = "[anon 55d0c4d7d000]".to_string();
+        assert_eq!(at, DataAt::Module { path: bin, region, rel: 0x38f000 });
+    }
 
     #[test]
     fn parses_the_kinds_of_mapping() {
@@ -314,11 +419,12 @@ mod props {
             let end = start + len * 0x1000;
             at = end;
             text.extend(line(start, end, *inode, name.as_deref()));
+            let file = name.is_some();
             let name = match name {
                 Some(n) => lossless(&[b"/", n.as_slice()].concat()).into_owned(),
                 None => format!("[anon {start:x}]"),
             };
-            want.push(Region { start, end, name });
+            want.push(Region { start, end, name, offset: 0, file });
         }
         (text, want)
     }

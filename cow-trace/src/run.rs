@@ -200,7 +200,7 @@ impl Session {
             Box::new(procfs::ppid_of),
             Box::new(procfs::comm_of),
         )
-        .with_episodes(Episodes::new(page_size, Box::new(procfs::read_maps)));
+        .with_episodes(Episodes::new(page_size, Box::new(procfs::read_maps)).with_top(args.top));
         let ring = watch(tracer.take_ring()?)?;
         if let Some(logger) = tracer.logger.take() {
             let mut logger = watch(logger)?;

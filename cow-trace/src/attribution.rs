@@ -1,0 +1,172 @@
+//! Who made the copies: an episode's copies counted by the instruction that
+//! wrote and by the location written, then named and ranked when the
+//! episode is reported.
+//!
+//! Locations are kept as file + offset the moment a copy is seen (from the
+//! layout read at the fork), so a process that exited long before the
+//! report is still named from its files.
+
+use std::collections::HashMap;
+
+use serde::Serialize;
+
+use crate::{
+    episode::UNMAPPED,
+    event::Fault,
+    regions::{CodeAt, DataAt, Maps},
+    symbolize::{CodeName, DataName, Symbolizer},
+};
+
+/// Copies by code location and by written location.
+#[derive(Clone, Debug, Default)]
+pub struct Attribution {
+    code: HashMap<CodeAt, u64>,
+    data: HashMap<DataAt, u64>,
+}
+
+/// Code that made copies, as reported.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Writer {
+    /// `None` when the address is in no symbol's extent.
+    pub function: Option<String>,
+    /// The module's path, or a region name such as `[vdso]`.
+    pub module: String,
+    /// Offset in the module's file, for an unnamed address.
+    pub module_offset: Option<u64>,
+    /// `file:line` of the instruction that wrote most, where debug
+    /// information has it.
+    pub source: Option<String>,
+    /// The module has no symbol table beyond its exports.
+    pub stripped: bool,
+    pub pages: u64,
+    /// Fraction of the episode's copies.
+    pub share: f64,
+}
+
+/// Data that was copied, as reported.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Target {
+    /// The data object (a global variable), where the module's symbols say.
+    pub object: Option<String>,
+    /// The module whose data segment or `.bss` it is in.
+    pub module: Option<String>,
+    /// The mapping it lies in.
+    pub region: String,
+    pub pages: u64,
+    pub share: f64,
+}
+
+impl Attribution {
+    /// Counts one copy, placed in `maps` (the writer's layout at the fork).
+    pub fn record(&mut self, maps: &Maps, f: &Fault) {
+        *self.code.entry(maps.code_at(f.ip)).or_default() += 1;
+        let d = maps.data_at(f.addr).unwrap_or_else(|| DataAt::Region(UNMAPPED.to_string()));
+        *self.data.entry(d).or_default() += 1;
+    }
+
+    /// The `top` writers and written targets (0: all), most pages first,
+    /// named by `sym`; shares are of `total` copies.
+    pub fn report(self, sym: &mut Symbolizer, total: u64, top: usize) -> (Vec<Writer>, Vec<Target>) {
+        let share = |pages: u64| if total == 0 { 0.0 } else { pages as f64 / total as f64 };
+        let (locs, counts): (Vec<CodeAt>, Vec<u64>) = self.code.into_iter().unzip();
+        // One writer per function (or per unnamed address): the source
+        // line shown is that of its busiest instruction.
+        let mut writers: HashMap<(Option<String>, String, Option<u64>), (u64, u64, CodeName)> =
+            HashMap::new();
+        for (name, n) in sym.code(&locs).into_iter().zip(counts) {
+            let key = (name.function.clone(), name.module.clone(), name.offset);
+            let w = writers.entry(key).or_insert((0, 0, name.clone()));
+            w.0 += n;
+            if n > w.1 {
+                (w.1, w.2) = (n, name);
+            }
+        }
+        let mut writers: Vec<Writer> = writers
+            .into_values()
+            .map(|(pages, _, n)| Writer {
+                function: n.function,
+                module: n.module,
+                module_offset: n.offset,
+                source: n.source,
+                stripped: n.stripped,
+                pages,
+                share: share(pages),
+            })
+            .collect();
+        writers.sort_by(|a, b| {
+            (b.pages, &a.function, &a.module, a.module_offset).cmp(&(
+                a.pages,
+                &b.function,
+                &b.module,
+                b.module_offset,
+            ))
+        });
+        let mut targets: HashMap<DataName, u64> = HashMap::new();
+        for (at, n) in self.data {
+            *targets.entry(sym.data(&at)).or_default() += n;
+        }
+        let mut targets: Vec<Target> = targets
+            .into_iter()
+            .map(|(d, pages)| Target {
+                object: d.object,
+                module: d.module,
+                region: d.region,
+                pages,
+                share: share(pages),
+            })
+            .collect();
+        targets.sort_by(|a, b| (b.pages, &a.object, &a.region).cmp(&(a.pages, &b.object, &b.region)));
+        if top != 0 {
+            writers.truncate(top);
+            targets.truncate(top);
+        }
+        (writers, targets)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MAPS: &str = "\
+1000-2000 r-xp 00000000 fe:01 1 /no/such/bin
+2000-3000 rw-p 00001000 fe:01 1 /no/such/bin
+3000-9000 rw-p 00000000 00:00 0
+10000-20000 rw-p 00000000 00:00 0 [heap]
+";
+
+    fn fault(ip: u64, addr: u64) -> Fault {
+        Fault { addr, ip, latency_ns: 0, weight: 1 }
+    }
+
+    #[test]
+    fn copies_rank_by_writer_and_target_with_shares() {
+        let maps = Maps::parse(MAPS.as_bytes());
+        let mut a = Attribution::default();
+        for _ in 0..3 {
+            a.record(&maps, &fault(0x1010, 0x3000));
+        }
+        a.record(&maps, &fault(0x1020, 0x10000));
+        a.record(&maps, &fault(0, 0x10000));
+        a.record(&maps, &fault(0x99_0000, 0x99_0000));
+        let (w, t) = a.report(&mut Symbolizer::new(), 6, 0);
+        // No such file: module + offset, never a name.
+        assert_eq!((w[0].module.as_str(), w[0].module_offset, w[0].pages), ("/no/such/bin", Some(0x10), 3));
+        assert_eq!(w[0].share, 0.5);
+        assert_eq!(w[1].module, "[unknown]");
+        assert_eq!(w[1].pages, 2);
+        assert_eq!(w.iter().map(|w| w.pages).sum::<u64>(), 6);
+        // The anonymous mapping after the binary is its .bss.
+        assert_eq!((t[0].region.as_str(), t[0].pages), ("[anon 3000]", 3));
+        assert_eq!((t[1].region.as_str(), t[1].pages), ("[heap]", 2));
+        let (w, t) = Attribution { ..a_clone(&maps) }.report(&mut Symbolizer::new(), 1, 1);
+        assert_eq!((w.len(), t.len()), (1, 1));
+    }
+
+    fn a_clone(maps: &Maps) -> Attribution {
+        let mut a = Attribution::default();
+        a.record(maps, &fault(0x1010, 0x3000));
+        a.record(maps, &fault(0x1020, 0x10000));
+        a
+    }
+}

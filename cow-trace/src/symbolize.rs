@@ -1,0 +1,170 @@
+//! Names for code and data locations, read from the files themselves
+//! (never from a live process, which may be gone by now): functions with
+//! blazesym (ELF symbols, DWARF for file:line), data objects from the ELF
+//! symbol table with `object`.
+//!
+//! A name is given only to an address inside a symbol's known extent: an
+//! address past the end of every symbol (a static function of a module
+//! that exports only some) is shown as module+offset, never as the
+//! neighbouring symbol. A module without a `.symtab` is marked stripped.
+
+use std::collections::HashMap;
+
+use blazesym::symbolize::{
+    source::{Elf, Source},
+    Input, Symbolized, Symbolizer as Blaze,
+};
+use object::{Object, ObjectSegment, ObjectSymbol, SymbolKind};
+
+use crate::regions::{CodeAt, DataAt};
+
+/// What a code location is called.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CodeName {
+    /// The function, when the address is inside one's extent.
+    pub function: Option<String>,
+    /// The module's path, or a region name (`[vdso]`, `[anon ...]`,
+    /// `[unknown]`).
+    pub module: String,
+    /// Offset in the module's file when no function is named.
+    pub offset: Option<u64>,
+    /// `file:line` where debug information has it.
+    pub source: Option<String>,
+    /// The module has no `.symtab` (only exported symbols, if any).
+    pub stripped: bool,
+}
+
+/// What a written location is called: a data object of a module where its
+/// symbols say, and the mapping it lies in.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DataName {
+    pub object: Option<String>,
+    /// The module whose data it is (its data segment or `.bss`).
+    pub module: Option<String>,
+    pub region: String,
+}
+
+/// What is kept of a module's ELF file for naming data.
+struct Module {
+    /// Virtual address of the segment holding file offset 0: where the
+    /// module's first mapping starts, in its own addresses.
+    first_vaddr: u64,
+    /// Sized data symbols `(start, end, name)`, sorted by start.
+    objects: Vec<(u64, u64, String)>,
+    has_symtab: bool,
+}
+
+pub struct Symbolizer {
+    blaze: Blaze,
+    modules: HashMap<String, Option<Module>>,
+}
+
+impl Default for Symbolizer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Symbolizer {
+    pub fn new() -> Self {
+        Self { blaze: Blaze::new(), modules: HashMap::new() }
+    }
+
+    fn module(&mut self, path: &str) -> Option<&Module> {
+        self.modules.entry(path.to_string()).or_insert_with(|| read_module(path)).as_ref()
+    }
+
+    /// Names each of `locs`, in order. Locations in one file are looked up
+    /// in one batch.
+    pub fn code(&mut self, locs: &[CodeAt]) -> Vec<CodeName> {
+        let mut by_file: HashMap<&str, Vec<(usize, u64)>> = HashMap::new();
+        let mut out: Vec<Option<CodeName>> = vec![None; locs.len()];
+        for (i, l) in locs.iter().enumerate() {
+            match l {
+                CodeAt::File { path, offset } => by_file.entry(path).or_default().push((i, *offset)),
+                CodeAt::Region(name) => out[i] = Some(unnamed(name, None, false)),
+                CodeAt::Unknown => out[i] = Some(unnamed("[unknown]", None, false)),
+            }
+        }
+        for (path, items) in by_file {
+            let stripped = self.module(path).is_none_or(|m| !m.has_symtab);
+            let offsets: Vec<u64> = items.iter().map(|&(_, o)| o).collect();
+            let src = Source::Elf(Elf::new(path));
+            let syms = self.blaze.symbolize(&src, Input::FileOffset(&offsets)).unwrap_or_default();
+            for (k, &(i, offset)) in items.iter().enumerate() {
+                out[i] = Some(match syms.get(k) {
+                    Some(Symbolized::Sym(s)) if s.size.is_some_and(|n| s.offset < n) => CodeName {
+                        function: Some(s.name.to_string()),
+                        module: path.to_string(),
+                        offset: None,
+                        source: s
+                            .code_info
+                            .as_ref()
+                            .and_then(|c| c.line.map(|l| format!("{}:{l}", c.file.to_string_lossy()))),
+                        stripped,
+                    },
+                    _ => unnamed(path, Some(offset), stripped),
+                });
+            }
+        }
+        out.into_iter().map(|n| n.expect("every location named")).collect()
+    }
+
+    /// Names a written location: the data object holding it where the
+    /// module's symbols say, always the region.
+    pub fn data(&mut self, at: &DataAt) -> DataName {
+        match at {
+            DataAt::Region(region) => DataName { object: None, module: None, region: region.clone() },
+            DataAt::Module { path, region, rel } => {
+                let object = self.module(path).and_then(|m| {
+                    let vaddr = m.first_vaddr + rel;
+                    let i = m.objects.partition_point(|o| o.0 <= vaddr).checked_sub(1)?;
+                    let (_, end, name) = &m.objects[i];
+                    (vaddr < *end).then(|| name.clone())
+                });
+                DataName { object, module: Some(path.clone()), region: region.clone() }
+            }
+        }
+    }
+}
+
+fn unnamed(module: &str, offset: Option<u64>, stripped: bool) -> CodeName {
+    CodeName { function: None, module: module.to_string(), offset, source: None, stripped }
+}
+
+fn read_module(path: &str) -> Option<Module> {
+    let bytes = std::fs::read(path).ok()?;
+    let file = object::File::parse(&*bytes).ok()?;
+    let first_vaddr = file.segments().find(|s| s.file_range().0 == 0).map(|s| s.address() & !0xfff)?;
+    let mut objects: Vec<(u64, u64, String)> = file
+        .symbols()
+        .filter(|s| s.kind() == SymbolKind::Data && s.size() > 0 && s.is_definition())
+        .filter_map(|s| Some((s.address(), s.address() + s.size(), s.name().ok()?.to_string())))
+        .collect();
+    objects.sort();
+    Some(Module { first_vaddr, objects, has_symtab: file.section_by_name(".symtab").is_some() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn regions_without_a_file_keep_their_name() {
+        let mut s = Symbolizer::new();
+        let names = s.code(&[CodeAt::Region("[vdso]".into()), CodeAt::Unknown]);
+        assert_eq!(names[0].module, "[vdso]");
+        assert_eq!(names[1].module, "[unknown]");
+        assert!(names.iter().all(|n| n.function.is_none()));
+        let d = s.data(&DataAt::Region("[heap]".into()));
+        assert_eq!(d, DataName { object: None, module: None, region: "[heap]".into() });
+    }
+
+    #[test]
+    fn a_missing_file_gives_module_and_offset() {
+        let mut s = Symbolizer::new();
+        let at = CodeAt::File { path: "/nonexistent/cow-trace-test.so".into(), offset: 0x1234 };
+        let n = &s.code(&[at])[0];
+        assert_eq!((n.function.as_deref(), n.offset), (None, Some(0x1234)));
+    }
+}
