@@ -302,11 +302,36 @@ fn check_episode(episodes: &[Value], child: u32, page_size: u64, f: &Figures, wh
         within(fork_ns as f64, fork_usec as f64 * 1e3, 0.25, 3e6),
         "{what}: episode fork latency {fork_ns} ns, Redis reports {fork_usec} us: {ep}"
     );
+    check_writers(ep, copies, what);
     eprintln!(
         "{what}: episode copied {copied} bytes (parent {} + child {} pages), Redis {cow_size} \
          ({baseline} with no writes); fork {fork_ns} ns, Redis {fork_usec} us",
         ep["parent_copies"], ep["child_copies"]
     );
+}
+
+/// The copies are named to Redis's own code, its allocator (jemalloc,
+/// linked into the Debian binary) or libc: at least 95% of them to a
+/// function, never a name outside those modules.
+fn check_writers(ep: &Value, copies: u64, what: &str) {
+    let writers = ep["top_writers"].as_array().expect("top_writers");
+    let named: u64 = writers.iter().filter(|w| w["function"].is_string()).map(|w| u(&w["pages"])).sum();
+    assert!(named * 100 >= copies * 95, "{what}: only {named} of {copies} copies named: {ep:#}");
+    for w in writers.iter().filter(|w| w["function"].is_string()) {
+        let module = w["module"].as_str().unwrap();
+        let base = module.rsplit('/').next().unwrap();
+        let ours = ["redis-", "libc.so", "libjemalloc", "ld-linux"].iter().any(|m| base.starts_with(m));
+        assert!(ours, "{what}: writer in an unexpected module: {w}");
+    }
+    for w in writers.iter().take(5) {
+        eprintln!(
+            "{what}: writer {} ({}) {} pages ({:.1}%)",
+            w["function"],
+            w["module"],
+            w["pages"],
+            w["share"].as_f64().unwrap() * 100.0
+        );
+    }
 }
 
 /// Log lines written once the server was ready that are warnings (`#`) or
