@@ -122,6 +122,9 @@ impl FaultRecord {
     /// [`Config::sample_every`] faults it closes, so its latency stands for
     /// that many in a histogram.
     pub const SAMPLED: u64 = 0x10;
+    /// The fault was taken in kernel mode (the kernel writing user memory
+    /// for a system call): `ip` holds the system call's number.
+    pub const KERNEL: u64 = 0x20;
     pub const ADDR_MASK: u64 = !0xfff;
 
     pub fn kind(&self) -> u32 {
@@ -134,6 +137,10 @@ impl FaultRecord {
 
     pub fn sampled(&self) -> bool {
         self.addr_kind & Self::SAMPLED != 0
+    }
+
+    pub fn kernel_mode(&self) -> bool {
+        self.addr_kind & Self::KERNEL != 0
     }
 }
 
@@ -171,6 +178,10 @@ pub const FAULT_BATCH_HEADER: usize = 16;
 pub const FLAG_NO_SYSCALL: u32 = 1;
 /// ForkLatency: `addr` holds the time spent in `dup_mmap`.
 pub const FLAG_DUP_MMAP: u32 = 2;
+/// CowCopy/CowReuse/ZeroFill: the fault was taken in kernel mode (the
+/// kernel writing user memory for a system call); `ip` holds the system
+/// call's number.
+pub const FLAG_KERNEL_MODE: u32 = 4;
 
 /// Indexes into the per-CPU `COUNTERS` array. The kernel counts every event
 /// it classifies here, whether or not the ring buffer had room, so that
@@ -255,6 +266,14 @@ pub struct Config {
     /// `offsetof(struct pt_regs, ip)`: the user instruction pointer of a
     /// fault, from the tracepoint's `regs` or the task's user registers.
     pub regs_ip: u32,
+    /// `offsetof(struct pt_regs, orig_ax)`: the system call number in a
+    /// task's user registers during a system call.
+    pub regs_orig_ax: u32,
+    /// `offsetof(struct vm_fault, flags)` (kprobe/fentry backends).
+    pub vmf_flags: u32,
+    /// `FAULT_FLAG_USER` from the kernel's BTF: the fault came from user
+    /// mode (kprobe/fentry backends; 0: unknown, every fault is user).
+    pub fault_flag_user: u32,
 }
 
 /// Write faults a task takes after being scheduled in that are all timed,
@@ -276,6 +295,6 @@ mod user {
 
 // Layout checks: a change that introduces padding fails to compile.
 const _: () = assert!(core::mem::size_of::<Event>() == 72);
-const _: () = assert!(core::mem::size_of::<Config>() == 60);
+const _: () = assert!(core::mem::size_of::<Config>() == 72);
 const _: () = assert!(core::mem::size_of::<FaultRecord>() == 24);
 const _: () = assert!(core::mem::size_of::<FaultBatch>() == FAULT_BATCH_HEADER + FAULT_BATCH_LEN * 24 + 16);

@@ -8,7 +8,7 @@ use aya_ebpf::{
     macros::map,
     maps::RingBuf,
 };
-use cow_trace_common::{counter, Event, EventKind, FLAG_DUP_MMAP, FLAG_NO_SYSCALL};
+use cow_trace_common::{counter, Event, EventKind, FLAG_DUP_MMAP, FLAG_KERNEL_MODE, FLAG_NO_SYSCALL};
 
 use crate::shared::{bump, setting, Ids};
 
@@ -51,9 +51,10 @@ pub(crate) enum Detail {
     Exit { code: i32 },
     /// The process replaced its program.
     Exec,
-    /// A 4 KiB write fault at `addr` by user instruction `ip`, resolved by
+    /// A 4 KiB write fault at `addr` by user instruction `ip` (with
+    /// `kernel`: by the kernel in system call number `ip`), resolved by
     /// `outcome` in `latency_ns` (0: not timed).
-    Fault { outcome: Outcome, latency_ns: u64, addr: u64, ip: u64 },
+    Fault { outcome: Outcome, latency_ns: u64, addr: u64, ip: u64, kernel: bool },
     /// A huge-page write fault at `addr`: `allocated` bytes of user memory
     /// allocated meanwhile, `vm_fault` the handler's raw return.
     HugeCow { latency_ns: u64, addr: u64, allocated: u32, vm_fault: u32 },
@@ -84,7 +85,9 @@ impl Detail {
             }
             Detail::Exit { code } => (code as u32, 0, 0, 0),
             Detail::Exec => (0, 0, 0, 0),
-            Detail::Fault { latency_ns, addr, .. } => (0, latency_ns, addr, 0),
+            Detail::Fault { latency_ns, addr, kernel, .. } => {
+                (0, latency_ns, addr, if kernel { FLAG_KERNEL_MODE } else { 0 })
+            }
             Detail::HugeCow { latency_ns, addr, allocated, vm_fault } => {
                 (allocated, latency_ns, addr, vm_fault)
             }

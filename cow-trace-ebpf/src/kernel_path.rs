@@ -18,7 +18,8 @@ use cow_trace_common::counter;
 use crate::{
     emit::{emit, Detail, Outcome},
     shared::{
-        bump, current_ids, current_user_ip, is_traced, now, read_at, setting, Ids, GFP_MOVABLE, GFP_ZERO,
+        bump, current_ids, current_syscall, current_user_ip, is_traced, now, read_at, setting, Ids,
+        GFP_MOVABLE, GFP_ZERO,
     },
 };
 
@@ -57,6 +58,8 @@ const SEEN_ALLOC: u32 = 2;
 const SEEN_ZERO: u32 = 4;
 /// A huge-page (PMD) fault.
 const HUGE: u32 = 8;
+/// Taken in kernel mode; `ip` is the system call's number.
+const KERNEL_MODE: u32 = 16;
 
 /// Largest `ERR_PTR` value: the last 4095 addresses are errnos.
 const MAX_ERRNO: u64 = 4095;
@@ -126,8 +129,18 @@ pub fn fault_enter(vmf: *const u8, huge: bool) {
     }
     // SAFETY: the kernel's own argument; offset from its BTF.
     let addr: u64 = unsafe { read_at(vmf, setting!(vmf_address)) }.unwrap_or(0);
-    let seen = if huge { HUGE } else { 0 };
-    let ip = current_user_ip();
+    let mut seen = if huge { HUGE } else { 0 };
+    // A fault the kernel took writing user memory for a system call
+    // (read(2) into a buffer shared since the fork) is that call's.
+    let user_flag = setting!(fault_flag_user);
+    // SAFETY: as above.
+    let flags: u32 = unsafe { read_at(vmf, setting!(vmf_flags)) }.unwrap_or(user_flag);
+    let ip = if user_flag != 0 && flags & user_flag == 0 {
+        seen |= KERNEL_MODE;
+        current_syscall()
+    } else {
+        current_user_ip()
+    };
     if FAULTS.insert(tid, Fault { ts: now(), addr, ip, bytes: 0, tgid, seen }, 0).is_err() {
         bump(counter::UNCLASSIFIED);
     }
@@ -164,7 +177,8 @@ pub fn fault_exit(ret: u32) {
     } else {
         Outcome::Copy
     };
-    emit(ids, t, Detail::Fault { outcome, latency_ns, addr, ip });
+    let kernel = seen & KERNEL_MODE != 0;
+    emit(ids, t, Detail::Fault { outcome, latency_ns, addr, ip, kernel });
 }
 
 /// Notes the user pages a fault in flight allocates.

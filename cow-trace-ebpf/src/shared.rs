@@ -30,6 +30,9 @@ pub(crate) static CONFIG: Config = Config {
     vmf_address: 0,
     wp_copy_hooked: 0,
     regs_ip: 0,
+    regs_orig_ax: 0,
+    vmf_flags: 0,
+    fault_flag_user: 0,
 };
 
 /// Traced thread-group ids (unused when `trace_all`).
@@ -122,16 +125,35 @@ pub(crate) unsafe fn regs_ip(regs: *const u8) -> u64 {
     unsafe { read_at(regs, setting!(regs_ip)) }.unwrap_or(0)
 }
 
-/// The current task's user instruction pointer: where it was in user space
-/// when it entered the kernel (the write that faulted, for a user fault).
+/// The current task's user registers: where it was in user space when it
+/// entered the kernel (the write that faulted, for a user fault; the
+/// system call, for a fault the kernel took on its behalf).
+#[inline(always)]
+fn current_user_regs() -> *const u8 {
+    // SAFETY: both helpers take and return kernel pointers only.
+    unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) as *const u8 }
+}
+
+/// The current task's user instruction pointer, 0 when unknown.
 #[inline(always)]
 pub(crate) fn current_user_ip() -> u64 {
-    // SAFETY: both helpers take and return kernel pointers only.
-    unsafe {
-        let regs = bpf_task_pt_regs(bpf_get_current_task_btf());
-        if regs == 0 {
-            return 0;
-        }
-        regs_ip(regs as *const u8)
+    let regs = current_user_regs();
+    // SAFETY: a kernel pointer from the helper, checked for null.
+    if regs.is_null() {
+        0
+    } else {
+        unsafe { regs_ip(regs) }
     }
+}
+
+/// The system call the current task is in (its user registers'
+/// `orig_ax`), for a fault the kernel took on its behalf.
+#[inline(always)]
+pub(crate) fn current_syscall() -> u64 {
+    let regs = current_user_regs();
+    if regs.is_null() {
+        return u64::MAX;
+    }
+    // SAFETY: as above; offset from BTF.
+    unsafe { read_at::<u64>(regs, setting!(regs_orig_ax)) }.unwrap_or(u64::MAX)
 }

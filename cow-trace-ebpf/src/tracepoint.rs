@@ -78,7 +78,8 @@ pub(crate) fn settle_pending(tid: u32, batched: bool) {
             let ids = Ids { tgid: (*p).tgid, tid };
             let addr = (*p).addr & FaultRecord::ADDR_MASK;
             let ip = (*p).ip;
-            emit(ids, now(), Detail::Fault { outcome: Outcome::Reuse, latency_ns: 0, addr, ip });
+            let kernel = (*p).addr & FaultRecord::KERNEL != 0;
+            emit(ids, now(), Detail::Fault { outcome: Outcome::Reuse, latency_ns: 0, addr, ip, kernel });
         }
     }
 }

@@ -10,7 +10,7 @@
 
 use cow_trace_common::{
     Event as Wire, EventKind, FaultRecord, FAULT_BATCH, FAULT_BATCH_HEADER, FAULT_BATCH_LEN, FLAG_DUP_MMAP,
-    FLAG_NO_SYSCALL,
+    FLAG_KERNEL_MODE, FLAG_NO_SYSCALL,
 };
 
 /// A task comm as the kernel wrote it: NUL-padded, not always UTF-8. Kept
@@ -52,8 +52,12 @@ impl std::fmt::Display for Comm {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Fault {
     pub addr: u64,
-    /// The user instruction pointer of the write; 0 when unknown.
+    /// The user instruction pointer of the write; 0 when unknown. With
+    /// `kernel`, the number of the system call the kernel wrote for.
     pub ip: u64,
+    /// The fault was taken in kernel mode (a system call writing user
+    /// memory).
+    pub kernel: bool,
     /// 0 when the fault was not timed.
     pub latency_ns: u64,
     /// How many faults the latency stands for in a histogram: more than one
@@ -127,8 +131,13 @@ impl Event {
 
     /// Decodes a wire event; `None` for a kind this version does not know.
     pub fn from_wire(w: &Wire) -> Option<Self> {
-        let fault =
-            || Fault { addr: w.addr, ip: w.ip, latency_ns: w.latency_ns, weight: (w.other as u64).max(1) };
+        let fault = || Fault {
+            addr: w.addr,
+            ip: w.ip,
+            kernel: w.flags & FLAG_KERNEL_MODE != 0,
+            latency_ns: w.latency_ns,
+            weight: (w.other as u64).max(1),
+        };
         let what = match EventKind::from_u32(w.kind)? {
             EventKind::Spawn => What::Spawn { child: w.other, no_syscall: w.flags & FLAG_NO_SYSCALL != 0 },
             EventKind::ForkLatency => What::ForkLatency {
@@ -157,7 +166,13 @@ impl Event {
     /// keys faults by process, so the thread is not kept.
     pub fn from_fault_record(ts_ns: u64, r: &FaultRecord, sample_every: u32) -> Option<Self> {
         let weight = if r.sampled() { sample_every.max(1) as u64 } else { 1 };
-        let f = Fault { addr: r.addr(), ip: r.ip, latency_ns: r.latency_ns as u64, weight };
+        let f = Fault {
+            addr: r.addr(),
+            ip: r.ip,
+            kernel: r.kernel_mode(),
+            latency_ns: r.latency_ns as u64,
+            weight,
+        };
         let what = match EventKind::from_u32(r.kind())? {
             EventKind::CowCopy => What::Copy(f),
             EventKind::CowReuse => What::Reuse(f),
@@ -266,7 +281,9 @@ mod tests {
         assert_eq!(decode_wire(&bytes[..71]), None);
         assert_eq!(decode_wire(&[0u8; 80]), None);
         let copy = Event::from_wire(&e).unwrap();
-        assert!(matches!(copy.what, What::Copy(Fault { ip: 0x5555_5555_1234, .. })));
+        assert!(matches!(copy.what, What::Copy(Fault { ip: 0x5555_5555_1234, kernel: false, .. })));
+        let read = Event::from_wire(&Wire { flags: FLAG_KERNEL_MODE, ip: 0, ..e }).unwrap();
+        assert!(matches!(read.what, What::Copy(Fault { ip: 0, kernel: true, .. })));
     }
 
     #[test]
@@ -333,8 +350,13 @@ mod tests {
             latency_ns: 900,
             pid: 42,
         };
-        let reuse =
-            FaultRecord { addr_kind: 0x5000 | EventKind::CowReuse as u64, ip: 7, latency_ns: 0, pid: 43 };
+        // A kernel-mode reuse: its ip is the system call (read).
+        let reuse = FaultRecord {
+            addr_kind: 0x5000 | FaultRecord::KERNEL | EventKind::CowReuse as u64,
+            ip: 0,
+            latency_ns: 0,
+            pid: 43,
+        };
         let bytes = encode_batch(7_000, &[copy, sampled, reuse], 3);
         let events: Vec<Event> = events(&bytes, 16).into_iter().map(|e| e.expect("an outcome")).collect();
         assert_eq!(events.len(), 3);
@@ -346,6 +368,7 @@ mod tests {
                 What::Copy(Fault {
                     addr: 0x7f00_1234_5000,
                     ip: 0x5555_0000_1000,
+                    kernel: false,
                     latency_ns: 2_500,
                     weight: 1
                 })
@@ -355,11 +378,17 @@ mod tests {
         // loses the flag.
         assert_eq!(
             events[1].what,
-            What::Copy(Fault { addr: 0x7f00_1234_6000, ip: 0x5555_0000_2000, latency_ns: 900, weight: 16 })
+            What::Copy(Fault {
+                addr: 0x7f00_1234_6000,
+                ip: 0x5555_0000_2000,
+                kernel: false,
+                latency_ns: 900,
+                weight: 16
+            })
         );
         assert_eq!(
             (events[2].pid, events[2].what),
-            (43, What::Reuse(Fault { addr: 0x5000, ip: 7, latency_ns: 0, weight: 1 }))
+            (43, What::Reuse(Fault { addr: 0x5000, ip: 0, kernel: true, latency_ns: 0, weight: 1 }))
         );
         // A count that disagrees with the length, an empty batch, or a
         // count beyond the batch's capacity is malformed.
@@ -487,7 +516,7 @@ mod props {
                 if let Some(e) = e {
                     prop_assert_eq!((e.pid, e.ts_ns), (r.pid, ts));
                     if let What::Copy(f) | What::Reuse(f) | What::ZeroFill(f) = e.what {
-                        prop_assert_eq!(f.ip, r.ip);
+                        prop_assert_eq!((f.ip, f.kernel, f.addr), (r.ip, r.kernel_mode(), r.addr()));
                     }
                 }
             }

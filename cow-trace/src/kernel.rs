@@ -49,6 +49,12 @@ pub struct KernelOffsets {
     pub vmf_address: Option<u32>,
     /// `offsetof(struct pt_regs, ip)`: the faulting user instruction.
     pub regs_ip: u32,
+    /// `offsetof(struct pt_regs, orig_ax)`: the system call in progress.
+    pub regs_orig_ax: u32,
+    /// `offsetof(struct vm_fault, flags)` and the value of
+    /// `FAULT_FLAG_USER`, for the kprobe and fentry backends to tell
+    /// kernel-mode faults; `None` when the kernel lacks either.
+    pub vmf_user_flag: Option<(u32, u32)>,
 }
 
 impl KernelOffsets {
@@ -57,6 +63,12 @@ impl KernelOffsets {
             task: TaskOffsets::from_btf(btf)?,
             vmf_address: member_offset(btf, "vm_fault", "address").ok(),
             regs_ip: member_offset(btf, "pt_regs", "ip")?,
+            regs_orig_ax: member_offset(btf, "pt_regs", "orig_ax")?,
+            vmf_user_flag: member_offset(btf, "vm_fault", "flags").ok().zip(enum_value(
+                btf,
+                "fault_flag",
+                "FAULT_FLAG_USER",
+            )),
         })
     }
 }
@@ -71,6 +83,16 @@ pub fn load_vmlinux_btf() -> Result<Btf> {
         );
     }
     Btf::from_file(VMLINUX_BTF).map_err(|e| anyhow!("cannot parse {VMLINUX_BTF}: {e}"))
+}
+
+/// The value of enumerator `member` of `enum name`.
+pub fn enum_value(btf: &Btf, name: &str, member: &str) -> Option<u32> {
+    btf.resolve_types_by_name(name).ok()?.into_iter().find_map(|ty| match ty {
+        Type::Enum(e) => {
+            e.members.iter().find(|m| btf.resolve_name(*m).is_ok_and(|n| n == member)).map(|m| m.val())
+        }
+        _ => None,
+    })
 }
 
 /// Byte offset of `member` in `struct name`, looking through anonymous
@@ -343,6 +365,10 @@ print fmt: \"0x%lx\", REC->ret
         assert!(member_offset(&btf, "vm_fault", "address").is_ok());
         // x86_64's pt_regs: r15..r8, ax, cx, dx, si, di, orig_ax, then ip.
         assert_eq!(member_offset(&btf, "pt_regs", "ip").unwrap(), 16 * 8);
+        assert_eq!(member_offset(&btf, "pt_regs", "orig_ax").unwrap(), 15 * 8);
+        // FAULT_FLAG_USER = 1 << 6 since 5.x (enum fault_flag).
+        assert_eq!(enum_value(&btf, "fault_flag", "FAULT_FLAG_USER"), Some(1 << 6));
+        assert_eq!(enum_value(&btf, "fault_flag", "NO_SUCH_FLAG"), None);
         assert!(has_btf_func(&btf, "copy_process"));
         assert!(!has_btf_func(&btf, "task_struct"));
     }

@@ -39,6 +39,8 @@ pub enum CodeAt {
         offset: u64,
     },
     Region(String),
+    /// Written by the kernel in this system call (x86_64 number).
+    Syscall(u64),
     /// In no known mapping, or no instruction pointer at all (0).
     Unknown,
 }

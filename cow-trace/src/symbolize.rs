@@ -84,6 +84,12 @@ impl Symbolizer {
                 CodeAt::File { path, offset } => by_file.entry(path).or_default().push((i, *offset)),
                 CodeAt::Region(name) => out[i] = Some(unnamed(name, None, false)),
                 CodeAt::Unknown => out[i] = Some(unnamed("[unknown]", None, false)),
+                CodeAt::Syscall(nr) => {
+                    out[i] = Some(CodeName {
+                        function: Some(syscall_name(*nr)),
+                        ..unnamed("[kernel]", None, false)
+                    })
+                }
             }
         }
         for (path, items) in by_file {
@@ -126,6 +132,64 @@ impl Symbolizer {
             }
         }
     }
+}
+
+/// The x86_64 system calls that write user memory on a process's behalf
+/// (the kernel-mode copies worth naming); others by number.
+pub fn syscall_name(nr: u64) -> String {
+    use libc::*;
+    let name = match nr as i64 {
+        // Not in a system call (orig_ax -1): signal delivery, for one.
+        n if n < 0 => "(no system call)",
+        SYS_read => "read",
+        SYS_pread64 => "pread64",
+        SYS_readv => "readv",
+        SYS_preadv => "preadv",
+        SYS_preadv2 => "preadv2",
+        SYS_recvfrom => "recvfrom",
+        SYS_recvmsg => "recvmsg",
+        SYS_recvmmsg => "recvmmsg",
+        SYS_getdents64 => "getdents64",
+        SYS_epoll_wait => "epoll_wait",
+        SYS_epoll_pwait => "epoll_pwait",
+        SYS_poll => "poll",
+        SYS_select => "select",
+        SYS_pselect6 => "pselect6",
+        SYS_ppoll => "ppoll",
+        SYS_wait4 => "wait4",
+        SYS_waitid => "waitid",
+        SYS_fstat => "fstat",
+        SYS_newfstatat => "newfstatat",
+        SYS_statx => "statx",
+        SYS_clock_gettime => "clock_gettime",
+        SYS_gettimeofday => "gettimeofday",
+        SYS_getrusage => "getrusage",
+        SYS_sysinfo => "sysinfo",
+        SYS_futex => "futex",
+        SYS_rt_sigaction => "rt_sigaction",
+        SYS_rt_sigprocmask => "rt_sigprocmask",
+        SYS_pipe => "pipe",
+        SYS_pipe2 => "pipe2",
+        SYS_socketpair => "socketpair",
+        SYS_accept => "accept",
+        SYS_accept4 => "accept4",
+        SYS_getsockopt => "getsockopt",
+        SYS_getsockname => "getsockname",
+        SYS_getpeername => "getpeername",
+        SYS_io_getevents => "io_getevents",
+        SYS_io_uring_enter => "io_uring_enter",
+        SYS_clone => "clone",
+        SYS_clone3 => "clone3",
+        SYS_fork => "fork",
+        SYS_vfork => "vfork",
+        SYS_uname => "uname",
+        SYS_getcwd => "getcwd",
+        SYS_readlink => "readlink",
+        SYS_readlinkat => "readlinkat",
+        SYS_getrandom => "getrandom",
+        _ => return format!("syscall {nr}"),
+    };
+    name.to_string()
 }
 
 fn unnamed(module: &str, offset: Option<u64>, stripped: bool) -> CodeName {

@@ -210,6 +210,9 @@ fn config(
         vmf_address,
         wp_copy_hooked: funcs.contains(&"wp_page_copy") as u32,
         regs_ip: offsets.regs_ip,
+        regs_orig_ax: offsets.regs_orig_ax,
+        vmf_flags: offsets.vmf_user_flag.map_or(0, |(off, _)| off),
+        fault_flag_user: offsets.vmf_user_flag.map_or(0, |(_, flag)| flag),
     })
 }
 
