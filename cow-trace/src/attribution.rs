@@ -72,8 +72,9 @@ impl Attribution {
         let (locs, counts): (Vec<CodeAt>, Vec<u64>) = self.code.into_iter().unzip();
         // One writer per function (or per unnamed address): the source
         // line shown is that of its busiest instruction.
-        let mut writers: HashMap<(Option<String>, String, Option<u64>), (u64, u64, CodeName)> =
-            HashMap::new();
+        // (function, module, offset) -> (pages, busiest location's pages, its name)
+        type Key = (Option<String>, String, Option<u64>);
+        let mut writers: HashMap<Key, (u64, u64, CodeName)> = HashMap::new();
         for (name, n) in sym.code(&locs).into_iter().zip(counts) {
             let key = (name.function.clone(), name.module.clone(), name.offset);
             let w = writers.entry(key).or_insert((0, 0, name.clone()));

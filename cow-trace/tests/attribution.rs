@@ -4,7 +4,11 @@
 
 mod common;
 
-use std::{path::PathBuf, process::Command, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
 
 use common::*;
 use serde_json::Value;
@@ -31,7 +35,7 @@ fn build(name: &str, extra: &[&str]) -> PathBuf {
 }
 
 /// The one fork episode of running `prog` under cow-trace.
-fn episode_of(prog: &PathBuf) -> Value {
+fn episode_of(prog: &Path) -> Value {
     let prog = prog.to_str().unwrap();
     let r = run(&["--json", "--top", "0", "--", prog], Duration::from_secs(60));
     assert!(r.status.success(), "{}\n{}", r.stdout, r.stderr);
@@ -62,7 +66,7 @@ fn copies_are_attributed_to_the_functions_and_arrays_that_wrote_them() {
     assert_eq!((by_obj("big_array"), by_obj("small_array")), (BIG, SMALL), "{e:#}");
     // Every copy has a writer and a target, and the few beyond the
     // arrays are named: a function or a module, never unknown.
-    assert!(copies >= BIG + SMALL && copies <= BIG + SMALL + SLACK, "{e:#}");
+    assert!((BIG + SMALL..=BIG + SMALL + SLACK).contains(&copies), "{e:#}");
     assert_eq!(pages_where(writers, |_| true), copies);
     assert_eq!(pages_where(data, |_| true), copies);
     assert_eq!(pages_where(writers, |w| w["module"] == "[unknown]"), 0, "{e:#}");

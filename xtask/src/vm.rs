@@ -354,6 +354,31 @@ fn check_backend(backend: &str, section: &str) -> Result<(Counted, String)> {
     }
 }
 
+/// Pages the child `read(2)`s into shared memory in the `reads` runs.
+const READS: u64 = 500;
+
+/// Checks attribution on a kernel backend: the workload's child reads
+/// `READS` pages into shared memory, copies the kernel makes in kernel mode
+/// for `read`; every other copy is written by user code the symbolizer
+/// names (the user instruction pointer, from the task's registers).
+fn check_reads(section: &str) -> Result<String> {
+    let (s, _) = records(section)?;
+    let ep = &s["episodes"][0];
+    let writers = ep["top_writers"].as_array().ok_or_else(|| anyhow!("no top_writers in {ep}"))?;
+    let copies = num(&ep["parent_copies"]) + num(&ep["child_copies"]);
+    let pages =
+        |f: &dyn Fn(&Value) -> bool| writers.iter().filter(|w| f(w)).map(|w| num(&w["pages"])).sum::<u64>();
+    let read = pages(&|w| w["function"] == "read" && w["module"] == "[kernel]");
+    let named = pages(&|w| w["function"].is_string());
+    if !(READS..=READS + 4).contains(&read) {
+        bail!("{read} copies attributed to read(2), expected {READS}: {writers:?}");
+    }
+    if named * 100 < copies * 95 {
+        bail!("only {named} of {copies} copies have a named writer: {writers:?}");
+    }
+    Ok(format!("{read} copies by read(2), {named} of {copies} named"))
+}
+
 /// Checks a run of the workload on transparent huge pages under a backend
 /// that hooks `do_huge_pmd_wp_page`: each side's first write to each huge
 /// page it touches is one huge-page write fault.
@@ -597,6 +622,15 @@ pub fn vm_test(opts: &VmOptions) -> Result<Tally> {
     for b in ["fentry", "kprobe"] {
         section(&mut body, &format!("huge {b}"), &format!("cow-trace --backend {b} --json -- {huge}"));
     }
+    let reads =
+        format!("cow-workload --pages 2048 --child-writes 300 --parent-writes 200 --child-reads {READS}");
+    for b in ["fentry", "kprobe"] {
+        section(
+            &mut body,
+            &format!("reads {b}"),
+            &format!("cow-trace --backend {b} --json --top 0 -- {reads}"),
+        );
+    }
     // With no --backend, the best backend the kernel accepts must be picked.
     section(&mut body, "auto", "cow-trace --json -- true");
     fs::write(&script, body)?;
@@ -623,7 +657,7 @@ pub fn vm_test(opts: &VmOptions) -> Result<Tally> {
             auto = part;
             continue;
         }
-        if what == "huge" && skipped.iter().any(|b| b == backend) {
+        if (what == "huge" || what == "reads") && skipped.iter().any(|b| b == backend) {
             continue; // the kernel has no such backend: said above
         }
         if rc != 0 && may_skip && stderr.contains("is not available on this kernel") {
@@ -635,6 +669,8 @@ pub fn vm_test(opts: &VmOptions) -> Result<Tally> {
             Err(anyhow!("exit status {rc}: {stderr}"))
         } else if what == "huge" {
             check_huge(&part)
+        } else if what == "reads" {
+            check_reads(&part)
         } else {
             check_backend(backend, &part).map(|(c, figures)| {
                 copies.push((backend.to_string(), c.child_copies, c.parent_copies));

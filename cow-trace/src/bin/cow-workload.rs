@@ -13,6 +13,10 @@
 //! that was never written: each read maps the shared zero page, each write
 //! then takes a write-protect fault that needs a zeroed page, not a copy.
 //!
+//! `--child-reads R`: after its writes, the child `read(2)`s R pages of a
+//! file into the R pages after the parent's: the kernel writes them in
+//! kernel mode, R copies made by the system call, not by user code.
+//!
 //! `--fork-storm N` instead forks N children one after the other, each of
 //! which exits at once: the cost of fork itself, for benchmarks.
 //!
@@ -57,7 +61,7 @@
 use std::{io::Write as _, path::PathBuf, ptr, time::Duration};
 
 const USAGE: &str = "usage: cow-workload [--pages N] [--child-writes K] [--parent-writes M] \
-                     [--zero-fills Z] [--rounds R] [--seconds S] [--pause-ms P] [--fork-storm N] [--huge] [--reuse-pid] [--main-exits-first MS] [--child-cpu N] [--child-spin-ms MS] \
+                     [--zero-fills Z] [--child-reads R] [--rounds R] [--seconds S] [--pause-ms P] [--fork-storm N] [--huge] [--reuse-pid] [--main-exits-first MS] [--child-cpu N] [--child-spin-ms MS] \
                      [--parent-spin-ms MS] [--go-file PATH]";
 
 struct Opts {
@@ -66,6 +70,7 @@ struct Opts {
     parent_writes: usize,
     rounds: usize,
     zero_fills: usize,
+    child_reads: usize,
     fork_storm: usize,
     seconds: u64,
     pause_ms: u64,
@@ -85,6 +90,7 @@ fn parse() -> Result<Opts, String> {
         parent_writes: 500,
         rounds: 1,
         zero_fills: 0,
+        child_reads: 0,
         fork_storm: 0,
         seconds: 0,
         pause_ms: 0,
@@ -106,6 +112,7 @@ fn parse() -> Result<Opts, String> {
             "--parent-writes" => o.parent_writes = num(val()?)?,
             "--rounds" => o.rounds = num(val()?)?,
             "--zero-fills" => o.zero_fills = num(val()?)?,
+            "--child-reads" => o.child_reads = num(val()?)?,
             "--fork-storm" => o.fork_storm = num(val()?)?,
             "--seconds" => o.seconds = num(val()?)? as u64,
             "--pause-ms" => o.pause_ms = num(val()?)? as u64,
@@ -119,8 +126,8 @@ fn parse() -> Result<Opts, String> {
             _ => return Err(USAGE.to_string()),
         }
     }
-    if o.child_writes + o.parent_writes > o.pages {
-        return Err("--child-writes + --parent-writes must not exceed --pages".into());
+    if o.child_writes + o.parent_writes + o.child_reads > o.pages {
+        return Err("--child-writes + --parent-writes + --child-reads must not exceed --pages".into());
     }
     Ok(o)
 }
@@ -179,6 +186,35 @@ fn map(pages: usize, page: usize, huge: bool) -> *mut u8 {
     // 4 KiB pages only: a huge page would be copied (or split) as one unit.
     check(unsafe { libc::madvise(base, len, libc::MADV_NOHUGEPAGE) }, "madvise");
     base.cast()
+}
+
+/// A file of `pages` pages, opened for reading and already unlinked.
+fn pages_file(pages: usize, page: usize) -> libc::c_int {
+    let path = std::env::temp_dir().join(format!("cow-workload-reads-{}", std::process::id()));
+    if let Err(e) = std::fs::write(&path, vec![7u8; pages * page]) {
+        eprintln!("cow-workload: cannot write {}: {e}", path.display());
+        std::process::exit(1);
+    }
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).expect("no NUL in a temp path");
+    let fd = unsafe { libc::open(c.as_ptr(), libc::O_RDONLY) };
+    check(fd, "open");
+    let _ = std::fs::remove_file(&path);
+    fd
+}
+
+/// Reads `len` bytes of `fd` from its start into `buf`, by read(2).
+fn read_into(fd: libc::c_int, buf: *mut u8, len: usize) {
+    check(unsafe { libc::lseek(fd, 0, libc::SEEK_SET) } as libc::c_int, "lseek");
+    let mut done = 0;
+    while done < len {
+        // SAFETY: inside the mapping.
+        let n = unsafe { libc::read(fd, buf.add(done).cast(), len - done) };
+        check(n as libc::c_int, "read");
+        if n == 0 {
+            break;
+        }
+        done += n as usize;
+    }
 }
 
 /// Anonymous memory the kernel backs with huge pages, in KiB.
@@ -262,6 +298,7 @@ fn main() {
         return;
     }
 
+    let reads_fd = if o.child_reads > 0 { pages_file(o.child_reads, page) } else { -1 };
     let start = std::time::Instant::now();
     let mut children = Vec::new();
     let rounds = if o.seconds > 0 { usize::MAX } else { o.rounds };
@@ -302,6 +339,10 @@ fn main() {
                     );
                 }
                 write_pages(base, page, 0..o.child_writes, value);
+                if o.child_reads > 0 {
+                    let at = base.add((o.child_writes + o.parent_writes) * page);
+                    read_into(reads_fd, at, o.child_reads * page);
+                }
                 spin(o.child_spin_ms);
                 let b = 0u8;
                 libc::write(done[1], (&b as *const u8).cast(), 1);
@@ -327,7 +368,7 @@ fn main() {
     }
     let [uids, gids, groups] = ["Uid:", "Gid:", "Groups:"].map(status_ids);
     println!(
-        "{{\"pid\":{me},\"children\":{children:?},\"pages\":{},\"child_writes\":{},\"parent_writes\":{},\"rounds\":{},\"zero_fills\":{},\"page_size\":{page},\"huge\":{},\"anon_huge_kb\":{huge_kb},\"elapsed_ns\":{},\"uids\":{uids:?},\"gids\":{gids:?},\"groups\":{groups:?}}}",
-        o.pages, o.child_writes, o.parent_writes, children.len(), o.zero_fills, o.huge, start.elapsed().as_nanos()
+        "{{\"pid\":{me},\"children\":{children:?},\"pages\":{},\"child_writes\":{},\"parent_writes\":{},\"rounds\":{},\"zero_fills\":{},\"child_reads\":{},\"page_size\":{page},\"huge\":{},\"anon_huge_kb\":{huge_kb},\"elapsed_ns\":{},\"uids\":{uids:?},\"gids\":{gids:?},\"groups\":{groups:?}}}",
+        o.pages, o.child_writes, o.parent_writes, children.len(), o.zero_fills, o.child_reads, o.huge, start.elapsed().as_nanos()
     );
 }
