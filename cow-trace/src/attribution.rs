@@ -17,11 +17,23 @@ use crate::{
     symbolize::{CodeName, DataName, Symbolizer},
 };
 
-/// Copies by code location and by written location.
+/// Copies by code location and by written location. Each instruction and
+/// each written mapping is placed in the layout once, the first time it is
+/// seen: the event path then costs a hash lookup or two per copy.
 #[derive(Clone, Debug, Default)]
 pub struct Attribution {
-    code: HashMap<CodeAt, u64>,
-    data: HashMap<DataAt, u64>,
+    /// By (kernel mode, instruction pointer or system call).
+    code: HashMap<(bool, u64), (CodeAt, u64)>,
+    /// By the start of the mapping written (`u64::MAX`: none).
+    data: HashMap<u64, Written>,
+}
+
+/// Copies into one mapping: a module's data by address (to name the
+/// objects later), anything else as a count.
+#[derive(Clone, Debug)]
+enum Written {
+    Module { path: String, region: String, base: u64, pages: HashMap<u64, u64> },
+    Region(String, u64),
 }
 
 /// Code that made copies, as reported.
@@ -59,17 +71,30 @@ pub struct Target {
 impl Attribution {
     /// Counts one copy, placed in `maps` (the writer's layout at the fork).
     pub fn record(&mut self, maps: &Maps, f: &Fault) {
-        let code = if f.kernel { CodeAt::Syscall(f.ip) } else { maps.code_at(f.ip) };
-        *self.code.entry(code).or_default() += 1;
-        let d = maps.data_at(f.addr).unwrap_or_else(|| DataAt::Region(UNMAPPED.to_string()));
-        *self.data.entry(d).or_default() += 1;
+        let code = self
+            .code
+            .entry((f.kernel, f.ip))
+            .or_insert_with(|| (if f.kernel { CodeAt::Syscall(f.ip) } else { maps.code_at(f.ip) }, 0));
+        code.1 += 1;
+        let start = maps.find(f.addr).map_or(u64::MAX, |r| r.start);
+        let written = self.data.entry(start).or_insert_with(|| match maps.data_at(f.addr) {
+            Some(DataAt::Module { path, region, rel }) => {
+                Written::Module { path, region, base: f.addr - rel, pages: HashMap::new() }
+            }
+            Some(DataAt::Region(r)) => Written::Region(r, 0),
+            None => Written::Region(UNMAPPED.to_string(), 0),
+        });
+        match written {
+            Written::Module { base, pages, .. } => *pages.entry(f.addr.wrapping_sub(*base)).or_default() += 1,
+            Written::Region(_, n) => *n += 1,
+        }
     }
 
     /// The `top` writers and written targets (0: all), most pages first,
     /// named by `sym`; shares are of `total` copies.
     pub fn report(self, sym: &mut Symbolizer, total: u64, top: usize) -> (Vec<Writer>, Vec<Target>) {
         let share = |pages: u64| if total == 0 { 0.0 } else { pages as f64 / total as f64 };
-        let (locs, counts): (Vec<CodeAt>, Vec<u64>) = self.code.into_iter().unzip();
+        let (locs, counts): (Vec<CodeAt>, Vec<u64>) = self.code.into_values().unzip();
         // One writer per function (or per unnamed address): the source
         // line shown is that of its busiest instruction.
         // (function, module, offset) -> (pages, busiest location's pages, its name)
@@ -104,8 +129,18 @@ impl Attribution {
             ))
         });
         let mut targets: HashMap<DataName, u64> = HashMap::new();
-        for (at, n) in self.data {
-            *targets.entry(sym.data(&at)).or_default() += n;
+        for written in self.data.into_values() {
+            match written {
+                Written::Module { path, region, pages, .. } => {
+                    for (rel, n) in pages {
+                        let at = DataAt::Module { path: path.clone(), region: region.clone(), rel };
+                        *targets.entry(sym.data(&at)).or_default() += n;
+                    }
+                }
+                Written::Region(region, n) => {
+                    *targets.entry(sym.data(&DataAt::Region(region))).or_default() += n
+                }
+            }
         }
         let mut targets: Vec<Target> = targets
             .into_iter()
