@@ -84,10 +84,12 @@ fn a_stripped_module_is_shown_as_module_and_offset() {
     let path = prog.to_str().unwrap();
     let ours: Vec<&Value> =
         e["top_writers"].as_array().unwrap().iter().filter(|w| w["module"] == path).collect();
-    // Two writing instructions, never given a name, each with its count.
+    // The two writing instructions, never given a name, each with its
+    // count; main's own stack writes may add an address or two.
     let mut counts: Vec<u64> = ours.iter().map(|w| u(&w["pages"])).collect();
-    counts.sort();
-    assert_eq!(counts, vec![SMALL, BIG], "{e:#}");
+    counts.sort_unstable_by(|a, b| b.cmp(a));
+    assert_eq!(counts[..2], [BIG, SMALL], "{e:#}");
+    assert!(counts[2..].iter().sum::<u64>() <= SLACK, "{e:#}");
     for w in &ours {
         assert!(w["function"].is_null() && w["stripped"] == true && w["module_offset"].is_u64(), "{w}");
     }
