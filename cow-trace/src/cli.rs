@@ -65,7 +65,8 @@ pub struct Args {
     #[arg(long, value_enum, default_value_t = Unit::Us)]
     pub unit: Unit,
 
-    /// Rows of the per-process table (0: all). JSON always has all.
+    /// Rows of the per-process table, and writers and data shown per
+    /// episode (0: all). JSON has every table row.
     #[arg(long, value_name = "N", default_value_t = 20)]
     pub top: usize,
 
