@@ -8,7 +8,11 @@
 //! that exports only some) is shown as module+offset, never as the
 //! neighbouring symbol. A module without a `.symtab` is marked stripped.
 
-use std::collections::HashMap;
+use std::{
+    collections::HashMap,
+    io::Read as _,
+    os::{fd::AsRawFd as _, unix::fs::OpenOptionsExt as _},
+};
 
 use blazesym::symbolize::{
     source::{Elf, Source},
@@ -46,6 +50,10 @@ pub struct DataName {
 
 /// What is kept of a module's ELF file for naming data.
 struct Module {
+    /// The file as opened once, checked to be a regular file: blazesym
+    /// reads it through `/proc/self/fd/N`, so a path swapped meanwhile
+    /// (for a FIFO that would block, say) is never opened again.
+    fd: std::fs::File,
     /// Virtual address of the segment holding file offset 0: where the
     /// module's first mapping starts, in its own addresses.
     first_vaddr: u64,
@@ -93,10 +101,15 @@ impl Symbolizer {
             }
         }
         for (path, items) in by_file {
-            let stripped = self.module(path).is_none_or(|m| !m.has_symtab);
+            let module = self.module(path);
+            let stripped = module.is_none_or(|m| !m.has_symtab);
+            let opened = module.map(|m| format!("/proc/self/fd/{}", m.fd.as_raw_fd()));
             let offsets: Vec<u64> = items.iter().map(|&(_, o)| o).collect();
-            let src = Source::Elf(Elf::new(path));
-            let syms = self.blaze.symbolize(&src, Input::FileOffset(&offsets)).unwrap_or_default();
+            let syms = match opened {
+                Some(p) => self.blaze.symbolize(&Source::Elf(Elf::new(p)), Input::FileOffset(&offsets)),
+                None => Ok(Vec::new()),
+            }
+            .unwrap_or_default();
             for (k, &(i, offset)) in items.iter().enumerate() {
                 out[i] = Some(match syms.get(k) {
                     Some(Symbolized::Sym(s)) if s.size.is_some_and(|n| s.offset < n) => CodeName {
@@ -195,8 +208,15 @@ fn unnamed(module: &str, offset: Option<u64>, stripped: bool) -> CodeName {
     CodeName { function: None, module: module.to_string(), offset, source: None, stripped }
 }
 
+/// Opens and reads the file a traced process's maps name: without
+/// blocking (a FIFO put in its place), and only a regular file.
 fn read_module(path: &str) -> Option<Module> {
-    let bytes = std::fs::read(path).ok()?;
+    let mut fd = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(path).ok()?;
+    if !fd.metadata().ok()?.is_file() {
+        return None;
+    }
+    let mut bytes = Vec::new();
+    fd.read_to_end(&mut bytes).ok()?;
     let file = object::File::parse(&*bytes).ok()?;
     let first_vaddr = file.segments().find(|s| s.file_range().0 == 0).map(|s| s.address() & !0xfff)?;
     let mut objects: Vec<(u64, u64, String)> = file
@@ -205,7 +225,8 @@ fn read_module(path: &str) -> Option<Module> {
         .filter_map(|s| Some((s.address(), s.address() + s.size(), s.name().ok()?.to_string())))
         .collect();
     objects.sort();
-    Some(Module { first_vaddr, objects, has_symtab: file.section_by_name(".symtab").is_some() })
+    let has_symtab = file.section_by_name(".symtab").is_some();
+    Some(Module { fd, first_vaddr, objects, has_symtab })
 }
 
 #[cfg(test)]
@@ -221,6 +242,20 @@ mod tests {
         assert!(names.iter().all(|n| n.function.is_none()));
         let d = s.data(&DataAt::Region("[heap]".into()));
         assert_eq!(d, DataName { object: None, module: None, region: "[heap]".into() });
+    }
+
+    #[test]
+    fn a_fifo_in_a_modules_place_is_not_opened_for_good() {
+        let dir = std::env::temp_dir().join(format!("cow-trace-sym-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let fifo = dir.join("lib.so");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let mut s = Symbolizer::new();
+        let at = CodeAt::File { path: fifo.to_str().unwrap().into(), offset: 0x10 };
+        // Returns (no writer ever comes) with module + offset.
+        assert_eq!(s.code(&[at])[0].offset, Some(0x10));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
