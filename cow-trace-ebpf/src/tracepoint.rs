@@ -1,7 +1,8 @@
 //! The tracepoint backend's fault classification, from raw tracepoints only.
 //!
 //! Rule (why it holds: docs/kernel-notes.md, "The tracepoint-only
-//! copy/reuse rule"): a user write fault on a present page opens a
+//! copy/reuse rule"): a write fault on a present user page (taken in user
+//! or kernel mode) opens a
 //! *pending* fault for its thread. An order-0 movable page allocated by that
 //! thread before its next fault, syscall or exit means the fault copied (a
 //! zero-fill if the page was asked for zeroed); no such allocation means the
@@ -86,6 +87,29 @@ pub(crate) fn settle_pending(tid: u32, batched: bool) {
 /// (docs/kernel-notes.md, "Timing samples").
 #[raw_tracepoint(tracepoint = "page_fault_user")]
 pub fn page_fault_user(ctx: RawTracePointContext) -> i32 {
+    open_fault(&ctx)
+}
+
+/// The same for a fault taken in kernel mode on a user address: the kernel
+/// writing into a page still shared since the fork on the process's behalf
+/// (`copy_to_user` in `read(2)`, `pread(2)`, `recv(2)`). The fault comes
+/// after the syscall's `sys_enter`, so the window it opens ends, as for a
+/// user fault, at the thread's next fault, syscall or exit.
+#[raw_tracepoint(tracepoint = "page_fault_kernel")]
+pub fn page_fault_kernel(ctx: RawTracePointContext) -> i32 {
+    let addr: u64 = ctx.arg(0);
+    if addr >= USER_ADDR_END {
+        return 0; // a fault on kernel memory
+    }
+    open_fault(&ctx)
+}
+
+/// End of the x86-64 user address space (4-level paging; 5-level user
+/// space ends below the kernel half too).
+const USER_ADDR_END: u64 = 1 << 56;
+
+#[inline(always)]
+fn open_fault(ctx: &RawTracePointContext) -> i32 {
     if setting!(empty) != 0 {
         return 0;
     }

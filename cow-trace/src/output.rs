@@ -151,8 +151,11 @@ pub struct StartRecord<'a> {
     /// Backends `auto` passed over, each "name: why".
     pub rejected: &'a [String],
     pub fork_latency: &'a str,
-    /// Whether forks are split into their `dup_mmap` share.
+    /// Whether forks are split into their address-space copy share.
     pub fork_dup_mmap: bool,
+    /// The kernel function that share is the time inside (`dup_mmap`, or
+    /// `copy_page_range` where `dup_mmap` is inlined), or null.
+    pub fork_share_function: Option<&'a str>,
     pub cow_latency: &'a str,
     pub page_size: u64,
 }
@@ -213,7 +216,8 @@ pub struct Start<'a> {
     pub rejected: &'a [String],
     pub fork_latency_means: &'a str,
     pub cow_latency_means: &'a str,
-    pub dup_mmap_split: bool,
+    /// The function that carries the fork's address-space copy share.
+    pub fork_share: Option<&'a str>,
     pub page_size: u64,
     /// What is traced, as the text header names it.
     pub tracing: &'a str,
@@ -228,7 +232,8 @@ pub fn write_start(out: &mut impl io::Write, s: &Start, format: Format) -> io::R
                 reason: s.reason,
                 rejected: s.rejected,
                 fork_latency: s.fork_latency_means,
-                fork_dup_mmap: s.dup_mmap_split,
+                fork_dup_mmap: s.fork_share.is_some(),
+                fork_share_function: s.fork_share,
                 cow_latency: s.cow_latency_means,
                 page_size: s.page_size,
             };
@@ -236,13 +241,18 @@ pub fn write_start(out: &mut impl io::Write, s: &Start, format: Format) -> io::R
         }
         Format::Text { .. } => {
             writeln!(out, "cow-trace: backend {}: {}", s.backend, s.reason)?;
+            let share = s.fork_share.map(|f| format!(" (DUPMM: its {f} share)")).unwrap_or_default();
             writeln!(
                 out,
-                "cow-trace: fork latency = {}{}; CoW latency = {}",
-                s.fork_latency_means,
-                if s.dup_mmap_split { " (DUPMM: its dup_mmap share)" } else { "" },
-                s.cow_latency_means
+                "cow-trace: fork latency = {}{share}; CoW latency = {}",
+                s.fork_latency_means, s.cow_latency_means
             )?;
+            if s.fork_share.is_none() && s.backend != "tracepoint" {
+                writeln!(
+                    out,
+                    "cow-trace: no address-space copy share (DUPMM) on this kernel: dup_mmap and copy_page_range are both inlined"
+                )?;
+            }
             writeln!(out, "cow-trace: tracing {}; Ctrl-C to end\n", s.tracing)?;
         }
     }

@@ -226,7 +226,7 @@ impl Session {
             rejected: &sel.rejected,
             fork_latency_means: sel.fork_latency_means,
             cow_latency_means: sel.cow_latency_means,
-            dup_mmap_split: sel.dup_mmap_split,
+            fork_share: sel.fork_share,
             page_size,
             tracing: &tracing,
         };

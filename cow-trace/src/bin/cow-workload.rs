@@ -13,6 +13,14 @@
 //! that was never written: each read maps the shared zero page, each write
 //! then takes a write-protect fault that needs a zeroed page, not a copy.
 //!
+//! `--child-reads R` makes the child also `pread(2)` R pages of a file
+//! (written before the fork) into R other pages of the shared mapping: the
+//! kernel writes them in `copy_to_user`, a write fault taken in kernel mode
+//! that copies each page. `--child-mem-writes W` makes it write W more
+//! pages through /proc/self/mem, which the kernel does through
+//! `get_user_pages` with no page fault at all, copying each page. Those
+//! pages follow the parent's: `pages` must hold K + M + R + W.
+//!
 //! `--fork-storm N` instead forks N children one after the other, each of
 //! which exits at once: the cost of fork itself, for benchmarks.
 //!
@@ -56,7 +64,7 @@
 use std::{io::Write as _, path::PathBuf, ptr, time::Duration};
 
 const USAGE: &str = "usage: cow-workload [--pages N] [--child-writes K] [--parent-writes M] \
-                     [--zero-fills Z] [--rounds R] [--seconds S] [--pause-ms P] [--fork-storm N] [--huge] [--reuse-pid] [--main-exits-first MS] [--child-cpu N] [--child-spin-ms MS] \
+                     [--zero-fills Z] [--child-reads R] [--child-mem-writes W] [--rounds R] [--seconds S] [--pause-ms P] [--fork-storm N] [--huge] [--reuse-pid] [--main-exits-first MS] [--child-cpu N] [--child-spin-ms MS] \
                      [--parent-spin-ms MS] [--go-file PATH]";
 
 struct Opts {
@@ -65,6 +73,8 @@ struct Opts {
     parent_writes: usize,
     rounds: usize,
     zero_fills: usize,
+    child_reads: usize,
+    child_mem_writes: usize,
     fork_storm: usize,
     seconds: u64,
     pause_ms: u64,
@@ -84,6 +94,8 @@ fn parse() -> Result<Opts, String> {
         parent_writes: 500,
         rounds: 1,
         zero_fills: 0,
+        child_reads: 0,
+        child_mem_writes: 0,
         fork_storm: 0,
         seconds: 0,
         pause_ms: 0,
@@ -105,6 +117,8 @@ fn parse() -> Result<Opts, String> {
             "--parent-writes" => o.parent_writes = num(val()?)?,
             "--rounds" => o.rounds = num(val()?)?,
             "--zero-fills" => o.zero_fills = num(val()?)?,
+            "--child-reads" => o.child_reads = num(val()?)?,
+            "--child-mem-writes" => o.child_mem_writes = num(val()?)?,
             "--fork-storm" => o.fork_storm = num(val()?)?,
             "--seconds" => o.seconds = num(val()?)? as u64,
             "--pause-ms" => o.pause_ms = num(val()?)? as u64,
@@ -118,8 +132,10 @@ fn parse() -> Result<Opts, String> {
             _ => return Err(USAGE.to_string()),
         }
     }
-    if o.child_writes + o.parent_writes > o.pages {
-        return Err("--child-writes + --parent-writes must not exceed --pages".into());
+    if o.child_writes + o.parent_writes + o.child_reads + o.child_mem_writes > o.pages {
+        return Err(
+            "--child-writes + --parent-writes + --child-reads + --child-mem-writes must not exceed --pages".into()
+        );
     }
     Ok(o)
 }
@@ -181,6 +197,54 @@ fn map(pages: usize, page: usize, huge: bool) -> *mut u8 {
 }
 
 /// Anonymous memory the kernel backs with huge pages, in KiB.
+/// A file of `pages` pages, written now (so in the page cache) and already
+/// unlinked, for the child's reads.
+fn source_file(pages: usize, page: usize) -> std::fs::File {
+    let path = std::env::temp_dir().join(format!("cow-workload-{}", std::process::id()));
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .unwrap_or_else(|e| die(&format!("cannot create {}: {e}", path.display())));
+    let _ = std::fs::remove_file(&path);
+    let chunk = vec![7u8; page];
+    for _ in 0..pages {
+        f.write_all(&chunk).unwrap_or_else(|e| die(&format!("cannot write {}: {e}", path.display())));
+    }
+    f
+}
+
+fn die(msg: &str) -> ! {
+    eprintln!("cow-workload: {msg}");
+    std::process::exit(1);
+}
+
+/// Reads `len` bytes of `fd` from offset 0 into `dst`, in as many calls as
+/// it takes: each page is written by the kernel.
+fn pread_all(fd: libc::c_int, dst: *mut u8, len: usize) {
+    let mut done = 0;
+    while done < len {
+        // SAFETY: `dst..dst + len` lies inside the workload's mapping.
+        let n = unsafe { libc::pread(fd, dst.add(done).cast(), len - done, done as libc::off_t) };
+        if n <= 0 {
+            die(&format!("pread: {}", std::io::Error::last_os_error()));
+        }
+        done += n as usize;
+    }
+}
+
+/// Writes `len` bytes at `dst` in this process through /proc/self/mem.
+fn mem_write(dst: *mut u8, len: usize) {
+    use std::os::unix::fs::FileExt as _;
+    let mem = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/proc/self/mem")
+        .unwrap_or_else(|e| die(&format!("cannot open /proc/self/mem: {e}")));
+    let data = vec![9u8; len];
+    mem.write_all_at(&data, dst as u64).unwrap_or_else(|e| die(&format!("/proc/self/mem: {e}")));
+}
+
 fn anon_huge_kb() -> u64 {
     let text = std::fs::read_to_string("/proc/self/smaps_rollup").unwrap_or_default();
     text.lines()
@@ -217,6 +281,7 @@ fn main() {
     write_pages(base, page, 0..o.pages, 1);
     let huge_kb = anon_huge_kb();
 
+    let source = (o.child_reads > 0).then(|| source_file(o.child_reads, page));
     let me = std::process::id();
     if let Some(go) = &o.go_file {
         println!("ready {me}");
@@ -293,6 +358,14 @@ fn main() {
                     );
                 }
                 write_pages(base, page, 0..o.child_writes, value);
+                let after = o.child_writes + o.parent_writes;
+                if let Some(f) = &source {
+                    use std::os::fd::AsRawFd as _;
+                    pread_all(f.as_raw_fd(), base.add(after * page), o.child_reads * page);
+                }
+                if o.child_mem_writes > 0 {
+                    mem_write(base.add((after + o.child_reads) * page), o.child_mem_writes * page);
+                }
                 spin(o.child_spin_ms);
                 let b = 0u8;
                 libc::write(done[1], (&b as *const u8).cast(), 1);
@@ -317,7 +390,7 @@ fn main() {
         children.push(pid);
     }
     println!(
-        "{{\"pid\":{me},\"children\":{children:?},\"pages\":{},\"child_writes\":{},\"parent_writes\":{},\"rounds\":{},\"zero_fills\":{},\"page_size\":{page},\"huge\":{},\"anon_huge_kb\":{huge_kb},\"elapsed_ns\":{}}}",
-        o.pages, o.child_writes, o.parent_writes, children.len(), o.zero_fills, o.huge, start.elapsed().as_nanos()
+        "{{\"pid\":{me},\"children\":{children:?},\"pages\":{},\"child_writes\":{},\"parent_writes\":{},\"rounds\":{},\"zero_fills\":{},\"child_reads\":{},\"child_mem_writes\":{},\"page_size\":{page},\"huge\":{},\"anon_huge_kb\":{huge_kb},\"elapsed_ns\":{}}}",
+        o.pages, o.child_writes, o.parent_writes, children.len(), o.zero_fills, o.child_reads, o.child_mem_writes, o.huge, start.elapsed().as_nanos()
     );
 }

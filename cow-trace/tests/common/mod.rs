@@ -13,7 +13,7 @@ use std::{
 
 use serde_json::Value;
 #[allow(unused_imports)]
-pub use workload::{Spec, Timing, SLACK, STANDARD, WITH_ZERO_FILLS};
+pub use workload::{Spec, Timing, KERNEL_WRITES, SLACK, STANDARD, WITH_ZERO_FILLS};
 
 pub const COW_TRACE: &str = env!("CARGO_BIN_EXE_cow-trace");
 pub const WORKLOAD: &str = env!("CARGO_BIN_EXE_cow-workload");
