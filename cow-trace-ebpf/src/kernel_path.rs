@@ -33,6 +33,11 @@ struct CloneStart {
     ts: u64,
     dup_ts: u64,
     dup_ns: u64,
+    /// Once `copy_process` has returned a new process: its time, and the
+    /// process, until `sched_process_fork` counts it (see `fork_seen`).
+    latency_ns: u64,
+    child: u32,
+    _pad: u32,
 }
 
 #[repr(C)]
@@ -62,25 +67,45 @@ pub fn clone_enter() {
     if !is_traced(tgid) {
         return;
     }
-    let _ = CLONES.insert(tid, CloneStart { ts: now(), dup_ts: 0, dup_ns: 0 }, 0);
+    let start = CloneStart { ts: now(), dup_ts: 0, dup_ns: 0, latency_ns: 0, child: 0, _pad: 0 };
+    let _ = CLONES.insert(tid, start, 0);
 }
 
-/// `task`: what `copy_process` returned, a task or an `ERR_PTR`.
+/// `task`: what `copy_process` returned, a task or an `ERR_PTR`. A new
+/// process's time waits in its entry for `sched_process_fork`: a fork is
+/// timed only if it is counted (docs/kernel-notes.md, "One definition of a
+/// fork").
 pub fn clone_exit(task: u64) {
-    let ids = current_ids();
-    // SAFETY: the value is copied out before the entry is removed.
-    let Some(start) = (unsafe { CLONES.get(ids.tid) }) else {
+    let tid = current_ids().tid;
+    let Some(c) = CLONES.get_ptr_mut(tid) else {
         return;
     };
-    let (ts, dup_mmap_ns) = (start.ts, start.dup_ns);
-    let _ = CLONES.remove(ids.tid);
-    if task == 0 || task >= MAX_ERRNO.wrapping_neg() {
-        return; // the clone failed
+    let failed = task == 0 || task >= MAX_ERRNO.wrapping_neg();
+    match if failed { Err(0) } else { child_process(task as *const u8) } {
+        // SAFETY: entry owned by this thread until its fork is counted.
+        Ok(child) => unsafe {
+            (*c).latency_ns = now().saturating_sub((*c).ts);
+            (*c).child = child;
+        },
+        // A failed clone, or a new thread.
+        _ => {
+            let _ = CLONES.remove(tid);
+        }
     }
-    let _ = child_process(task as *const u8).map(|child| {
-        let t = now();
-        emit(ids, t, Detail::ForkLatency { child, latency_ns: t.saturating_sub(ts), dup_mmap_ns });
-    });
+}
+
+/// `sched_process_fork` counted `child`, made by this thread: its time,
+/// if `copy_process` was seen from entry to return.
+pub fn fork_seen(ids: Ids, child: u32) {
+    // SAFETY: the value is copied out before the entry is removed.
+    let Some(c) = (unsafe { CLONES.get(ids.tid) }) else {
+        return;
+    };
+    let (latency_ns, dup_mmap_ns, made) = (c.latency_ns, c.dup_ns, c.child);
+    let _ = CLONES.remove(ids.tid);
+    if made == child {
+        emit(ids, now(), Detail::ForkLatency { child, latency_ns, dup_mmap_ns });
+    }
 }
 
 /// The new task's tgid, or an error for a thread (pid != tgid).

@@ -18,6 +18,7 @@ use cow_trace_common::{counter, TRACED_CHILD};
 use crate::{
     batch::{count_window_event, flush_batch},
     emit::{emit, Detail},
+    kernel_path,
     shared::{bump, current_ids, is_traced, now, read_at, setting, Ids, TRACED},
     tracepoint::settle_pending,
 };
@@ -68,6 +69,8 @@ fn try_fork(ctx: &RawTracePointContext) -> Result<(), i32> {
         in_syscall = true;
     }
     emit(ids, now(), Detail::Spawn { child, in_syscall });
+    // The kernel-function backends' time of this fork, after its count.
+    kernel_path::fork_seen(ids, child);
     count_window_event();
     Ok(())
 }
