@@ -293,6 +293,24 @@ mod tests {
     }
 
     #[test]
+    fn copy_page_range_carries_the_share_only_where_dup_mmap_is_inlined() {
+        let with = |funcs: &[&'static str]| KernelFeatures { btf_funcs: funcs.to_vec(), ..no_kprobes() };
+        // 6.1: both exist; copy_page_range runs inside dup_mmap, so only
+        // dup_mmap is timed.
+        let f = with(&["copy_process", "do_wp_page", "dup_mmap", "copy_page_range"]);
+        let funcs = f.check(BackendKind::Fentry).unwrap();
+        assert_eq!(funcs, vec!["copy_process", "do_wp_page", "dup_mmap"]);
+        assert_eq!(fork_share(&funcs), Some("dup_mmap"));
+        // 6.12: dup_mmap inlined.
+        let f = with(&["copy_process", "do_wp_page", "copy_page_range"]);
+        let funcs = f.check(BackendKind::Fentry).unwrap();
+        assert_eq!(fork_share(&funcs), Some("copy_page_range"));
+        // Neither: no share, and the backend still runs.
+        let funcs = with(&["copy_process", "do_wp_page"]).check(BackendKind::Fentry).unwrap();
+        assert_eq!(fork_share(&funcs), None);
+    }
+
+    #[test]
     fn skipped_hooks() {
         let f = KernelFeatures { btf_funcs: ALL.to_vec(), skip: vec!["wp_page_copy".into()], ..no_kprobes() };
         assert_eq!(
