@@ -651,7 +651,10 @@ pub fn vm_test(opts: &VmOptions) -> Result<Tally> {
     let (code, console) = run_in_vm(&vm_opts, &["sh".into(), "vm-test.sh".into()], false)?;
     // The console line may follow the firmware's terminal escapes.
     let line = |key: &str| {
-        console.lines().find_map(|l| l.split_once(key).map(|(_, k)| k.trim().to_string())).unwrap_or("?".into())
+        console
+            .lines()
+            .find_map(|l| l.split_once(key).map(|(_, k)| k.trim().to_string()))
+            .unwrap_or("?".into())
     };
     let name = opts.kernel.as_deref().map_or("?".into(), |k| k.display().to_string());
     println!("vm-test: {name}: kernel {}, THP {}", line("cow-trace-vm: kernel"), line("cow-trace-vm: thp"));
@@ -739,16 +742,23 @@ fn check_agreement(name: &str, copies: &[(String, u64, u64)], tally: &mut Tally)
         tally.failed += 1;
         return;
     }
-    let seen = |c: &(String, u64, u64)| c.1 + KERNEL_WRITES.child_copies("") - KERNEL_WRITES.child_copies(&c.0);
+    let seen =
+        |c: &(String, u64, u64)| c.1 + KERNEL_WRITES.child_copies("") - KERNEL_WRITES.child_copies(&c.0);
     let spread = |v: Vec<u64>| v.iter().max().unwrap() - v.iter().min().unwrap();
     let sc = spread(copies.iter().map(seen).collect());
     let sp = spread(copies.iter().map(|c| c.2).collect());
     let names: Vec<_> = copies.iter().map(|c| c.0.as_str()).collect();
     if sc <= 8 && sp <= 8 {
-        println!("vm-test: {name}: {} agree: child copies within {sc} pages, parent within {sp}", names.join(", "));
+        println!(
+            "vm-test: {name}: {} agree: child copies within {sc} pages, parent within {sp}",
+            names.join(", ")
+        );
         tally.passed += 1;
     } else {
-        println!("vm-test: {name}: FAILED: {} disagree: child copies spread {sc}, parent {sp}", names.join(", "));
+        println!(
+            "vm-test: {name}: FAILED: {} disagree: child copies spread {sc}, parent {sp}",
+            names.join(", ")
+        );
         tally.failed += 1;
     }
 }

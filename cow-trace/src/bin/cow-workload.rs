@@ -134,7 +134,8 @@ fn parse() -> Result<Opts, String> {
     }
     if o.child_writes + o.parent_writes + o.child_reads + o.child_mem_writes > o.pages {
         return Err(
-            "--child-writes + --parent-writes + --child-reads + --child-mem-writes must not exceed --pages".into()
+            "--child-writes + --parent-writes + --child-reads + --child-mem-writes must not exceed --pages"
+                .into(),
         );
     }
     Ok(o)
