@@ -4,9 +4,10 @@
 //! same code.
 //!
 //! Dependencies point one way, down this list: `tally` feeds `aggregate`
-//! (with `retired`), `targets` and `episode`, which read `event`; `output`
-//! renders what they produce with `fmt`. `histogram`, `regions`, `counts`
-//! and `fmt` are leaves.
+//! (with `retired`, both keeping `process` records), `targets` and
+//! `episode`, which read `event`; `output` renders what they produce with
+//! `fmt` and `sanitize`. `histogram`, `regions`, `counts`, `sanitize` and
+//! `fmt` are leaves.
 
 pub mod aggregate;
 pub mod counts;
@@ -15,7 +16,9 @@ pub mod event;
 pub mod fmt;
 pub mod histogram;
 pub mod output;
+pub mod process;
 pub mod regions;
 pub mod retired;
+pub mod sanitize;
 pub mod tally;
 pub mod targets;
