@@ -2,8 +2,10 @@
 //! only in how they are attached and how they receive their arguments.
 //!
 //! Fork latency is the time the kernel spent in `copy_process` creating the
-//! child (threads excluded), of which the `dup_mmap` share is the copy of
-//! the address space. A CoW fault is `do_wp_page` from entry to return; it
+//! child (threads excluded), of which the `dup_mmap` share (where it is
+//! inlined, `copy_page_range` summed over the VMAs) is the copy of the
+//! address space. A CoW fault is `do_wp_page` from entry to return (reached
+//! from user faults, kernel-mode faults and `get_user_pages` alike); it
 //! copied when it went through `wp_page_copy` (or, where that function is
 //! inlined, when it allocated an order-0 user page), and it was a zero-fill
 //! when that page was asked for zeroed.
