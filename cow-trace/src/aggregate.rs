@@ -8,7 +8,8 @@ use std::collections::HashMap;
 use serde::Serialize;
 
 use crate::{
-    event::{Comm, Event, What},
+    ending::{Ending, MemCgroup},
+    event::{Comm, Event, Replaced, What},
     histogram::{Histogram, Summary},
     retired::Retired,
 };
@@ -21,6 +22,8 @@ pub struct Stats {
     copies: u64,
     reuses: u64,
     zero_fills: u64,
+    /// Write faults that failed (no memory, SIGBUS, ...).
+    failed: u64,
     cow_lat: Histogram,
     /// The `dup_mmap` share of each fork (kprobe/fentry backends).
     dup_mmap: Histogram,
@@ -34,6 +37,7 @@ impl Stats {
             && self.copies == 0
             && self.reuses == 0
             && self.zero_fills == 0
+            && self.failed == 0
             && self.huge_faults == 0
             && self.fork_lat.count() == 0
     }
@@ -56,6 +60,16 @@ impl Stats {
             }
             What::Reuse(_) => self.reuses += 1,
             What::ZeroFill(_) => self.zero_fills += 1,
+            What::Failed(f) => {
+                self.failed += 1;
+                // The outcome it replaces arrived first (the programs send
+                // it first); in an earlier interval, it stays there.
+                match f.replaces {
+                    Some(Replaced::Copy) => self.copies = self.copies.saturating_sub(1),
+                    Some(Replaced::ZeroFill) => self.zero_fills = self.zero_fills.saturating_sub(1),
+                    None => {}
+                }
+            }
             What::HugeCow { copied_bytes, .. } => {
                 self.huge_faults += 1;
                 self.huge_bytes += copied_bytes;
@@ -70,6 +84,7 @@ impl Stats {
         self.copies += o.copies;
         self.reuses += o.reuses;
         self.zero_fills += o.zero_fills;
+        self.failed += o.failed;
         self.cow_lat.merge(&o.cow_lat);
         self.dup_mmap.merge(&o.dup_mmap);
         self.huge_faults += o.huge_faults;
@@ -131,6 +146,10 @@ pub struct Proc {
     pub(crate) comm: String,
     /// Raw wait-status style exit code once the process has exited.
     pub(crate) exit_code: Option<u32>,
+    /// The OOM killer chose it (known at its exit).
+    pub(crate) oom_killed: bool,
+    /// Its memory cgroup, read at its fork.
+    pub(crate) memcg: Option<MemCgroup>,
     /// Time of the spawn event, when it was seen.
     pub(crate) start_ns: Option<u64>,
     /// Time of the exit event.
@@ -140,7 +159,17 @@ pub struct Proc {
 
 impl Proc {
     pub fn new(pid: u32, ppid: u32, comm: String) -> Self {
-        Self { pid, ppid, comm, exit_code: None, start_ns: None, exit_ns: None, figures: Figures::default() }
+        Self {
+            pid,
+            ppid,
+            comm,
+            exit_code: None,
+            oom_killed: false,
+            memcg: None,
+            start_ns: None,
+            exit_ns: None,
+            figures: Figures::default(),
+        }
     }
 }
 
@@ -159,6 +188,9 @@ pub struct ProcRow {
     /// Write faults on never-written memory (the shared zero page): a new
     /// zeroed page, not a copy; not included in `cow_copies`.
     pub zero_fills: u64,
+    /// Write faults on present pages that failed (no memory: the memory
+    /// cgroup's charge failed; SIGBUS, SIGSEGV): neither copies nor reuses.
+    pub cow_failed: u64,
     /// Time each fork spent in `dup_mmap` copying the address space (VMAs
     /// and page tables); count 0 where the backend cannot split forks.
     pub fork_dup_mmap_ns: Summary,
@@ -169,6 +201,11 @@ pub struct ProcRow {
     pub exited: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub exit_status: Option<i32>,
+    /// How it ended, once it has exited.
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub ending: Option<Ending>,
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub memcg: Option<MemCgroup>,
 }
 
 pub struct Aggregator {
@@ -266,19 +303,20 @@ impl Aggregator {
                 self.live.insert(child, p);
             }
             What::ForkLatency { .. } => self.proc_mut(e.pid, e.tid, &e.comm).figures.add(&e.what),
-            What::Copy(_) | What::Reuse(_) | What::ZeroFill(_) | What::HugeCow { .. } => {
+            What::Copy(_) | What::Reuse(_) | What::ZeroFill(_) | What::Failed(_) | What::HugeCow { .. } => {
                 self.fault_proc(e).figures.add(&e.what)
             }
             What::Exec => {
                 // Renames the process (its main thread's new comm).
                 self.proc_mut(e.pid, e.tid, &e.comm);
             }
-            What::Exit { status } => {
+            What::Exit { status, oom_killed } => {
                 // A process that did nothing we saw is remembered as well,
                 // in case another thread's outcomes arrive after its exit.
                 let mut p =
                     self.live.remove(&e.pid).unwrap_or_else(|| Proc::new(e.pid, 0, e.comm.to_string()));
                 p.exit_code = Some(status);
+                p.oom_killed = oom_killed;
                 p.exit_ns = Some(e.ts_ns);
                 self.retired.retire(p);
             }
@@ -297,11 +335,21 @@ impl Aggregator {
             copied_bytes: s.copies * self.page_size + s.huge_bytes,
             cow_latency_ns: s.cow_lat.summary(),
             zero_fills: s.zero_fills,
+            cow_failed: s.failed,
             fork_dup_mmap_ns: s.dup_mmap.summary(),
             huge_cow_faults: s.huge_faults,
             huge_copied_bytes: s.huge_bytes,
             exited: p.exit_code.is_some(),
             exit_status: p.exit_code.map(|c| c as i32),
+            ending: p.exit_code.map(|c| Ending::new(c, p.oom_killed)),
+            memcg: p.memcg.clone(),
+        }
+    }
+
+    /// Records the memory cgroup `pid` was forked into.
+    pub fn set_memcg(&mut self, pid: u32, memcg: MemCgroup) {
+        if let Some(p) = self.live.get_mut(&pid) {
+            p.memcg = Some(memcg);
         }
     }
 

@@ -2,15 +2,16 @@
 //! the per-process figures, the run's end condition and the fork episodes,
 //! with the count of what arrived.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use cow_trace_common::FaultRecord;
 
 use crate::{
     aggregate::{Aggregator, ProcRow, RunHistograms},
     counts::Seen,
+    ending::MemCgroup,
     episode::Episodes,
-    event::{self, Event},
+    event::{self, Event, What},
     targets::Targets,
 };
 
@@ -20,6 +21,11 @@ pub struct Tally {
     /// Fork episodes, fed the same events when enabled.
     episodes: Option<Episodes>,
     seen: Seen,
+    /// Reads a live process's memory cgroup (from /proc in the real tool).
+    memcg_of: Option<Box<dyn Fn(u32) -> Option<MemCgroup>>>,
+    /// Each forking parent's memory cgroup, read at its first fork: a child
+    /// starts in its parent's.
+    parent_memcg: HashMap<u32, Option<MemCgroup>>,
 }
 
 impl Tally {
@@ -39,7 +45,14 @@ impl Tally {
             targets: Targets::new(targets, follow),
             episodes: None,
             seen: Seen::default(),
+            memcg_of: None,
+            parent_memcg: HashMap::new(),
         }
+    }
+
+    pub fn with_memcg(mut self, memcg_of: Box<dyn Fn(u32) -> Option<MemCgroup>>) -> Self {
+        self.memcg_of = Some(memcg_of);
+        self
     }
 
     pub fn with_episodes(mut self, episodes: Episodes) -> Self {
@@ -77,6 +90,29 @@ impl Tally {
         }
         self.processes.apply(e);
         self.targets.apply(e);
+        self.note_memcg(e);
+    }
+
+    /// A child's memory cgroup is its parent's at the fork, read once per
+    /// parent while it lives (the spawn wakes the reader).
+    fn note_memcg(&mut self, e: &Event) {
+        let Some(read) = self.memcg_of.as_ref() else { return };
+        match e.what {
+            What::Spawn { child, .. } => {
+                let cg =
+                    self.parent_memcg.entry(e.pid).or_insert_with(|| read(e.pid).or_else(|| read(child)));
+                if let Some(cg) = cg.clone() {
+                    self.processes.set_memcg(child, cg.clone());
+                    if let Some(eps) = self.episodes.as_mut() {
+                        eps.set_memcg(child, cg);
+                    }
+                }
+            }
+            What::Exit { .. } => {
+                self.parent_memcg.remove(&e.pid);
+            }
+            _ => {}
+        }
     }
 
     pub fn seen(&self) -> Seen {
