@@ -393,7 +393,7 @@ fn oom_function(args: &str) -> String {
   echo +memory > /sys/fs/cgroup/cgroup.subtree_control || return 91
   mkdir $CG && echo {OOM_LIMIT} > $CG/memory.max || return 92
   [ -e $CG/memory.swap.max ] && echo 0 > $CG/memory.swap.max
-  rm -f /tmp/go /tmp/w.out
+  rm -f /tmp/go /tmp/w.out /tmp/oom.out
   sh -c "echo \$\$ > $CG/cgroup.procs && exec cow-workload {args} --go-file /tmp/go" > /tmp/w.out &
   i=0
   until grep -q ready /tmp/w.out 2>/dev/null; do i=$((i+1)); [ $i -gt 3000 ] && return 93; usleep 10000; done

@@ -250,8 +250,8 @@ impl OomScenario {
 /// Checks the run of an [`OomScenario`]: the parent saw its child killed by
 /// SIGKILL; the episode and the child's row say the OOM killer chose it, in
 /// which cgroup, under which limit; its copies fill what the parent left of
-/// the limit; the fault that met the limit failed, and no reuse was
-/// invented. Returns the child's copies and failed faults.
+/// the limit; at most the one fault that met the limit failed, and no
+/// reuse was invented. Returns the child's copies and failed faults.
 pub fn check_oom(summary: &Value, report: &Value, sc: &OomScenario) -> Result<(u64, u64), String> {
     let mut wrong = Vec::new();
     if report["statuses"][0] != 9 {
@@ -285,7 +285,10 @@ pub fn check_oom(summary: &Value, report: &Value, sc: &OomScenario) -> Result<(u
     if num(&row["cow_copies"]) != cc {
         wrong.push(format!("child's row copied {}, its episode {cc}", row["cow_copies"]));
     }
-    if failed == 0 || num(&row["cow_failed"]) != failed {
+    // The fault that met the limit fails, unless the OOM reaper freed the
+    // victim's memory before the charge's last retry (seen on 6.1 under
+    // emulation): then it completed as a copy.
+    if failed > 1 || num(&row["cow_failed"]) != failed {
         wrong.push(format!("failed faults: episode {failed}, row {}", row["cow_failed"]));
     }
     // Every page the child wrote was shared: each write copied or failed.
