@@ -197,6 +197,46 @@ mod tests {
     }
 
     #[test]
+    fn an_oom_killed_child_ends_so_and_its_failed_fault_is_no_copy() {
+        let cg = MemCgroup { path: "/x".into(), limit_bytes: Some(150 << 20) };
+        let read = cg.clone();
+        let eps = Episodes::new(4096, Box::new(|_| None));
+        let mut a = Tally::new(4096, None, true, Box::new(|_| 1), Box::new(|_| None))
+            .with_episodes(eps)
+            .with_memcg(Box::new(move |_| Some(read.clone())));
+        let at = |mut e: Wire, ts: u64| {
+            e.ts_ns = ts;
+            e
+        };
+        a.feed(&at(ev(EventKind::Spawn, 1, 2, 0, "w"), 10));
+        for ts in [20, 30] {
+            a.feed(&at(ev(EventKind::CowCopy, 2, 0, 500, "w"), ts));
+        }
+        // The tracepoint backend's take-back of the last copy, then a failure
+        // that replaced nothing (kprobe/fentry), then the OOM kill.
+        let failed =
+            |replaces: EventKind| Wire { other: replaces as u32, ..ev(EventKind::CowFailed, 2, 0, 0, "") };
+        a.feed(&at(failed(EventKind::CowCopy), 31));
+        a.feed(&at(Wire { other: 0, ..failed(EventKind::CowCopy) }, 32));
+        a.feed(&at(
+            Wire { flags: cow_trace_common::FLAG_OOM_VICTIM, ..ev(EventKind::Exit, 2, 9, 0, "w") },
+            40,
+        ));
+        let child = a.totals().into_iter().find(|r| r.pid == 2).unwrap();
+        assert_eq!((child.cow_copies, child.cow_reuses, child.cow_failed), (1, 0, 2));
+        assert_eq!(
+            child.ending.as_ref().map(|e| (e.oom_killed, e.exit_signal.as_deref())),
+            Some((true, Some("SIGKILL")))
+        );
+        assert_eq!(child.memcg.as_ref(), Some(&cg));
+        let ep = a.episodes_mut().unwrap();
+        ep.finish_closing();
+        let done = ep.take_finished();
+        assert_eq!((done[0].child_copies, done[0].cow_failed, done[0].memcg.as_ref()), (1, 2, Some(&cg)));
+        assert!(done[0].ending.as_ref().is_some_and(|e| e.oom_killed));
+    }
+
+    #[test]
     fn a_late_outcome_goes_to_the_process_that_held_the_pid_at_its_time() {
         let mut a = Tally::new(4096, None, true, Box::new(|_| 1), Box::new(|_| None));
         let at = |mut e: Wire, ts: u64| {
