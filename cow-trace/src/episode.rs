@@ -74,6 +74,8 @@ pub struct Episode {
     /// The child's memory cgroup at the fork, where one limits memory.
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
     pub memcg: Option<MemCgroup>,
+    /// The OOM killer chose the parent while the child lived.
+    pub parent_oom_killed: bool,
     pub parent_copies: u64,
     pub child_copies: u64,
     pub copied_bytes: u64,
@@ -100,6 +102,7 @@ struct Open {
     child_copies: u64,
     failed: u64,
     memcg: Option<MemCgroup>,
+    parent_oom_killed: bool,
     cow_lat: Histogram,
     /// Copies per second of the episode, by second.
     per_second: HashMap<u64, u64>,
@@ -233,7 +236,16 @@ impl Episodes {
                 }
                 // Its own episodes as a parent go on; its maps are no
                 // longer readable, but the cached copy still describes
-                // its children's layout.
+                // its children's layout. An OOM kill of the parent is what
+                // its children's episodes say (then the child's writes to
+                // pages no longer shared are reuses).
+                if oom_killed {
+                    for kid in self.by_parent.get(&e.pid).into_iter().flatten() {
+                        if let Some(o) = self.open.get_mut(kid).filter(|o| o.closed.is_none()) {
+                            o.parent_oom_killed = true;
+                        }
+                    }
+                }
             }
             // Huge-page faults split the mapping; the 4 KiB copies that
             // follow are what the episode counts.
@@ -280,6 +292,7 @@ impl Episodes {
                 child_copies: 0,
                 failed: 0,
                 memcg: None,
+                parent_oom_killed: false,
                 cow_lat: Histogram::default(),
                 per_second: HashMap::new(),
                 regions: HashMap::new(),
@@ -432,6 +445,7 @@ impl Episodes {
             exit_status: closed.map(|c| c.status),
             ending: closed.map(|c| Ending::new(c.status as u32, c.oom_killed)),
             memcg: o.memcg,
+            parent_oom_killed: o.parent_oom_killed,
             parent_copies: o.parent_copies,
             child_copies: o.child_copies,
             copied_bytes: copies * self.page_size,

@@ -9,6 +9,7 @@ use serde::Serialize;
 use crate::{
     aggregate::{ProcRow, RunHistograms},
     counts::{KernelCounters, KernelTotals, Seen},
+    ending::Ending,
     episode::Episode,
     fmt::{fmt_bytes, fmt_ns},
     histogram::{Log2Row, Summary},
@@ -109,6 +110,11 @@ pub fn episode_line(ep: &Episode) -> String {
         (Some(ns), _) => format!(", child lived {}, copied {copied}", fmt_ns(ns.max(1))),
         (None, _) => format!(", child still running, copied {copied}"),
     };
+    if ep.parent_oom_killed {
+        // 9: the wait status of SIGKILL, what the OOM killer sends.
+        let oom = Ending::new(9, true);
+        s += &format!(", parent {} while the child lived", oom.describe(ep.memcg.as_ref()));
+    }
     if ep.cow_failed > 0 {
         s += &format!(", {} write faults failed", ep.cow_failed);
     }
@@ -379,7 +385,7 @@ pub fn json_line<T: Serialize>(v: &T) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ending::{Ending, MemCgroup};
+    use crate::ending::MemCgroup;
 
     fn row(pid: u32, copies: u64) -> ProcRow {
         ProcRow {
@@ -471,6 +477,7 @@ mod tests {
             exit_status: Some(0),
             ending: Some(Ending::new(0, false)),
             memcg: None,
+            parent_oom_killed: false,
             parent_copies: copied_pages,
             child_copies: 0,
             copied_bytes: copied_pages * 4096,
@@ -506,6 +513,14 @@ mod tests {
         assert!(episode_line(&ep).contains("child lived 1.00s, exited with status 3, copied"));
         ep.ending = Some(Ending::new(0, false));
         assert!(episode_line(&ep).contains("child lived 1.00s, copied 53.7MiB"));
+        ep.parent_oom_killed = true;
+        assert!(
+            episode_line(&ep).contains(
+                "parent killed by the OOM killer (memory cgroup /x, limit 150.0MiB) while the child lived"
+            ),
+            "{}",
+            episode_line(&ep)
+        );
     }
 
     #[test]
