@@ -94,6 +94,9 @@ pub const HOOKS: &[Hook] = &[
     raw("mm_page_alloc", "mm_page_alloc", backends::TRACEPOINT),
     raw("sys_enter", "sys_enter", backends::TRACEPOINT),
     raw("sched_switch", "sched_switch", backends::TRACEPOINT),
+    // Tracepoint backend: a fault that ends in SIGKILL (the OOM killer),
+    // SIGBUS or SIGSEGV for the faulting thread failed.
+    raw("signal_generate", "signal_generate", backends::TRACEPOINT),
     // Tracepoint backend: fork latency, one pair per syscall that can
     // create a process.
     syscall("enter_clone", "sys_enter_clone", true),

@@ -15,7 +15,7 @@ use aya_ebpf::{
     maps::HashMap,
     programs::RawTracePointContext,
 };
-use cow_trace_common::counter;
+use cow_trace_common::{counter, vm_fault};
 
 use crate::{
     emit::{emit, Detail, Outcome},
@@ -176,6 +176,15 @@ pub fn fault_exit(ret: u32) {
     let latency_ns = t.saturating_sub(ts);
     if seen & HUGE != 0 {
         emit(ids, t, Detail::HugeCow { latency_ns, addr, allocated: bytes as u32, vm_fault: ret });
+        return;
+    }
+    if vm_fault::failed(ret) {
+        // No memory (the cgroup's charge failed), SIGBUS, SIGSEGV: a page
+        // it allocated was freed again, nothing was copied or reused.
+        emit(ids, t, Detail::Failed { latency_ns, addr, replaces: 0, vm_fault: ret });
+        return;
+    }
+    if vm_fault::retried(ret) {
         return;
     }
     let copied = if setting!(wp_copy_hooked) != 0 { seen & SEEN_COPY_PATH } else { seen & SEEN_ALLOC };

@@ -103,10 +103,14 @@ fn try_exit() -> Result<(), i32> {
         return Ok(());
     }
     let code: i32 = unsafe { read_at(task, setting!(task_exit_code))? };
+    // Set by the OOM killer's `mark_oom_victim` alone, for the life of the
+    // signal struct (docs/kernel-notes.md, "How a process ended").
+    let oom_off = setting!(signal_oom_mm);
+    let oom = oom_off != 0 && unsafe { read_at::<u64>(signal, oom_off) }.unwrap_or(0) != 0;
     if setting!(trace_all) == 0 {
         let _ = TRACED.remove(ids.tgid);
     }
-    emit(ids, now(), Detail::Exit { code });
+    emit(ids, now(), Detail::Exit { code, oom });
     count_window_event();
     Ok(())
 }

@@ -26,6 +26,7 @@ pub(crate) static CONFIG: Config = Config {
     sample_every: 1,
     vmf_address: 0,
     wp_copy_hooked: 0,
+    signal_oom_mm: 0,
 };
 
 /// Traced thread-group ids (unused when `trace_all`).

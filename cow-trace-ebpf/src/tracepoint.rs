@@ -6,7 +6,10 @@
 //! *pending* fault for its thread. An order-0 movable page allocated by that
 //! thread before its next fault, syscall or exit means the fault copied (a
 //! zero-fill if the page was asked for zeroed); no such allocation means the
-//! page was reused in place.
+//! page was reused in place. A fault after which the kernel sends its own
+//! process SIGKILL (the OOM killer, when the memory cgroup's charge for the
+//! copy failed), SIGBUS or SIGSEGV before the thread's next fault or
+//! syscall failed instead, even when its page was allocated (and freed).
 
 use aya_ebpf::{
     macros::{map, raw_tracepoint},
@@ -16,9 +19,9 @@ use aya_ebpf::{
 use cow_trace_common::{counter, FaultRecord, TIMED_PER_SLICE};
 
 use crate::{
-    batch::{batch, batch_fault, cut_if_old, end_slice, Clock},
+    batch::{batch, batch_fault, cut_if_old, end_slice, flush_batch, Clock},
     emit::{emit, Detail, Outcome},
-    shared::{bump, current_ids, is_traced, now, setting, Ids, GFP_MOVABLE, GFP_ZERO},
+    shared::{bump, current_ids, is_traced, now, read_at, setting, Ids, GFP_MOVABLE, GFP_ZERO},
 };
 
 /// Write faults waiting for their outcome: a direct-mapped table indexed by
@@ -40,6 +43,11 @@ struct Pending {
     /// The thread whose fault is open in this slot; 0 when none is (thread
     /// 0 is the idle task, which takes no user faults).
     tid: u32,
+    /// The thread whose fault in this slot was sent as a copy or zero-fill
+    /// (`sent_kind`) and which has not faulted or entered a syscall since:
+    /// that fault can still turn out to have failed. 0 when none.
+    sent_tid: u32,
+    sent_kind: u32,
 }
 
 /// x86 page-fault error code: bit 0 = protection fault on a present page,
@@ -64,6 +72,9 @@ pub(crate) fn settle_pending(tid: u32, batched: bool) {
     };
     // SAFETY: a valid slot (see `pending_slot`).
     unsafe {
+        if (*p).sent_tid == tid {
+            (*p).sent_tid = 0;
+        }
         if (*p).tid != tid {
             return;
         }
@@ -116,6 +127,22 @@ fn open_fault(ctx: &RawTracePointContext) -> i32 {
     // TP_PROTO(unsigned long address, struct pt_regs *regs, unsigned long error_code)
     let error_code: u64 = ctx.arg(2);
     if error_code & PF_PROT_WRITE != PF_PROT_WRITE {
+        // Any fault ends the window of the thread's previous write fault:
+        // its allocations and signals are this fault's.
+        let tid = current_ids().tid;
+        if let (Some(p), Some(b)) = (pending_slot(tid), batch()) {
+            // SAFETY: as below.
+            unsafe {
+                if (*p).sent_tid == tid {
+                    (*p).sent_tid = 0;
+                }
+                if (*p).tid == tid {
+                    (*p).tid = 0;
+                    let addr = (*p).addr & !FaultRecord::SAMPLED;
+                    batch_fault(b, Outcome::Reuse, (*p).tgid, 0, addr, Clock::events());
+                }
+            }
+        }
         return 0;
     }
     let Ids { tgid, tid } = current_ids();
@@ -155,7 +182,8 @@ fn open_fault(ctx: &RawTracePointContext) -> i32 {
             cut_if_old(b, clock.now_ns);
         }
         let start = clock.now_ns;
-        *p = Pending { start, addr: (addr & FaultRecord::ADDR_MASK) | flag, tgid, tid };
+        let addr = (addr & FaultRecord::ADDR_MASK) | flag;
+        *p = Pending { start, addr, tgid, tid, sent_tid: 0, sent_kind: 0 };
     }
     0
 }
@@ -197,6 +225,57 @@ pub fn mm_page_alloc(ctx: RawTracePointContext) -> i32 {
             }
         };
         batch_fault(b, outcome, (*p).tgid, latency, (*p).addr, clock);
+        (*p).sent_tid = tid;
+        (*p).sent_kind = outcome.kind() as u32;
+    }
+    0
+}
+
+const SIGBUS: u64 = 7;
+const SIGKILL: u64 = 9;
+const SIGSEGV: u64 = 11;
+
+/// The kernel sending the faulting thread's own process SIGKILL, SIGBUS or
+/// SIGSEGV between a write fault and the thread's next fault or syscall
+/// means the fault failed: a memory cgroup's OOM kill from the copy's
+/// charge, or a fault the kernel could not resolve (docs/kernel-notes.md,
+/// "Faults that failed"). Runs under the signal lock, preemption off.
+#[raw_tracepoint(tracepoint = "signal_generate")]
+pub fn signal_generate(ctx: RawTracePointContext) -> i32 {
+    if setting!(empty) != 0 {
+        return 0;
+    }
+    // TP_PROTO(int sig, struct kernel_siginfo *info, struct task_struct *task, int group, int result)
+    let sig = ctx.arg::<u64>(0) & 0xffff_ffff;
+    if sig != SIGKILL && sig != SIGBUS && sig != SIGSEGV {
+        return 0;
+    }
+    let Ids { tgid, tid } = current_ids();
+    let Some(p) = pending_slot(tid) else {
+        return 0;
+    };
+    // SAFETY: a valid slot (see `pending_slot`); the target task is the
+    // tracepoint's, its offset from this kernel's BTF.
+    unsafe {
+        if (*p).tid != tid && (*p).sent_tid != tid {
+            return 0;
+        }
+        let task: *const u8 = ctx.arg(2);
+        if task.is_null() || read_at::<i32>(task, setting!(task_tgid)).unwrap_or(0) as u32 != tgid {
+            return 0;
+        }
+        let addr = (*p).addr & FaultRecord::ADDR_MASK;
+        let ids = Ids { tgid: (*p).tgid, tid };
+        let replaces = if (*p).tid == tid {
+            (*p).tid = 0;
+            0
+        } else {
+            (*p).sent_tid = 0;
+            // The outcome it replaces reaches userspace first.
+            flush_batch();
+            (*p).sent_kind
+        };
+        emit(ids, now(), Detail::Failed { latency_ns: 0, addr, replaces, vm_fault: 0 });
     }
     0
 }

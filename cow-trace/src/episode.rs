@@ -27,7 +27,8 @@ use std::collections::{HashMap, VecDeque};
 use serde::Serialize;
 
 use crate::{
-    event::{Event, Fault, What},
+    ending::{Ending, MemCgroup},
+    event::{Event, Failure, Fault, Replaced, What},
     histogram::{Histogram, Summary},
     regions::MapsCache,
 };
@@ -67,9 +68,20 @@ pub struct Episode {
     pub exec_after_ns: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub exit_status: Option<i32>,
+    /// How the child ended, once it has.
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub ending: Option<Ending>,
+    /// The child's memory cgroup at the fork, where one limits memory.
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub memcg: Option<MemCgroup>,
+    /// The OOM killer chose the parent while the child lived.
+    pub parent_oom_killed: bool,
     pub parent_copies: u64,
     pub child_copies: u64,
     pub copied_bytes: u64,
+    /// Write faults of either process in the copy window that failed (no
+    /// memory, ...): not in the copies.
+    pub cow_failed: u64,
     /// Most bytes copied within one second of the episode.
     pub peak_copy_bytes_per_s: u64,
     pub cow_latency_ns: Summary,
@@ -88,6 +100,9 @@ struct Open {
     exec_after_ns: Option<u64>,
     parent_copies: u64,
     child_copies: u64,
+    failed: u64,
+    memcg: Option<MemCgroup>,
+    parent_oom_killed: bool,
     cow_lat: Histogram,
     /// Copies per second of the episode, by second.
     per_second: HashMap<u64, u64>,
@@ -101,6 +116,7 @@ struct Open {
 struct Closed {
     end_ns: u64,
     status: i32,
+    oom_killed: bool,
     /// `Episodes::settles` when the exit was seen.
     seen_at: u64,
 }
@@ -204,7 +220,8 @@ impl Episodes {
                     o.child_comm = e.comm.to_string();
                 }
             }
-            What::Exit { status } => {
+            What::Failed(f) => self.failed(e, &f),
+            What::Exit { status, oom_killed } => {
                 let settles = self.settles;
                 if let Some(o) = self.open.get_mut(&e.pid).filter(|o| o.closed.is_none()) {
                     // The name it died with: Redis renames its child
@@ -214,11 +231,21 @@ impl Episodes {
                     if e.tid == e.pid && !e.comm.is_empty() {
                         o.child_comm = e.comm.to_string();
                     }
-                    o.closed = Some(Closed { end_ns: e.ts_ns, status: status as i32, seen_at: settles });
+                    o.closed =
+                        Some(Closed { end_ns: e.ts_ns, status: status as i32, oom_killed, seen_at: settles });
                 }
                 // Its own episodes as a parent go on; its maps are no
                 // longer readable, but the cached copy still describes
-                // its children's layout.
+                // its children's layout. An OOM kill of the parent is what
+                // its children's episodes say (then the child's writes to
+                // pages no longer shared are reuses).
+                if oom_killed {
+                    for kid in self.by_parent.get(&e.pid).into_iter().flatten() {
+                        if let Some(o) = self.open.get_mut(kid).filter(|o| o.closed.is_none()) {
+                            o.parent_oom_killed = true;
+                        }
+                    }
+                }
             }
             // Huge-page faults split the mapping; the 4 KiB copies that
             // follow are what the episode counts.
@@ -263,6 +290,9 @@ impl Episodes {
                 exec_after_ns: None,
                 parent_copies: 0,
                 child_copies: 0,
+                failed: 0,
+                memcg: None,
+                parent_oom_killed: false,
                 cow_lat: Histogram::default(),
                 per_second: HashMap::new(),
                 regions: HashMap::new(),
@@ -361,6 +391,28 @@ impl Episodes {
         *o.regions.entry(region.unwrap_or_else(|| UNMAPPED.to_string())).or_default() += 1;
     }
 
+    /// A failed fault in a copy window; one that replaces a copy takes it
+    /// back (it arrived first).
+    fn failed(&mut self, e: &Event, f: &Failure) {
+        let Some((slot, by_child)) = self.owner_of_copy(e.pid, e.ts_ns) else { return };
+        let o = match slot {
+            Slot::Open(c) => self.open.get_mut(&c).expect("looked up above"),
+            Slot::Reused(i) => &mut self.reused[i],
+        };
+        o.failed += 1;
+        if f.replaces == Some(Replaced::Copy) {
+            let copies = if by_child { &mut o.child_copies } else { &mut o.parent_copies };
+            *copies = copies.saturating_sub(1);
+        }
+    }
+
+    /// Records the memory cgroup `child` was forked into.
+    pub fn set_memcg(&mut self, child: u32, memcg: MemCgroup) {
+        if let Some(o) = self.open.get_mut(&child) {
+            o.memcg = Some(memcg);
+        }
+    }
+
     fn unlink(&mut self, o: &Open) {
         if let Some(kids) = self.by_parent.get_mut(&o.parent) {
             kids.retain(|&c| c != o.child);
@@ -371,7 +423,7 @@ impl Episodes {
         }
     }
 
-    fn finish(&self, o: Open, lifetime: Option<u64>, exit_status: Option<i32>) -> Episode {
+    fn finish(&self, o: Open, lifetime: Option<u64>, closed: Option<Closed>) -> Episode {
         let copies = o.parent_copies + o.child_copies;
         let mut regions: Vec<_> = o
             .regions
@@ -390,10 +442,14 @@ impl Episodes {
             fork_latency_ns: o.fork_latency_ns,
             child_lifetime_ns: lifetime,
             exec_after_ns: o.exec_after_ns,
-            exit_status,
+            exit_status: closed.map(|c| c.status),
+            ending: closed.map(|c| Ending::new(c.status as u32, c.oom_killed)),
+            memcg: o.memcg,
+            parent_oom_killed: o.parent_oom_killed,
             parent_copies: o.parent_copies,
             child_copies: o.child_copies,
             copied_bytes: copies * self.page_size,
+            cow_failed: o.failed,
             peak_copy_bytes_per_s: o.per_second.values().max().copied().unwrap_or(0) * self.page_size,
             cow_latency_ns: o.cow_lat.summary(),
             top_regions: regions,
@@ -411,7 +467,7 @@ impl Episodes {
         match o.closed {
             Some(c) => {
                 let lifetime = c.end_ns.saturating_sub(o.start_ns);
-                let ep = self.finish(o, Some(lifetime), Some(c.status));
+                let ep = self.finish(o, Some(lifetime), Some(c));
                 self.finished.push(ep.clone());
                 self.keep(ep);
             }
@@ -500,7 +556,7 @@ impl Episodes {
             .map(|o| {
                 let copy = o.clone();
                 match o.closed {
-                    Some(c) => self.finish(copy, Some(c.end_ns.saturating_sub(o.start_ns)), Some(c.status)),
+                    Some(c) => self.finish(copy, Some(c.end_ns.saturating_sub(o.start_ns)), Some(c)),
                     None => self.finish(copy, None, None),
                 }
             })

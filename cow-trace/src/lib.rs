@@ -11,6 +11,7 @@
 
 pub mod aggregate;
 pub mod counts;
+pub mod ending;
 pub mod episode;
 pub mod event;
 pub mod fmt;

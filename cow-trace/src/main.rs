@@ -6,6 +6,7 @@ mod backend;
 mod cli;
 mod kernel;
 mod launch;
+mod memcg;
 mod preflight;
 mod procfs;
 mod run;

@@ -9,6 +9,7 @@ use serde::Serialize;
 use crate::{
     aggregate::{ProcRow, RunHistograms},
     counts::{KernelCounters, KernelTotals, Seen},
+    ending::Ending,
     episode::Episode,
     fmt::{fmt_bytes, fmt_ns},
     histogram::{Log2Row, Summary},
@@ -44,7 +45,7 @@ pub fn table(rows: &[ProcRow], top: usize) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:>7} {:>7} {:<w$} {:>6} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9} {:>8} {:>8} {:>7}",
+        "{:>7} {:>7} {:<w$} {:>6} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>6} {:>9} {:>8} {:>8} {:>7} {:>8}",
         "PID",
         "PPID",
         "COMM",
@@ -55,15 +56,17 @@ pub fn table(rows: &[ProcRow], top: usize) -> String {
         "DUPMM_50",
         "COPIES",
         "REUSES",
+        "FAILED",
         "COPIED",
         "COW_P50",
         "COW_P99",
-        "ZEROS"
+        "ZEROS",
+        "ENDED"
     );
     for (r, comm) in rows[..shown].iter().zip(&comms) {
         let _ = writeln!(
             out,
-            "{:>7} {:>7} {:<w$} {:>6} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9} {:>8} {:>8} {:>7}",
+            "{:>7} {:>7} {:<w$} {:>6} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>6} {:>9} {:>8} {:>8} {:>7} {:>8}",
             r.pid,
             r.ppid,
             comm,
@@ -74,10 +77,12 @@ pub fn table(rows: &[ProcRow], top: usize) -> String {
             lat(&r.fork_dup_mmap_ns, |s| s.p50),
             r.cow_copies,
             r.cow_reuses,
+            r.cow_failed,
             fmt_bytes(r.copied_bytes),
             lat(&r.cow_latency_ns, |s| s.p50),
             lat(&r.cow_latency_ns, |s| s.p99),
             r.zero_fills,
+            r.ending.as_ref().map_or_else(|| "-".into(), |e| e.short()),
         );
     }
     if shown < rows.len() {
@@ -106,16 +111,34 @@ pub fn episode_line(ep: &Episode) -> String {
     if let Some(ns) = ep.exec_after_ns {
         s += &format!(", exec after {}", fmt_ns(ns.max(1)));
     }
-    s += &match ep.child_lifetime_ns {
-        Some(ns) => format!(", child lived {}", fmt_ns(ns.max(1))),
-        None => ", child still running".into(),
-    };
-    s += &format!(
-        ", copied {} (parent {} + child {} pages)",
+    let copied = format!(
+        "{} (parent {} + child {} pages)",
         fmt_bytes(ep.copied_bytes),
         ep.parent_copies,
         ep.child_copies
     );
+    s += &match (ep.child_lifetime_ns, &ep.ending) {
+        // The incident a Redis user dreads: the BGSAVE child's copies
+        // outgrew the memory limit.
+        (Some(ns), Some(end)) if end.oom_killed => format!(
+            ", child lived {}, {} after copying {copied}",
+            fmt_ns(ns.max(1)),
+            end.describe(ep.memcg.as_ref())
+        ),
+        (Some(ns), Some(end)) if end.exit_code != Some(0) => {
+            format!(", child lived {}, {}, copied {copied}", fmt_ns(ns.max(1)), end.describe(None))
+        }
+        (Some(ns), _) => format!(", child lived {}, copied {copied}", fmt_ns(ns.max(1))),
+        (None, _) => format!(", child still running, copied {copied}"),
+    };
+    if ep.parent_oom_killed {
+        // 9: the wait status of SIGKILL, what the OOM killer sends.
+        let oom = Ending::new(9, true);
+        s += &format!(", parent {} while the child lived", oom.describe(ep.memcg.as_ref()));
+    }
+    if ep.cow_failed > 0 {
+        s += &format!(", {} write faults failed", ep.cow_failed);
+    }
     if ep.copied_bytes > 0 {
         s += &format!(
             ", peak {}/s, CoW p50 {} p99 {}",
@@ -380,8 +403,8 @@ pub fn write_summary(out: &mut impl io::Write, s: &RunSummary, format: Format) -
     let t = &s.kernel.totals.events;
     writeln!(
         out,
-        "\nkernel totals: {} forks, {} CoW copies, {} reuses, {} zero-fills, {} huge-page faults; dropped events: {}",
-        t.spawns, t.cow_copies, t.cow_reuses, t.zero_fills, t.huge_cows, s.kernel.dropped
+        "\nkernel totals: {} forks, {} CoW copies, {} reuses, {} zero-fills, {} failed, {} huge-page faults; dropped events: {}",
+        t.spawns, t.cow_copies, t.cow_reuses, t.zero_fills, t.cow_failed, t.huge_cows, s.kernel.dropped
     )?;
     if let Some(code) = s.command_exit_code {
         writeln!(out, "command exited with status {code}")?;
@@ -396,7 +419,7 @@ pub fn json_line<T: Serialize>(v: &T) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::episode::RegionBytes;
+    use crate::{ending::MemCgroup, episode::RegionBytes};
 
     fn row(pid: u32, copies: u64) -> ProcRow {
         ProcRow {
@@ -423,10 +446,13 @@ mod tests {
                 p99: 9_000_000,
                 max: 9_000_000,
             },
+            cow_failed: 0,
             huge_cow_faults: 0,
             huge_copied_bytes: 0,
             exited: pid == 3,
             exit_status: None,
+            ending: None,
+            memcg: None,
         }
     }
 
@@ -518,13 +544,52 @@ mod tests {
             child_lifetime_ns: Some(1_000_000_000),
             exec_after_ns: None,
             exit_status: Some(0),
+            ending: Some(Ending::new(0, false)),
+            memcg: None,
+            parent_oom_killed: false,
             parent_copies: copied_pages,
             child_copies: 0,
             copied_bytes: copied_pages * 4096,
+            cow_failed: 0,
             peak_copy_bytes_per_s: copied_pages * 4096,
             cow_latency_ns: Summary::default(),
             top_regions: vec![],
         }
+    }
+
+    #[test]
+    fn an_oom_killed_child_reads_as_such() {
+        let mut ep = episode(10, 0);
+        (ep.child_copies, ep.copied_bytes, ep.cow_failed) = (13_745, 13_745 * 4096, 1);
+        ep.ending = Some(Ending::new(9, true));
+        ep.memcg = Some(MemCgroup { path: "/x".into(), limit_bytes: Some(150 << 20) });
+        let line = episode_line(&ep);
+        assert!(
+            line.contains(
+                "child lived 1.00s, killed by the OOM killer (memory cgroup /x, limit 150.0MiB) after copying \
+                 53.7MiB (parent 0 + child 13745 pages), 1 write faults failed"
+            ),
+            "{line}"
+        );
+        let v: serde_json::Value = serde_json::from_str(&json_line(&ep)).unwrap();
+        assert_eq!((v["oom_killed"].as_bool(), v["exit_signal"].as_str()), (Some(true), Some("SIGKILL")));
+        assert_eq!(
+            (v["memory_cgroup"].as_str(), v["memory_limit_bytes"].as_u64()),
+            (Some("/x"), Some(150 << 20))
+        );
+        assert_eq!(v["cow_failed"], 1);
+        ep.ending = Some(Ending::new(3 << 8, false));
+        assert!(episode_line(&ep).contains("child lived 1.00s, exited with status 3, copied"));
+        ep.ending = Some(Ending::new(0, false));
+        assert!(episode_line(&ep).contains("child lived 1.00s, copied 53.7MiB"));
+        ep.parent_oom_killed = true;
+        assert!(
+            episode_line(&ep).contains(
+                "parent killed by the OOM killer (memory cgroup /x, limit 150.0MiB) while the child lived"
+            ),
+            "{}",
+            episode_line(&ep)
+        );
     }
 
     #[test]

@@ -21,7 +21,7 @@ use tokio::{
 use crate::{
     backend::{self, KernelFeatures, LoadOptions, Selection, Tracer},
     cli::{Args, Mode},
-    kernel, launch, preflight, procfs,
+    kernel, launch, memcg, preflight, procfs,
 };
 
 /// How often the ring buffer is drained when no event woke us.
@@ -200,7 +200,11 @@ impl Session {
             Box::new(procfs::ppid_of),
             Box::new(procfs::comm_of),
         )
-        .with_episodes(Episodes::new(page_size, Box::new(procfs::read_maps)));
+        .with_episodes(Episodes::new(page_size, Box::new(procfs::read_maps)))
+        .with_memcg({
+            let mounts = memcg::Mounts::read();
+            Box::new(move |pid| mounts.of(pid))
+        });
         let ring = watch(tracer.take_ring()?)?;
         if let Some(logger) = tracer.logger.take() {
             let mut logger = watch(logger)?;

@@ -415,6 +415,68 @@ fn check_huge(section: &str) -> Result<String> {
     Ok(figures)
 }
 
+/// The OOM scenario in the VM: cgroup v2 (Debian's default) mounted at
+/// /sys/fs/cgroup with the memory controller handed down, a cgroup per
+/// backend limited to 150 MiB without swap, the workload held in it before
+/// its fork while cow-trace attaches. Prints the cgroup's charge before the
+/// fork (`held`), the CPU count, the run and the cgroup's `oom_kill` count.
+const OOM_LIMIT: u64 = 150 << 20;
+const OOM_PAGES: u64 = 25_600;
+
+fn oom_function(args: &str) -> String {
+    format!(
+        r#"oom_run() {{
+  CG=/sys/fs/cgroup/cow-oom-$1
+  [ -e /sys/fs/cgroup/cgroup.controllers ] || mount -t cgroup2 none /sys/fs/cgroup || return 90
+  echo +memory > /sys/fs/cgroup/cgroup.subtree_control || return 91
+  mkdir $CG && echo {OOM_LIMIT} > $CG/memory.max || return 92
+  [ -e $CG/memory.swap.max ] && echo 0 > $CG/memory.swap.max
+  rm -f /tmp/go /tmp/w.out /tmp/oom.out
+  sh -c "echo \$\$ > $CG/cgroup.procs && exec cow-workload {args} --go-file /tmp/go" > /tmp/w.out &
+  i=0
+  until grep -q ready /tmp/w.out 2>/dev/null; do i=$((i+1)); [ $i -gt 3000 ] && return 93; usleep 10000; done
+  cow-trace --backend $1 --json -p $(sed -n 's/^ready //p' /tmp/w.out) > /tmp/oom.out 2> /tmp/oom.err &
+  CT=$!
+  i=0
+  until [ -s /tmp/oom.out ]; do i=$((i+1)); [ $i -gt 1200 ] && return 94; usleep 100000; done
+  sleep 1
+  echo "held $(cat $CG/memory.current)"
+  echo "cpus $(grep -c ^processor /proc/cpuinfo)"
+  touch /tmp/go
+  wait $CT
+  rc=$?
+  wait
+  cat /tmp/oom.out /tmp/w.out
+  grep oom_kill $CG/memory.events
+  cat /tmp/oom.err >&2
+  return $rc
+}}
+"#
+    )
+}
+
+/// Checks an OOM section (see [`oom_function`]) with the host test's check.
+fn check_oom(backend: &str, section: &str) -> Result<String> {
+    let (s, w) = records(section)?;
+    let field = |name: &str| section.lines().find_map(|l| l.strip_prefix(name)?.trim().parse::<u64>().ok());
+    let sc = workload::OomScenario {
+        pages: OOM_PAGES,
+        limit_bytes: OOM_LIMIT,
+        cgroup: format!("/cow-oom-{backend}"),
+        held_bytes: field("held ").ok_or_else(|| anyhow!("no held line"))?,
+        cpus: field("cpus ").ok_or_else(|| anyhow!("no cpus line"))?,
+    };
+    let kills = field("oom_kill ").unwrap_or(0);
+    let (copies, failed) = workload::check_oom(&s, &w, &sc).map_err(|e| anyhow!(e))?;
+    if kills != 1 {
+        bail!("the cgroup's oom_kill count is {kills}, expected 1");
+    }
+    let room = (OOM_LIMIT - sc.held_bytes) / num(&w["page_size"]);
+    Ok(format!(
+        "child OOM-killed (oom_kill 1) after {copies} copies, {room} fit under the limit; {failed} failed"
+    ))
+}
+
 /// The `=== begin NAME` ... `=== end` sections of the console, in order.
 fn sections(console: &str) -> Vec<(String, String)> {
     console
@@ -591,10 +653,18 @@ const SCRIPT_EXIT: i32 = 7;
 fn vm_test_script() -> String {
     let workload = format!("cow-workload {}", KERNEL_WRITES.args().join(" "));
     let huge = format!("cow-workload --huge {}", workload::STANDARD.args().join(" "));
-    let mut body = String::from(
+    let oom = workload::OomScenario {
+        pages: OOM_PAGES,
+        limit_bytes: OOM_LIMIT,
+        cgroup: String::new(),
+        held_bytes: 0,
+        cpus: 0,
+    };
+    let mut body = format!(
         "#!/bin/sh\n\
          echo always > /sys/kernel/mm/transparent_hugepage/enabled\n\
-         echo \"cow-trace-vm: thp $(cat /sys/kernel/mm/transparent_hugepage/enabled)\"\n",
+         echo \"cow-trace-vm: thp $(cat /sys/kernel/mm/transparent_hugepage/enabled)\"\n{}",
+        oom_function(&oom.workload_args().join(" "))
     );
     let section = |body: &mut String, name: &str, cmd: &str| {
         body.push_str(&format!(
@@ -607,6 +677,11 @@ fn vm_test_script() -> String {
     }
     for b in ["fentry", "kprobe"] {
         section(&mut body, &format!("huge {b}"), &format!("cow-trace --backend {b} --json -- {huge}"));
+    }
+    // A child OOM-killed in a memory cgroup: how it ended, and the fault
+    // that failed, as do_wp_page's return says.
+    for b in ["fentry", "kprobe"] {
+        section(&mut body, &format!("oom {b}"), &format!("oom_run {b}"));
     }
     // With no --backend, the best backend the kernel accepts must be picked.
     section(&mut body, "auto", "cow-trace --json -- true");
@@ -747,6 +822,8 @@ pub fn vm_test(opts: &VmOptions) -> Result<Tally> {
             check_huge(&part)
         } else if what == "system" {
             check_system(&part)
+        } else if what == "oom" {
+            check_oom(backend, &part)
         } else if what == "redis" {
             redis_runs += 1;
             check_redis(&part)

@@ -202,6 +202,7 @@ fn config(
         task_signal: off.task_signal,
         task_exit_code: off.task_exit_code,
         signal_live: off.signal_live,
+        signal_oom_mm: off.signal_oom_mm,
         sys_exit_ret,
         self_tgid: std::process::id(),
         empty: opts.empty_programs as u32,

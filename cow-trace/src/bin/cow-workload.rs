@@ -57,6 +57,13 @@
 //! spinning process is never switched out: tests use this to hold fault
 //! outcomes in a tracer's per-CPU batch.
 //!
+//! `--child-exit CODE` makes each child exit with CODE, `--child-signal SIG`
+//! makes it kill itself with signal number SIG, after its writes. A child
+//! that dies before telling the parent it is done (e.g. killed by the OOM
+//! killer) ends the round early; the report's `statuses` give each child's
+//! raw wait status. `--child-oom-score-adj N` (0 to 1000) makes each child
+//! the OOM killer's first choice, as Redis does for its BGSAVE child.
+//!
 //! With `--go-file PATH` it prints `ready PID` and waits for PATH to exist
 //! before forking, so a tracer can attach to a running process first.
 //! It ends by printing one JSON line with what it did, and the ids it ran
@@ -66,7 +73,7 @@ use std::{io::Write as _, path::PathBuf, ptr, time::Duration};
 
 const USAGE: &str = "usage: cow-workload [--pages N] [--child-writes K] [--parent-writes M] \
                      [--zero-fills Z] [--child-reads R] [--child-mem-writes W] [--rounds R] [--seconds S] [--pause-ms P] [--fork-storm N] [--huge] [--reuse-pid] [--main-exits-first MS] [--child-cpu N] [--child-spin-ms MS] \
-                     [--parent-spin-ms MS] [--go-file PATH]";
+                     [--parent-spin-ms MS] [--child-exit CODE] [--child-signal SIG] [--child-oom-score-adj N] [--go-file PATH]";
 
 struct Opts {
     pages: usize,
@@ -85,6 +92,9 @@ struct Opts {
     child_cpu: Option<usize>,
     child_spin_ms: u64,
     parent_spin_ms: u64,
+    child_exit: i32,
+    child_signal: i32,
+    child_oom_score_adj: i32,
     go_file: Option<PathBuf>,
 }
 
@@ -106,6 +116,9 @@ fn parse() -> Result<Opts, String> {
         child_cpu: None,
         child_spin_ms: 0,
         parent_spin_ms: 0,
+        child_exit: 0,
+        child_signal: 0,
+        child_oom_score_adj: 0,
         go_file: None,
     };
     let mut args = std::env::args().skip(1);
@@ -130,6 +143,9 @@ fn parse() -> Result<Opts, String> {
             "--child-cpu" => o.child_cpu = Some(num(val()?)?),
             "--child-spin-ms" => o.child_spin_ms = num(val()?)? as u64,
             "--parent-spin-ms" => o.parent_spin_ms = num(val()?)? as u64,
+            "--child-exit" => o.child_exit = num(val()?)? as i32,
+            "--child-signal" => o.child_signal = num(val()?)? as i32,
+            "--child-oom-score-adj" => o.child_oom_score_adj = num(val()?)? as i32,
             _ => return Err(USAGE.to_string()),
         }
     }
@@ -329,7 +345,7 @@ fn main() {
     }
 
     let start = std::time::Instant::now();
-    let mut children = Vec::new();
+    let (mut children, mut statuses) = (Vec::new(), Vec::new());
     let rounds = if o.seconds > 0 { usize::MAX } else { o.rounds };
     for round in 0..rounds {
         if o.seconds > 0 && start.elapsed() >= Duration::from_secs(o.seconds) {
@@ -359,6 +375,15 @@ fn main() {
         check(pid, "fork");
         if pid == 0 {
             unsafe {
+                // A parent that dies early ends the child's wait for it.
+                libc::close(exit[1]);
+                if o.child_oom_score_adj != 0 {
+                    let adj = o.child_oom_score_adj.to_string();
+                    if let Err(e) = std::fs::write("/proc/self/oom_score_adj", adj) {
+                        eprintln!("cow-workload: --child-oom-score-adj: {e}");
+                        libc::_exit(1);
+                    }
+                }
                 if let Some(cpu) = o.child_cpu {
                     let mut set: libc::cpu_set_t = std::mem::zeroed();
                     libc::CPU_SET(cpu, &mut set);
@@ -381,9 +406,15 @@ fn main() {
                 libc::write(done[1], (&b as *const u8).cast(), 1);
                 let mut r = 0u8;
                 libc::read(exit[0], (&mut r as *mut u8).cast(), 1);
-                libc::_exit(0);
+                if o.child_signal > 0 {
+                    libc::kill(libc::getpid(), o.child_signal);
+                }
+                libc::_exit(o.child_exit);
             }
         }
+        // Only the child holds the write end now: a child that dies early
+        // ends the read below with end of file.
+        unsafe { libc::close(done[1]) };
         let mut b = 0u8;
         unsafe { libc::read(done[0], (&mut b as *mut u8).cast(), 1) };
         // The child still lives and shares these pages: each write copies.
@@ -393,7 +424,8 @@ fn main() {
             spin(o.parent_spin_ms);
             let mut status = 0;
             libc::waitpid(pid, &mut status, 0);
-            for fd in done.into_iter().chain(exit) {
+            statuses.push(status);
+            for fd in [done[0], exit[0], exit[1]] {
                 libc::close(fd);
             }
         }
@@ -401,7 +433,7 @@ fn main() {
     }
     let [uids, gids, groups] = ["Uid:", "Gid:", "Groups:"].map(status_ids);
     println!(
-        "{{\"pid\":{me},\"children\":{children:?},\"pages\":{},\"child_writes\":{},\"parent_writes\":{},\"rounds\":{},\"zero_fills\":{},\"child_reads\":{},\"child_mem_writes\":{},\"page_size\":{page},\"huge\":{},\"anon_huge_kb\":{huge_kb},\"elapsed_ns\":{},\"uids\":{uids:?},\"gids\":{gids:?},\"groups\":{groups:?}}}",
+        "{{\"pid\":{me},\"children\":{children:?},\"statuses\":{statuses:?},\"pages\":{},\"child_writes\":{},\"parent_writes\":{},\"rounds\":{},\"zero_fills\":{},\"child_reads\":{},\"child_mem_writes\":{},\"page_size\":{page},\"huge\":{},\"anon_huge_kb\":{huge_kb},\"elapsed_ns\":{},\"uids\":{uids:?},\"gids\":{gids:?},\"groups\":{groups:?}}}",
         o.pages, o.child_writes, o.parent_writes, children.len(), o.zero_fills, o.child_reads, o.child_mem_writes, o.huge, start.elapsed().as_nanos()
     );
 }
