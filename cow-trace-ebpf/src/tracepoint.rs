@@ -12,34 +12,23 @@ use aya_ebpf::{
     maps::Array,
     programs::RawTracePointContext,
 };
-use cow_trace_common::{counter, FaultRecord, TIMED_PER_SLICE};
+use cow_trace_common::{counter, FaultRecord, PendingFault as Pending, TIMED_PER_SLICE};
 
 use crate::{
     batch::{batch, batch_fault, cut_if_old, end_slice, Clock},
     emit::{emit, Detail, Outcome},
-    shared::{bump, current_ids, is_traced, now, setting, Ids, GFP_MOVABLE, GFP_ZERO},
+    shared::{bump, current_ids, is_traced, now, off, setting, Ids, GFP_MOVABLE, GFP_ZERO},
 };
 
 /// Write faults waiting for their outcome: a direct-mapped table indexed by
 /// thread id modulo its size, because an array lookup is inlined where a
 /// hash lookup is a call, on the hottest path of the tool. When two threads
-/// collide, the older fault is counted unclassified, never guessed.
+/// collide, the older fault is counted unclassified, never guessed. Slots
+/// still open at the cut-off are counted in flight at the end.
 #[map]
 static PENDING: Array<Pending> = Array::with_max_entries(PENDING_SLOTS, 0);
 const PENDING_SLOTS: u32 = 1 << 16;
 
-#[repr(C)]
-struct Pending {
-    /// Fault time when the fault is timed, else 0.
-    start: u64,
-    /// The faulting address rounded down to 4 KiB, with
-    /// `FaultRecord::SAMPLED` when the fault is a timed sample.
-    addr: u64,
-    tgid: u32,
-    /// The thread whose fault is open in this slot; 0 when none is (thread
-    /// 0 is the idle task, which takes no user faults).
-    tid: u32,
-}
 
 /// x86 page-fault error code: bit 0 = protection fault on a present page,
 /// bit 1 = write access.
@@ -86,7 +75,7 @@ pub(crate) fn settle_pending(tid: u32, batched: bool) {
 /// (docs/kernel-notes.md, "Timing samples").
 #[raw_tracepoint(tracepoint = "page_fault_user")]
 pub fn page_fault_user(ctx: RawTracePointContext) -> i32 {
-    if setting!(empty) != 0 {
+    if off() {
         return 0;
     }
     // TP_PROTO(unsigned long address, struct pt_regs *regs, unsigned long error_code)
@@ -141,7 +130,7 @@ pub fn page_fault_user(ctx: RawTracePointContext) -> i32 {
 /// interrupt), but touches the batch only for an open slot.
 #[raw_tracepoint(tracepoint = "mm_page_alloc")]
 pub fn mm_page_alloc(ctx: RawTracePointContext) -> i32 {
-    if setting!(empty) != 0 {
+    if off() {
         return 0;
     }
     // TP_PROTO(struct page *page, unsigned int order, gfp_t gfp_flags, int migratetype)
@@ -182,7 +171,7 @@ pub fn mm_page_alloc(ctx: RawTracePointContext) -> i32 {
 /// tracepoints may be preemptible (6.13 on), so this one never batches.
 #[raw_tracepoint(tracepoint = "sys_enter")]
 pub fn sys_enter(_ctx: RawTracePointContext) -> i32 {
-    if setting!(empty) != 0 {
+    if off() {
         return 0;
     }
     settle_pending(current_ids().tid, false);
@@ -194,7 +183,7 @@ pub fn sys_enter(_ctx: RawTracePointContext) -> i32 {
 /// task that sleeps.
 #[raw_tracepoint(tracepoint = "sched_switch")]
 pub fn sched_switch(_ctx: RawTracePointContext) -> i32 {
-    if setting!(empty) != 0 {
+    if off() {
         return 0;
     }
     end_slice();

@@ -58,9 +58,16 @@ pub struct Episode {
     pub child_comm: String,
     /// Monotonic clock (`CLOCK_MONOTONIC`, ns) at the fork.
     pub start_ns: u64,
-    /// The parent's fork syscall time; `None` for kernel-made processes.
+    /// The parent's fork syscall time; `None` for kernel-made processes,
+    /// and for forks whose syscall had not returned at the end of the run
+    /// (then `fork_cut_off`).
     pub fork_latency_ns: Option<u64>,
-    /// Fork to exit; `None` while the child still runs.
+    /// The fork's syscall was still running at the end of the run: its
+    /// latency was never measured.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub fork_cut_off: bool,
+    /// Fork to exit; `None` while the child still runs (in the summary:
+    /// still running at the end of the run).
     pub child_lifetime_ns: Option<u64>,
     /// Fork to exec, for fork+exec children.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -85,6 +92,7 @@ struct Open {
     child_comm: String,
     start_ns: u64,
     fork_latency_ns: Option<u64>,
+    fork_cut_off: bool,
     exec_after_ns: Option<u64>,
     parent_copies: u64,
     child_copies: u64,
@@ -260,6 +268,7 @@ impl Episodes {
                 child_comm: comm,
                 start_ns: e.ts_ns,
                 fork_latency_ns,
+                fork_cut_off: false,
                 exec_after_ns: None,
                 parent_copies: 0,
                 child_copies: 0,
@@ -388,6 +397,7 @@ impl Episodes {
             child_comm: o.child_comm,
             start_ns: o.start_ns,
             fork_latency_ns: o.fork_latency_ns,
+            fork_cut_off: o.fork_cut_off,
             child_lifetime_ns: lifetime,
             exec_after_ns: o.exec_after_ns,
             exit_status,
@@ -457,6 +467,24 @@ impl Episodes {
         done.sort_by_key(|o| (o.closed.map(|c| c.end_ns), o.child));
         for o in done {
             self.close_out(o);
+        }
+    }
+
+    /// Marks the forks of `children` whose syscall was still running at the
+    /// cut-off (their latency will never come), so that they are not taken
+    /// for processes the kernel made without a fork syscall.
+    pub fn cut_off_forks(&mut self, children: &[u32]) {
+        for &c in children {
+            if let Some(o) = self.open.get_mut(&c).filter(|o| o.fork_latency_ns.is_none()) {
+                o.fork_cut_off = true;
+            }
+            let unmeasured = |e: &&mut Episode| e.child == c && e.fork_latency_ns.is_none();
+            if let Some(e) = self.finished.iter_mut().rev().find(unmeasured) {
+                e.fork_cut_off = true;
+            }
+            if let Some(e) = self.kept.iter_mut().rev().find(unmeasured) {
+                e.fork_cut_off = true;
+            }
         }
     }
 

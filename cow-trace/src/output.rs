@@ -80,6 +80,7 @@ pub fn episode_line(ep: &Episode) -> String {
     let mut s = format!("{} {}[{}] -> {}[{}]: ", ep.kind, ep.parent_comm, ep.parent, ep.child_comm, ep.child);
     s += &match ep.fork_latency_ns {
         Some(ns) => format!("fork {}", fmt_ns(ns)),
+        None if ep.fork_cut_off => "fork cut off".into(),
         None => "fork -".into(),
     };
     if let Some(ns) = ep.exec_after_ns {
@@ -87,7 +88,7 @@ pub fn episode_line(ep: &Episode) -> String {
     }
     s += &match ep.child_lifetime_ns {
         Some(ns) => format!(", child lived {}", fmt_ns(ns.max(1))),
-        None => ", child still running".into(),
+        None => ", child still running at the end".into(),
     };
     s += &format!(
         ", copied {} (parent {} + child {} pages)",
@@ -174,6 +175,11 @@ pub struct SummaryRecord<'a> {
     pub backend: &'a str,
     pub elapsed_s: f64,
     pub ended_by: &'a str,
+    /// `CLOCK_MONOTONIC` ns at the cut-off: nothing later is counted.
+    pub cut_off_ns: u64,
+    /// Write faults still waiting for their outcome at the cut-off:
+    /// counted neither as copies nor as reuses.
+    pub faults_in_flight_at_end: u64,
     pub dropped_events: u64,
     pub kernel_totals: KernelTotals,
     pub events_received: Seen,
@@ -295,6 +301,8 @@ pub struct RunSummary<'a> {
     pub cow_latency_means: &'a str,
     pub elapsed_s: f64,
     pub ended_by: &'a str,
+    pub cut_off_ns: u64,
+    pub faults_in_flight_at_end: u64,
     pub kernel: KernelCounters,
     pub seen: Seen,
     pub command_exit_code: Option<i32>,
@@ -311,6 +319,8 @@ pub fn write_summary(out: &mut impl io::Write, s: &RunSummary, format: Format) -
                 backend: s.backend,
                 elapsed_s: s.elapsed_s,
                 ended_by: s.ended_by,
+                cut_off_ns: s.cut_off_ns,
+                faults_in_flight_at_end: s.faults_in_flight_at_end,
                 dropped_events: s.kernel.dropped,
                 kernel_totals: s.kernel.totals,
                 events_received: s.seen,
@@ -329,6 +339,13 @@ pub fn write_summary(out: &mut impl io::Write, s: &RunSummary, format: Format) -
         Format::Text { top, divisor, label } => (top, divisor, label),
     };
     writeln!(out, "=== summary: {:.1}s, ended by {} ===", s.elapsed_s, s.ended_by)?;
+    if s.faults_in_flight_at_end > 0 {
+        writeln!(
+            out,
+            "{} write faults were in flight at the end (counted neither as copies nor as reuses)",
+            s.faults_in_flight_at_end
+        )?;
+    }
     write!(out, "{}", table(s.processes, top))?;
     write!(out, "{}", episode_list(s.episodes, top))?;
     let h = s.histograms;
@@ -445,6 +462,7 @@ mod tests {
             child_comm: "redis-server".into(),
             start_ns: child as u64,
             fork_latency_ns: Some(21_000_000),
+            fork_cut_off: false,
             child_lifetime_ns: Some(1_000_000_000),
             exec_after_ns: None,
             exit_status: Some(0),

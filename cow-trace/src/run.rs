@@ -283,7 +283,7 @@ impl Session {
                 break end;
             }
         };
-        self.shut_down(end, sel).await
+        self.shut_down(end, sel, interval.is_some()).await
     }
 
     /// Handles one wake-up; `Some` when the run is over.
@@ -341,12 +341,15 @@ impl Session {
 
     /// Stops the programs, takes everything they left, and writes the
     /// summary; returns the exit code.
-    async fn shut_down(mut self, end: End, sel: &Selection) -> Result<i32> {
+    async fn shut_down(mut self, end: End, sel: &Selection, interval: bool) -> Result<i32> {
+        // One cut-off instant: every program stops accounting at once while
+        // all are still attached, so no outcome is misclassified by hooks
+        // going away one after another (docs/kernel-notes.md, "The end of
+        // a run"). Let any program still running on another CPU finish,
+        // then take everything they committed: the counters read after
+        // this describe exactly the events it could have received.
+        let cut_off_ns = self.tracer.cut_off()?;
         let elapsed = self.start.elapsed().as_secs_f64();
-        // Stop the programs, let any still running on another CPU finish,
-        // then take everything they committed: the counters read after this
-        // drain describe exactly the events it could have received.
-        self.tracer.detach();
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         self.drain();
         // Fault outcomes the programs batched but never sent: each CPU's are
@@ -354,10 +357,19 @@ impl Session {
         for (ts, r) in self.tracer.unsent_faults()? {
             self.tally.apply_unsent(ts, &r, self.sample_every);
         }
+        let forks_cut_off = self.tracer.forks_in_flight()?;
         if let Some(eps) = self.tally.episodes_mut() {
+            eps.cut_off_forks(&forks_cut_off);
             eps.finish_closing();
         }
         self.print_episodes()?;
+        let faults_in_flight_at_end = self.tracer.faults_in_flight()?;
+        if interval {
+            // The last, partial interval: the intervals add up to the summary.
+            let dropped = self.tracer.counters()?.dropped;
+            let rows = self.tally.take_interval();
+            output::write_interval(&mut self.out, sel.kind.name(), elapsed, dropped, &rows, self.format)?;
+        }
         let kernel = self.tracer.counters()?;
         let Session { tracer, ring, tally, mut out, format, .. } = self;
         // Detach everything before printing: the summary is the last word.
@@ -373,6 +385,8 @@ impl Session {
             cow_latency_means: sel.cow_latency_means,
             elapsed_s: elapsed,
             ended_by: &end.describe(),
+            cut_off_ns,
+            faults_in_flight_at_end,
             kernel,
             seen: tally.seen(),
             command_exit_code,
