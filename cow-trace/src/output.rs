@@ -185,6 +185,12 @@ pub struct SummaryRecord<'a> {
     pub events_received: Seen,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub command_exit_code: Option<i32>,
+    /// The signal that killed the launched command (`SIGTERM`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub command_signal: Option<String>,
+    /// cow-trace sent the command that signal when the run ended.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub command_ended_by_cow_trace: bool,
     pub processes: &'a [ProcRow],
     pub histograms: Histograms,
     pub episodes: &'a [Episode],
@@ -294,6 +300,31 @@ pub fn write_interval(
     out.flush()
 }
 
+/// How a launched command ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CommandEnd {
+    /// The shell convention: exit status, or 128 + signal number.
+    pub exit_code: i32,
+    /// The signal that killed it, if one did.
+    pub signal: Option<i32>,
+    /// cow-trace ended it, at the end of a run ended by `-d` or a signal.
+    pub ended_by_cow_trace: bool,
+}
+
+impl CommandEnd {
+    /// `exited with status 3`, `killed by SIGTERM (sent by cow-trace ...)`.
+    pub fn describe(&self) -> String {
+        let how = match self.signal {
+            Some(sig) => format!("killed by {}", crate::fmt::signal_name(sig)),
+            None => format!("exited with status {}", self.exit_code),
+        };
+        match self.ended_by_cow_trace {
+            true => format!("{how} (ended by cow-trace at the end of the run)"),
+            false => how,
+        }
+    }
+}
+
 /// Everything the final summary reports.
 pub struct RunSummary<'a> {
     pub backend: &'a str,
@@ -305,7 +336,7 @@ pub struct RunSummary<'a> {
     pub faults_in_flight_at_end: u64,
     pub kernel: KernelCounters,
     pub seen: Seen,
-    pub command_exit_code: Option<i32>,
+    pub command: Option<CommandEnd>,
     pub processes: &'a [ProcRow],
     pub histograms: &'a RunHistograms,
     pub episodes: &'a [Episode],
@@ -324,7 +355,9 @@ pub fn write_summary(out: &mut impl io::Write, s: &RunSummary, format: Format) -
                 dropped_events: s.kernel.dropped,
                 kernel_totals: s.kernel.totals,
                 events_received: s.seen,
-                command_exit_code: s.command_exit_code,
+                command_exit_code: s.command.map(|c| c.exit_code),
+                command_signal: s.command.and_then(|c| c.signal).map(crate::fmt::signal_name),
+                command_ended_by_cow_trace: s.command.is_some_and(|c| c.ended_by_cow_trace),
                 processes: s.processes,
                 histograms: Histograms {
                     fork_latency_ns: s.histograms.fork_lat.to_log2(1).nonzero_rows(),
@@ -366,9 +399,6 @@ pub fn write_summary(out: &mut impl io::Write, s: &RunSummary, format: Format) -
         "\nkernel totals: {} forks, {} CoW copies, {} reuses, {} zero-fills, {} huge-page faults; dropped events: {}",
         t.spawns, t.cow_copies, t.cow_reuses, t.zero_fills, t.huge_cows, s.kernel.dropped
     )?;
-    if let Some(code) = s.command_exit_code {
-        writeln!(out, "command exited with status {code}")?;
-    }
     out.flush()
 }
 

@@ -31,16 +31,17 @@ const SWEEP_PERIOD: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Why the run ended.
 enum End {
-    Signal(&'static str),
+    Signal(i32),
     Duration,
     TargetsGone,
+    /// The launched command exited; its raw wait status.
     CommandExited(i32),
 }
 
 impl End {
     fn describe(&self) -> String {
         match self {
-            End::Signal(s) => format!("signal {s}"),
+            End::Signal(s) => format!("signal {}", cow_trace::fmt::signal_name(*s)),
             End::Duration => "duration".into(),
             End::TargetsGone => "targets exited".into(),
             End::CommandExited(_) => "command exited".into(),
@@ -270,13 +271,13 @@ impl Session {
                     Wake::Ring
                 }
                 _ = next_tick(&mut interval) => Wake::Interval,
-                _ = sigint.recv() => break End::Signal("SIGINT"),
-                _ = sigterm.recv() => break End::Signal("SIGTERM"),
-                _ = sighup.recv() => break End::Signal("SIGHUP"),
+                _ = sigint.recv() => break End::Signal(libc::SIGINT),
+                _ = sigterm.recv() => break End::Signal(libc::SIGTERM),
+                _ = sighup.recv() => break End::Signal(libc::SIGHUP),
                 _ = deadline(stop_at) => break End::Duration,
                 _ = exited(&self.child) => {
                     let pid = self.child.as_ref().expect("launched").0;
-                    break End::CommandExited(launch::exit_code(launch::reap(pid)));
+                    break End::CommandExited(launch::reap(pid));
                 }
             };
             if let Some(end) = self.step(wake, sel)? {
@@ -371,14 +372,16 @@ impl Session {
             output::write_interval(&mut self.out, sel.kind.name(), elapsed, dropped, &rows, self.format)?;
         }
         let kernel = self.tracer.counters()?;
+        let command = match (&end, self.child.take()) {
+            (End::CommandExited(status), _) => Some(launch::command_end(*status, false)),
+            (End::Signal(sig), Some((pid, fd))) => Some(end_command(pid, *sig, fd).await),
+            (End::Duration, Some((pid, fd))) => Some(end_command(pid, libc::SIGTERM, fd).await),
+            _ => None,
+        };
         let Session { tracer, ring, tally, mut out, format, .. } = self;
         // Detach everything before printing: the summary is the last word.
         drop(ring);
         drop(tracer);
-        let command_exit_code = match end {
-            End::CommandExited(code) => Some(code),
-            _ => None,
-        };
         let summary = output::RunSummary {
             backend: sel.kind.name(),
             fork_latency_means: sel.fork_latency_means,
@@ -389,15 +392,38 @@ impl Session {
             faults_in_flight_at_end,
             kernel,
             seen: tally.seen(),
-            command_exit_code,
+            command,
             processes: &tally.totals(),
             histograms: tally.histograms(),
             episodes: &tally.episodes().map(Episodes::all).unwrap_or_default(),
         };
         output::write_summary(&mut out, &summary, format)?;
         warn_about_losses(&kernel);
-        Ok(command_exit_code.unwrap_or(0))
+        if let Some(c) = command {
+            eprintln!("cow-trace: command {}", c.describe());
+        }
+        // A command that ended on its own passes its status on; one that
+        // cow-trace ended did what the user asked.
+        Ok(command.filter(|c| !c.ended_by_cow_trace).map_or(0, |c| c.exit_code))
     }
+}
+
+/// How long a launched command has, after the signal that ends it with the
+/// run, before it is killed (like `timeout -k`; README, "Launch mode").
+const COMMAND_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Ends a launched command still running when the run ends: `sig` (the
+/// signal cow-trace received, SIGTERM after `-d`), then SIGKILL after
+/// `COMMAND_GRACE`. A command started as root must not outlive its tracer.
+async fn end_command(pid: u32, sig: i32, exited: AsyncFd<OwnedFd>) -> output::CommandEnd {
+    // SAFETY: our own unreaped child: its PID cannot have been reused.
+    unsafe { libc::kill(pid as libc::pid_t, sig) };
+    if tokio::time::timeout(COMMAND_GRACE, exited.readable()).await.is_err() {
+        log::warn!("the command did not end within {COMMAND_GRACE:?} of {}; killing it", cow_trace::fmt::signal_name(sig));
+        // SAFETY: as above.
+        unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+    }
+    launch::command_end(launch::reap(pid), true)
 }
 
 /// What the text header says is traced.
