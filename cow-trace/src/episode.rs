@@ -69,6 +69,11 @@ pub struct Episode {
     /// Fork to exit; `None` while the child still runs (in the summary:
     /// still running at the end of the run).
     pub child_lifetime_ns: Option<u64>,
+    /// The child was gone at the end of the run but its exit was never
+    /// seen (`--no-follow`, or a lost event): its lifetime is unknown, and
+    /// it is not claimed to be running.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub child_exit_unseen: bool,
     /// Fork to exec, for fork+exec children.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub exec_after_ns: Option<u64>,
@@ -93,6 +98,8 @@ struct Open {
     start_ns: u64,
     fork_latency_ns: Option<u64>,
     fork_cut_off: bool,
+    /// Gone at the end without an exit event (see `Episode`).
+    exit_unseen: bool,
     exec_after_ns: Option<u64>,
     parent_copies: u64,
     child_copies: u64,
@@ -269,6 +276,7 @@ impl Episodes {
                 start_ns: e.ts_ns,
                 fork_latency_ns,
                 fork_cut_off: false,
+                exit_unseen: false,
                 exec_after_ns: None,
                 parent_copies: 0,
                 child_copies: 0,
@@ -399,6 +407,7 @@ impl Episodes {
             fork_latency_ns: o.fork_latency_ns,
             fork_cut_off: o.fork_cut_off,
             child_lifetime_ns: lifetime,
+            child_exit_unseen: o.exit_unseen && lifetime.is_none(),
             exec_after_ns: o.exec_after_ns,
             exit_status,
             parent_copies: o.parent_copies,
@@ -485,6 +494,20 @@ impl Episodes {
             if let Some(e) = self.kept.iter_mut().rev().find(unmeasured) {
                 e.fork_cut_off = true;
             }
+        }
+    }
+
+    /// Children of open episodes whose exit has not been seen.
+    pub fn running_children(&self) -> Vec<u32> {
+        self.open.values().filter(|o| o.closed.is_none()).map(|o| o.child).collect()
+    }
+
+    /// At the end of the run: marks the episodes whose child is gone
+    /// although no exit was seen (`alive` says which PIDs still ran at the
+    /// cut-off).
+    pub fn mark_unseen_exits(&mut self, alive: impl Fn(u32) -> bool) {
+        for o in self.open.values_mut().filter(|o| o.closed.is_none()) {
+            o.exit_unseen = !alive(o.child);
         }
     }
 

@@ -88,6 +88,7 @@ pub fn episode_line(ep: &Episode) -> String {
     }
     s += &match ep.child_lifetime_ns {
         Some(ns) => format!(", child lived {}", fmt_ns(ns.max(1))),
+        None if ep.child_exit_unseen => ", child exited (exit not traced)".into(),
         None => ", child still running at the end".into(),
     };
     s += &format!(
@@ -494,6 +495,7 @@ mod tests {
             fork_latency_ns: Some(21_000_000),
             fork_cut_off: false,
             child_lifetime_ns: Some(1_000_000_000),
+            child_exit_unseen: false,
             exec_after_ns: None,
             exit_status: Some(0),
             parent_copies: copied_pages,

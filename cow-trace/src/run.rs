@@ -349,6 +349,11 @@ impl Session {
         // a run"). Let any program still running on another CPU finish,
         // then take everything they committed: the counters read after
         // this describe exactly the events it could have received.
+        // Children already gone at the cut-off whose exit no event may bring
+        // (`--no-follow`): read before it, so that a child that exits just
+        // after it is still said to run at the end.
+        let gone: Vec<u32> = self.tally.episodes().map(Episodes::running_children).unwrap_or_default();
+        let gone: Vec<u32> = gone.into_iter().filter(|&c| !procfs::alive(c)).collect();
         let cut_off_ns = self.tracer.cut_off()?;
         let elapsed = self.start.elapsed().as_secs_f64();
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
@@ -362,6 +367,7 @@ impl Session {
         if let Some(eps) = self.tally.episodes_mut() {
             eps.cut_off_forks(&forks_cut_off);
             eps.finish_closing();
+            eps.mark_unseen_exits(|c| !gone.contains(&c));
         }
         self.print_episodes()?;
         let faults_in_flight_at_end = self.tracer.faults_in_flight()?;
