@@ -157,6 +157,11 @@ pub struct StartRecord<'a> {
     pub fork_dup_mmap: bool,
     pub cow_latency: &'a str,
     pub page_size: u64,
+    /// The traced PIDs (the launched command's in launch mode); `null`
+    /// when tracing the whole system.
+    pub pids: Option<&'a [u32]>,
+    /// Whether their descendants are followed.
+    pub follow: bool,
 }
 
 #[derive(Serialize)]
@@ -230,6 +235,12 @@ pub struct Start<'a> {
     pub page_size: u64,
     /// What is traced, as the text header names it.
     pub tracing: &'a str,
+    /// See [`StartRecord::pids`].
+    pub pids: Option<&'a [u32]>,
+    pub follow: bool,
+    /// Whether the run ends by itself (`-d`): the banner then does not
+    /// ask for Ctrl-C.
+    pub timed: bool,
 }
 
 pub fn write_start(out: &mut impl io::Write, s: &Start, format: Format) -> io::Result<()> {
@@ -244,6 +255,8 @@ pub fn write_start(out: &mut impl io::Write, s: &Start, format: Format) -> io::R
                 fork_dup_mmap: s.dup_mmap_split,
                 cow_latency: s.cow_latency_means,
                 page_size: s.page_size,
+                pids: s.pids,
+                follow: s.follow,
             };
             writeln!(out, "{}", json_line(&rec))?;
         }
@@ -256,7 +269,8 @@ pub fn write_start(out: &mut impl io::Write, s: &Start, format: Format) -> io::R
                 if s.dup_mmap_split { " (DUPMM: its dup_mmap share)" } else { "" },
                 s.cow_latency_means
             )?;
-            writeln!(out, "cow-trace: tracing {}; Ctrl-C to end\n", s.tracing)?;
+            let end = if s.timed { "" } else { "; Ctrl-C to end" };
+            writeln!(out, "cow-trace: tracing {}{end}\n", s.tracing)?;
         }
     }
     out.flush()

@@ -221,6 +221,11 @@ impl Session {
         };
         let mut out = std::io::stdout().lock();
         let tracing = describe_targets(args, gated.as_deref());
+        let pids: Option<Vec<u32>> = match (&gated, args.pids.is_empty()) {
+            (Some(g), _) => Some(vec![g.pid]),
+            (None, false) => Some(dedup(&args.pids)),
+            (None, true) => None,
+        };
         let start = output::Start {
             backend: sel.kind.name(),
             reason: &sel.reason,
@@ -230,6 +235,9 @@ impl Session {
             dup_mmap_split: sel.dup_mmap_split,
             page_size,
             tracing: &tracing,
+            pids: pids.as_deref(),
+            follow: !args.no_follow,
+            timed: args.duration.is_some(),
         };
         output::write_start(&mut out, &start, format)?;
         let child = match gated {
@@ -432,12 +440,19 @@ async fn end_command(pid: u32, sig: i32, exited: AsyncFd<OwnedFd>) -> output::Co
     launch::command_end(launch::reap(pid), true)
 }
 
+fn dedup(pids: &[u32]) -> Vec<u32> {
+    let mut v = pids.to_vec();
+    v.sort_unstable();
+    v.dedup();
+    v
+}
+
 /// What the text header says is traced.
 fn describe_targets(args: &Args, gated: Option<&launch::Gated>) -> String {
     let what = match (gated, args.pids.is_empty()) {
         (Some(g), _) => format!("command {} (PID {})", g.program, g.pid),
         (None, false) => {
-            format!("PID {}", args.pids.iter().map(u32::to_string).collect::<Vec<_>>().join(", "))
+            format!("PID {}", dedup(&args.pids).iter().map(u32::to_string).collect::<Vec<_>>().join(", "))
         }
         (None, true) => "all processes".into(),
     };

@@ -155,3 +155,73 @@ fn runs_cut_off_by_duration_or_sigint_count_nothing_after_the_cut() {
     // some episode mid-way, or they tested nothing.
     assert!(cut_mid_way > 0, "no run ended in the middle of a child's writes");
 }
+
+#[test]
+fn the_intervals_of_a_run_add_up_to_its_summary() {
+    if !need_root("the_intervals_of_a_run_add_up_to_its_summary") {
+        return;
+    }
+    let until = scratch("never");
+    let mut args = vec!["--json", "-i", "2", "-d", "5", "--", WORKLOAD];
+    args.extend(["--pages", "2048", "--child-writes", "500", "--parent-writes", "500", "--zero-fills", "16"]);
+    args.extend(["--pause-ms", "5", "--until-file", until.to_str().unwrap()]);
+    let run = run(&args, Duration::from_secs(60));
+    assert!(run.status.success(), "{}", run.stderr);
+    let intervals: Vec<&Value> = run.records.iter().filter(|r| r["type"] == "interval").collect();
+    // Two whole intervals and the partial last one.
+    assert_eq!(intervals.len(), 3, "{}", run.stdout);
+    let total = |records: &[&Value], key: &str| -> u64 {
+        records.iter().flat_map(|r| r["processes"].as_array().unwrap()).map(|p| u(&p[key])).sum()
+    };
+    let summary = run.summary();
+    for key in ["cow_copies", "cow_reuses", "zero_fills", "forks"] {
+        let whole = total(&[summary], key);
+        assert_eq!(total(&intervals, key), whole, "{key}: intervals vs summary");
+        eprintln!("{key}: intervals add up to the summary's {whole}");
+    }
+    // The workload's own zero-fills, and forks that went on all along.
+    assert!(total(&[summary], "zero_fills") >= 16 && total(&[summary], "forks") > 2, "{summary}");
+    // The command did not outlive the run.
+    assert_eq!(summary["command_signal"], "SIGTERM", "{summary}");
+    assert_eq!(summary["command_ended_by_cow_trace"], true, "{summary}");
+}
+
+/// The launched command's PID, from the start record.
+fn launched_pid(run: &Run) -> u32 {
+    let start = run.records.iter().find(|r| r["type"] == "start").expect("start record");
+    let pids = start["pids"].as_array().expect("start names the traced PIDs");
+    assert_eq!(pids.len(), 1, "{start}");
+    u(&pids[0]) as u32
+}
+
+/// Whether `pid` is a `sleep` still around (running or unreaped).
+fn sleep_left(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "sleep")
+}
+
+#[test]
+fn a_launched_command_is_ended_with_the_run_by_duration_or_signal() {
+    if !need_root("a_launched_command_is_ended_with_the_run_by_duration_or_signal") {
+        return;
+    }
+    let timed = run(&["--json", "-d", "1", "--", "sleep", "30"], Duration::from_secs(60));
+    assert!(timed.status.success(), "{}", timed.stderr);
+    assert!(!sleep_left(launched_pid(&timed)), "sleep outlived cow-trace -d 1");
+    let s = timed.summary();
+    assert_eq!((s["ended_by"].as_str(), s["command_signal"].as_str()), (Some("duration"), Some("SIGTERM")));
+    assert_eq!(s["command_exit_code"], 128 + libc::SIGTERM);
+    assert!(timed.stderr.contains("command killed by SIGTERM"), "{}", timed.stderr);
+
+    let mut bg = Background::start(&["--json", "--", "sleep", "30"]);
+    bg.wait_attached();
+    bg.signal(libc::SIGINT);
+    let signalled = bg.finish(Duration::from_secs(60));
+    assert!(signalled.status.success(), "{}", signalled.stderr);
+    assert!(!sleep_left(launched_pid(&signalled)), "sleep outlived cow-trace after SIGINT");
+    let s = signalled.summary();
+    assert_eq!(s["ended_by"], "signal SIGINT");
+    // sleep dies of the SIGINT forwarded to it, or of the SIGKILL that
+    // follows if it ignores it; either way the summary says which.
+    assert!(["SIGINT", "SIGKILL"].contains(&s["command_signal"].as_str().unwrap_or("")), "{s}");
+    assert_eq!(s["command_ended_by_cow_trace"], true);
+}

@@ -337,6 +337,10 @@ fn main() {
         check(pid, "fork");
         if pid == 0 {
             unsafe {
+                // Only the parent holds the write end of `exit`: a parent
+                // killed mid-round (a traced run's end) lets its child go.
+                libc::close(exit[1]);
+                libc::close(done[0]);
                 if let Some(cpu) = o.child_cpu {
                     let mut set: libc::cpu_set_t = std::mem::zeroed();
                     libc::CPU_SET(cpu, &mut set);
