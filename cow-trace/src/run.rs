@@ -169,6 +169,8 @@ pub struct Session {
     signals: Option<[Signal; 3]>,
     start: Instant,
     last_sweep: Instant,
+    /// Drops have been reported on stderr.
+    warned_drops: bool,
 }
 
 /// What wakes the loop up.
@@ -239,7 +241,12 @@ impl Session {
             follow: !args.no_follow,
             timed: args.duration.is_some(),
         };
-        output::write_start(&mut out, &start, format)?;
+        // The JSON start record is part of the report; the text header is
+        // status, for stderr, so a redirected table is the table alone.
+        match format {
+            Format::Json => output::write_start(&mut out, &start, format)?,
+            Format::Text { .. } => output::write_start(&mut std::io::stderr().lock(), &start, format)?,
+        }
         let child = match gated {
             Some(g) => {
                 let fd = launch::pidfd(g.pid).context("pidfd_open")?;
@@ -260,6 +267,7 @@ impl Session {
             signals,
             start: now,
             last_sweep: now,
+            warned_drops: false,
         })
     }
 
@@ -300,11 +308,12 @@ impl Session {
         self.drain_and_settle(matches!(wake, Wake::DrainTick))?;
         let launched = self.child.is_some();
         match wake {
-            Wake::DrainTick if !launched && self.last_sweep.elapsed() >= SWEEP_PERIOD => {
+            Wake::DrainTick if self.last_sweep.elapsed() >= SWEEP_PERIOD => {
+                self.last_sweep = Instant::now();
+                self.warn_of_first_drops()?;
                 // Targets whose exit event was dropped are found by looking
                 // (see Targets::sweep); a launched command has its pidfd.
-                self.last_sweep = Instant::now();
-                let gone = self.tally.sweep_targets(procfs::alive);
+                let gone = if launched { 0 } else { self.tally.sweep_targets(procfs::alive) };
                 if gone > 0 {
                     log::warn!("{gone} traced processes ended without an exit event (dropped?); no longer waiting for them");
                 }
@@ -319,6 +328,16 @@ impl Session {
             _ => {}
         }
         Ok((!launched && self.tally.targets_gone()).then_some(End::TargetsGone))
+    }
+
+    /// Says on stderr, once, that events are being lost, as it happens: the
+    /// summary's count comes only at the end.
+    fn warn_of_first_drops(&mut self) -> Result<()> {
+        if !self.warned_drops && self.tracer.counters()?.dropped > 0 {
+            self.warned_drops = true;
+            log::warn!("events are being dropped: the ring buffer is full (try --ring-buffer-size 64M)");
+        }
+        Ok(())
     }
 
     /// Takes every record the ring buffer holds; with `settle`, then lets

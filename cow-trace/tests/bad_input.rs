@@ -51,12 +51,13 @@ fn malformed_arguments_are_refused_by_the_parser() {
 #[test]
 fn conflicting_options_are_refused() {
     // These are checked before privileges, so they hold for any user.
-    assert!(one_line_error(&["-p", "1", "--", "true"]).contains("use either -p PID or -- COMMAND, not both"));
-    assert!(one_line_error(&["--no-follow"]).contains("--no-follow needs -p PID or a command"));
-    assert!(one_line_error(&["--", ""]).contains("the command after `--` is empty"));
+    // Usage errors, like the parser's: exit 2.
+    assert!(usage_error(&["-p", "1", "--", "true"]).contains("use either -p PID or -- COMMAND, not both"));
+    assert!(usage_error(&["--no-follow"]).contains("--no-follow needs -p PID or a command"));
+    assert!(usage_error(&["--", ""]).contains("the command after `--` is empty"));
     // Not the whole system: a user who typed `--` meant to launch something.
-    assert!(one_line_error(&["--"]).contains("nothing follows `--`"));
-    assert!(one_line_error(&["--json", "--"]).contains("nothing follows `--`"));
+    assert!(usage_error(&["--"]).contains("nothing follows `--`"));
+    assert!(usage_error(&["--json", "--"]).contains("nothing follows `--`"));
 }
 
 #[test]
