@@ -29,7 +29,6 @@ use crate::{
 static PENDING: Array<Pending> = Array::with_max_entries(PENDING_SLOTS, 0);
 const PENDING_SLOTS: u32 = 1 << 16;
 
-
 /// x86 page-fault error code: bit 0 = protection fault on a present page,
 /// bit 1 = write access.
 const PF_PROT_WRITE: u64 = 0b11;

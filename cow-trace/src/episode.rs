@@ -984,4 +984,24 @@ mod tests {
         assert_eq!(v["exit_status"], 0);
         assert!(v.get("exec_after_ns").is_none());
     }
+
+    #[test]
+    fn at_the_end_a_cut_off_fork_and_an_unseen_exit_are_said_so() {
+        let mut eps = Episodes::new(4096, Box::new(|_| Some(MAPS.into())));
+        eps.feed(&ev(EventKind::Spawn, 100, 200, 10 * MS, "p"));
+        eps.feed(&ev(EventKind::Spawn, 100, 300, 20 * MS, "p"));
+        // 200's fork syscall had not returned at the cut-off; 300 was gone
+        // by then without a traced exit.
+        eps.cut_off_forks(&[200]);
+        eps.mark_unseen_exits(|c| c != 300);
+        let all = eps.all();
+        let of = |c: u32| all.iter().find(|e| e.child == c).unwrap();
+        assert!(of(200).fork_cut_off && !of(200).child_exit_unseen);
+        assert!(!of(300).fork_cut_off && of(300).child_exit_unseen);
+        assert!(episode_line(of(200)).contains("fork cut off, child still running at the end"));
+        assert!(episode_line(of(300)).contains("fork -, child exited (exit not traced)"));
+        let v = serde_json::to_value(of(200)).unwrap();
+        assert!(v["fork_latency_ns"].is_null() && v["fork_cut_off"] == true);
+        assert!(v.get("child_exit_unseen").is_none());
+    }
 }

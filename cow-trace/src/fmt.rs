@@ -26,24 +26,6 @@ pub fn fmt_bytes(b: u64) -> String {
     format!("{v:.1}{}", UNITS[u])
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn units() {
-        assert_eq!(fmt_ns(0), "-");
-        assert_eq!(fmt_ns(850), "850ns");
-        assert_eq!(fmt_ns(2_400), "2.4us");
-        assert_eq!(fmt_ns(21_300_000), "21.3ms");
-        assert_eq!(fmt_ns(1_200_000_000), "1.20s");
-        assert_eq!(fmt_bytes(0), "0");
-        assert_eq!(fmt_bytes(100), "100B");
-        assert_eq!(fmt_bytes(4096), "4.0KiB");
-        assert_eq!(fmt_bytes(92_825 * 4096), "362.6MiB");
-    }
-}
-
 /// A signal's name: `SIGTERM`, or `signal 42` for one without a common name.
 pub fn signal_name(sig: i32) -> String {
     let name = match sig {
@@ -64,4 +46,22 @@ pub fn signal_name(sig: i32) -> String {
         _ => return format!("signal {sig}"),
     };
     name.into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn units() {
+        assert_eq!(fmt_ns(0), "-");
+        assert_eq!(fmt_ns(850), "850ns");
+        assert_eq!(fmt_ns(2_400), "2.4us");
+        assert_eq!(fmt_ns(21_300_000), "21.3ms");
+        assert_eq!(fmt_ns(1_200_000_000), "1.20s");
+        assert_eq!(fmt_bytes(0), "0");
+        assert_eq!(fmt_bytes(100), "100B");
+        assert_eq!(fmt_bytes(4096), "4.0KiB");
+        assert_eq!(fmt_bytes(92_825 * 4096), "362.6MiB");
+    }
 }

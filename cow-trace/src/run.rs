@@ -452,7 +452,10 @@ async fn end_command(pid: u32, sig: i32, exited: AsyncFd<OwnedFd>) -> output::Co
     // SAFETY: our own unreaped child: its PID cannot have been reused.
     unsafe { libc::kill(pid as libc::pid_t, sig) };
     if tokio::time::timeout(COMMAND_GRACE, exited.readable()).await.is_err() {
-        log::warn!("the command did not end within {COMMAND_GRACE:?} of {}; killing it", cow_trace::fmt::signal_name(sig));
+        log::warn!(
+            "the command did not end within {COMMAND_GRACE:?} of {}; killing it",
+            cow_trace::fmt::signal_name(sig)
+        );
         // SAFETY: as above.
         unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
     }

@@ -52,7 +52,8 @@ fn read_logs(dir: &PathBuf) -> HashMap<u64, Vec<u64>> {
 fn traced_run(ending: Ending) -> Traced {
     let (dir, until) = (scratch("log"), scratch("until"));
     std::fs::create_dir_all(&dir).unwrap();
-    let extra = ["--until-file", until.to_str().unwrap(), "--write-log", dir.to_str().unwrap(), "--pause-ms", "5"];
+    let extra =
+        ["--until-file", until.to_str().unwrap(), "--write-log", dir.to_str().unwrap(), "--pause-ms", "5"];
     let w = HeldWorkload::start_with(&[], PAGES, CHILD_WRITES, PARENT_WRITES, &extra);
     let pid = w.pid.to_string();
     let mut args = vec!["--json", "-p", &pid];
@@ -82,7 +83,13 @@ fn traced_run(ending: Ending) -> Traced {
 
 /// Reuses per episode of a run that ends by its target's own exit.
 fn clean_reuses_per_episode() -> f64 {
-    let w = HeldWorkload::start_with(&[], PAGES, CHILD_WRITES, PARENT_WRITES, &["--rounds", "20", "--pause-ms", "5"]);
+    let w = HeldWorkload::start_with(
+        &[],
+        PAGES,
+        CHILD_WRITES,
+        PARENT_WRITES,
+        &["--rounds", "20", "--pause-ms", "5"],
+    );
     let pid = w.pid.to_string();
     let mut bg = Background::start(&["--json", "-p", &pid]);
     bg.wait_attached();

@@ -376,7 +376,11 @@ fn check_cut(section: &str) -> Result<String> {
         bail!("{figures}: a fork without its latency: {ep}");
     }
     if summary["command_signal"] != "SIGTERM" || num(&summary["faults_in_flight_at_end"]) > 2 {
-        bail!("{figures}: command {}, in flight {}", summary["command_signal"], summary["faults_in_flight_at_end"]);
+        bail!(
+            "{figures}: command {}, in flight {}",
+            summary["command_signal"],
+            summary["faults_in_flight_at_end"]
+        );
     }
     Ok(figures)
 }
@@ -623,7 +627,8 @@ pub fn vm_test(opts: &VmOptions) -> Result<Tally> {
         section(&mut body, &format!("huge {b}"), &format!("cow-trace --backend {b} --json -- {huge}"));
     }
     // A run cut off in the middle of forks and copies.
-    let busy = "cow-workload --pages 4096 --child-writes 1000 --parent-writes 1000 --pause-ms 5 --until-file /never";
+    let busy =
+        "cow-workload --pages 4096 --child-writes 1000 --parent-writes 1000 --pause-ms 5 --until-file /never";
     for b in ["fentry", "kprobe"] {
         section(&mut body, &format!("cut {b}"), &format!("cow-trace --backend {b} --json -d 3 -- {busy}"));
     }

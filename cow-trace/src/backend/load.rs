@@ -113,7 +113,8 @@ impl Tracer {
     /// programs' clock), read after the write: every event the programs
     /// accounted is older.
     pub fn cut_off(&mut self) -> Result<u64> {
-        let mut cut: Array<_, u64> = Array::try_from(self.ebpf.map_mut("CUTOFF").context("CUTOFF map missing")?)?;
+        let mut cut: Array<_, u64> =
+            Array::try_from(self.ebpf.map_mut("CUTOFF").context("CUTOFF map missing")?)?;
         cut.set(0, 1, 0).context("cannot cut the run off")?;
         Ok(monotonic_ns())
     }

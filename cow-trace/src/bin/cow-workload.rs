@@ -179,7 +179,14 @@ fn shared_log(slots: usize) -> *mut u64 {
     let len = (slots.max(1) * 8).next_multiple_of(4096);
     // SAFETY: plain shared anonymous mapping.
     let p = unsafe {
-        libc::mmap(ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED | libc::MAP_ANONYMOUS, -1, 0)
+        libc::mmap(
+            ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
     };
     if p == libc::MAP_FAILED {
         check(-1, "mmap");
