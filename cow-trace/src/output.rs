@@ -170,6 +170,9 @@ pub struct IntervalRecord<'a> {
     pub kind: &'static str,
     pub backend: &'a str,
     pub elapsed_s: f64,
+    /// Local wall-clock time, `HH:MM:SS`, with `-T`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub time: Option<&'a str>,
     pub dropped_events: u64,
     pub processes: &'a [ProcRow],
 }
@@ -294,6 +297,7 @@ pub fn write_interval(
     dropped: u64,
     rows: &[ProcRow],
     format: Format,
+    time: Option<&str>,
 ) -> io::Result<()> {
     match format {
         Format::Json => {
@@ -301,13 +305,15 @@ pub fn write_interval(
                 kind: "interval",
                 backend,
                 elapsed_s,
+                time,
                 dropped_events: dropped,
                 processes: rows,
             };
             writeln!(out, "{}", json_line(&rec))?;
         }
         Format::Text { top, .. } => {
-            writeln!(out, "[{elapsed_s:.0}s] dropped events: {dropped}")?;
+            let time = time.map(|t| format!("{t} ")).unwrap_or_default();
+            writeln!(out, "{time}[{elapsed_s:.0}s] dropped events: {dropped}")?;
             write!(out, "{}", table(rows, top))?;
             writeln!(out)?;
         }
@@ -478,6 +484,7 @@ mod tests {
             kind: "interval",
             backend: "tracepoint",
             elapsed_s: 1.0,
+            time: None,
             dropped_events: 0,
             processes: &rows,
         };

@@ -171,6 +171,8 @@ pub struct Session {
     last_sweep: Instant,
     /// Drops have been reported on stderr.
     warned_drops: bool,
+    /// `-T`: wall-clock times on interval headers.
+    timestamps: bool,
 }
 
 /// What wakes the loop up.
@@ -268,25 +270,25 @@ impl Session {
             start: now,
             last_sweep: now,
             warned_drops: false,
+            timestamps: args.timestamp,
         })
     }
 
     /// Drains until the run ends, then shuts down and writes the summary.
     async fn run(mut self, args: &Args, sel: &Selection) -> Result<i32> {
         let [mut sigint, mut sigterm, mut sighup] = self.signals.take().expect("run once");
-        let stop_at = args.duration.map(|d| tokio::time::Instant::now() + d);
-        let mut interval = args.interval.map(|d| ticker(d, tokio::time::Instant::now() + d));
+        // One origin for both: with `INTERVAL COUNT`, the last interval
+        // ends exactly when the run does.
+        let t0 = tokio::time::Instant::now();
+        let stop_at = args.duration.map(|d| t0 + d);
+        let mut interval = args.interval.map(|d| ticker(d, t0 + d));
         // Fault events do not wake us (see the BPF side): drain on a timer.
         let mut drain_tick = ticker(DRAIN_PERIOD, tokio::time::Instant::now());
         let end = loop {
+            // In this order: an end due at the same instant as an interval
+            // wins, and the shutdown prints that interval as the last.
             let wake = tokio::select! {
-                _ = drain_tick.tick() => Wake::DrainTick,
-                guard = self.ring.readable_mut() => {
-                    // Cleared before the drain: a wakeup during it is kept.
-                    guard?.clear_ready();
-                    Wake::Ring
-                }
-                _ = next_tick(&mut interval) => Wake::Interval,
+                biased;
                 _ = sigint.recv() => break End::Signal(libc::SIGINT),
                 _ = sigterm.recv() => break End::Signal(libc::SIGTERM),
                 _ = sighup.recv() => break End::Signal(libc::SIGHUP),
@@ -294,6 +296,13 @@ impl Session {
                 _ = exited(&self.child) => {
                     let pid = self.child.as_ref().expect("launched").0;
                     break End::CommandExited(launch::reap(pid));
+                }
+                _ = next_tick(&mut interval) => Wake::Interval,
+                _ = drain_tick.tick() => Wake::DrainTick,
+                guard = self.ring.readable_mut() => {
+                    // Cleared before the drain: a wakeup during it is kept.
+                    guard?.clear_ready();
+                    Wake::Ring
                 }
             };
             if let Some(end) = self.step(wake, sel)? {
@@ -322,7 +331,16 @@ impl Session {
                 let dropped = self.tracer.counters()?.dropped;
                 let rows = self.tally.take_interval();
                 let elapsed = self.start.elapsed().as_secs_f64();
-                output::write_interval(&mut self.out, sel.kind.name(), elapsed, dropped, &rows, self.format)?;
+                let time = self.timestamps.then(local_time);
+                output::write_interval(
+                    &mut self.out,
+                    sel.kind.name(),
+                    elapsed,
+                    dropped,
+                    &rows,
+                    self.format,
+                    time.as_deref(),
+                )?;
                 return Ok(None);
             }
             _ => {}
@@ -402,7 +420,16 @@ impl Session {
             // The last, partial interval: the intervals add up to the summary.
             let dropped = self.tracer.counters()?.dropped;
             let rows = self.tally.take_interval();
-            output::write_interval(&mut self.out, sel.kind.name(), elapsed, dropped, &rows, self.format)?;
+            let time = self.timestamps.then(local_time);
+            output::write_interval(
+                &mut self.out,
+                sel.kind.name(),
+                elapsed,
+                dropped,
+                &rows,
+                self.format,
+                time.as_deref(),
+            )?;
         }
         let kernel = self.tracer.counters()?;
         let command = match (&end, self.child.take()) {
@@ -460,6 +487,17 @@ async fn end_command(pid: u32, sig: i32, exited: AsyncFd<OwnedFd>) -> output::Co
         unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
     }
     launch::command_end(launch::reap(pid), true)
+}
+
+/// The local time of day, `HH:MM:SS`.
+fn local_time() -> String {
+    // SAFETY: time and localtime_r fill the structures given.
+    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+    unsafe {
+        let t = libc::time(std::ptr::null_mut());
+        libc::localtime_r(&t, &mut tm);
+    }
+    format!("{:02}:{:02}:{:02}", tm.tm_hour, tm.tm_min, tm.tm_sec)
 }
 
 fn dedup(pids: &[u32]) -> Vec<u32> {
