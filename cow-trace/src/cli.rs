@@ -88,6 +88,11 @@ pub struct Args {
     #[arg(long, hide = true)]
     pub bench_empty_programs: bool,
 
+    /// Write the report (tables or JSON) to FILE instead of stdout: a
+    /// launched command's own output then stays apart from it.
+    #[arg(short = 'o', long, value_name = "FILE")]
+    pub output: Option<std::path::PathBuf>,
+
     /// Print a wall-clock time (HH:MM:SS) on each interval's header (JSON:
     /// `time`), as bcc's tools do.
     #[arg(short = 'T', long = "timestamp")]

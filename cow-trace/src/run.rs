@@ -2,7 +2,7 @@
 //! [`Session`] that drains the ring buffer until the run ends, and its
 //! shutdown and summary.
 
-use std::{collections::HashSet, io::StdoutLock, os::fd::OwnedFd, time::Instant};
+use std::{collections::HashSet, io::Write, os::fd::OwnedFd, time::Instant};
 
 use anyhow::{Context as _, Result};
 use aya::maps::{MapData, RingBuf};
@@ -53,6 +53,14 @@ impl End {
 pub fn run(args: Args) -> Result<i32> {
     let mode = args.mode().map_err(anyhow::Error::msg)?;
     preflight::check_privileges()?;
+    // Refused before anything is loaded, like any other bad input.
+    let out: Box<dyn Write> = match &args.output {
+        Some(path) => Box::new(std::io::BufWriter::new(
+            std::fs::File::create(path)
+                .with_context(|| format!("cannot write the report to {}", path.display()))?,
+        )),
+        None => Box::new(std::io::stdout().lock()),
+    };
     if let Mode::Pids(pids) = &mode {
         for &pid in pids {
             preflight::check_pid(pid)?;
@@ -82,7 +90,7 @@ pub fn run(args: Args) -> Result<i32> {
     let targets = trace_targets(&mode, &mut tracer, gated.as_ref())?;
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     runtime.block_on(async {
-        let session = Session::start(&args, &selection, tracer, targets, gated.as_mut())?;
+        let session = Session::start(&args, &selection, tracer, targets, gated.as_mut(), out)?;
         session.run(&args, &selection).await
     })
 }
@@ -159,7 +167,8 @@ pub struct Session {
     tracer: Tracer,
     ring: AsyncFd<RingBuf<MapData>>,
     tally: Tally,
-    out: StdoutLock<'static>,
+    /// Where the report goes: stdout, or `-o FILE`.
+    out: Box<dyn Write>,
     format: Format,
     sample_every: u32,
     /// A launched command, with the pidfd that says it exited.
@@ -194,6 +203,7 @@ impl Session {
         mut tracer: Tracer,
         targets: Option<HashSet<u32>>,
         gated: Option<&mut launch::Gated>,
+        mut out: Box<dyn Write>,
     ) -> Result<Self> {
         let page_size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as u64;
         let tally = Tally::new(
@@ -223,7 +233,7 @@ impl Session {
             true => Format::Json,
             false => Format::Text { top: args.top, divisor: args.unit.divisor(), label: args.unit.label() },
         };
-        let mut out = std::io::stdout().lock();
+
         let tracing = describe_targets(args, gated.as_deref());
         let pids: Option<Vec<u32>> = match (&gated, args.pids.is_empty()) {
             (Some(g), _) => Some(vec![g.pid]),
