@@ -88,6 +88,12 @@ pub struct Args {
     #[arg(long, hide = true)]
     pub bench_empty_programs: bool,
 
+    /// Report only processes named COMM (and episodes whose parent or
+    /// child is): a filter on the report; everything traced is still
+    /// counted in the kernel totals.
+    #[arg(short = 'c', long = "comm", value_name = "COMM")]
+    pub comm: Option<String>,
+
     /// Write the report (tables or JSON) to FILE instead of stdout: a
     /// launched command's own output then stays apart from it.
     #[arg(short = 'o', long, value_name = "FILE")]

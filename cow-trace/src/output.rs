@@ -321,6 +321,30 @@ pub fn write_interval(
     out.flush()
 }
 
+/// `-c/--comm`: the report limited to processes of one name. Applied to
+/// what is printed, not in the kernel: names change after the fork (Redis
+/// renames its child, exec renames it), and the episodes and the run's end
+/// need every traced process's events. The kernel totals count them all.
+#[derive(Clone, Debug, Default)]
+pub struct CommFilter(pub Option<String>);
+
+impl CommFilter {
+    pub fn rows(&self, rows: Vec<ProcRow>) -> Vec<ProcRow> {
+        match &self.0 {
+            Some(c) => rows.into_iter().filter(|r| &r.comm == c).collect(),
+            None => rows,
+        }
+    }
+
+    /// Episodes whose parent or child has the name.
+    pub fn episodes(&self, eps: Vec<Episode>) -> Vec<Episode> {
+        match &self.0 {
+            Some(c) => eps.into_iter().filter(|e| &e.parent_comm == c || &e.child_comm == c).collect(),
+            None => eps,
+        }
+    }
+}
+
 /// How a launched command ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CommandEnd {
@@ -552,5 +576,22 @@ mod tests {
         assert_eq!(v["kind"], "fork");
         assert_eq!(v["copied_bytes"], 5 * 4096);
         assert_eq!(v["child"], 10);
+    }
+
+    #[test]
+    fn the_comm_filter_keeps_that_name_only() {
+        let mut other = row(3, 1);
+        other.comm = "bash".into();
+        let rows = vec![row(2, 10), other];
+        assert_eq!(CommFilter(None).rows(rows.clone()).len(), 2);
+        let kept = CommFilter(Some("worker".into())).rows(rows);
+        assert_eq!(kept.iter().map(|r| r.pid).collect::<Vec<_>>(), [2]);
+        let mut renamed = episode(11, 1);
+        renamed.parent_comm = "bash".into();
+        renamed.child_comm = "redis-rdb-bgsave".into();
+        let eps = vec![episode(10, 5), renamed];
+        let by_child = CommFilter(Some("redis-rdb-bgsave".into())).episodes(eps.clone());
+        assert_eq!(by_child.iter().map(|e| e.child).collect::<Vec<_>>(), [11]);
+        assert_eq!(CommFilter(Some("redis-server".into())).episodes(eps).len(), 1);
     }
 }

@@ -182,6 +182,8 @@ pub struct Session {
     warned_drops: bool,
     /// `-T`: wall-clock times on interval headers.
     timestamps: bool,
+    /// `-c`: the process name the report is limited to.
+    comm: output::CommFilter,
 }
 
 /// What wakes the loop up.
@@ -281,6 +283,7 @@ impl Session {
             last_sweep: now,
             warned_drops: false,
             timestamps: args.timestamp,
+            comm: output::CommFilter(args.comm.clone()),
         })
     }
 
@@ -339,7 +342,7 @@ impl Session {
             }
             Wake::Interval => {
                 let dropped = self.tracer.counters()?.dropped;
-                let rows = self.tally.take_interval();
+                let rows = self.comm.rows(self.tally.take_interval());
                 let elapsed = self.start.elapsed().as_secs_f64();
                 let time = self.timestamps.then(local_time);
                 output::write_interval(
@@ -391,7 +394,7 @@ impl Session {
 
     fn print_episodes(&mut self) -> Result<()> {
         let Some(eps) = self.tally.episodes_mut() else { return Ok(()) };
-        output::write_episodes(&mut self.out, &eps.take_finished(), self.format)?;
+        output::write_episodes(&mut self.out, &self.comm.episodes(eps.take_finished()), self.format)?;
         Ok(())
     }
 
@@ -429,7 +432,7 @@ impl Session {
         if interval {
             // The last, partial interval: the intervals add up to the summary.
             let dropped = self.tracer.counters()?.dropped;
-            let rows = self.tally.take_interval();
+            let rows = self.comm.rows(self.tally.take_interval());
             let time = self.timestamps.then(local_time);
             output::write_interval(
                 &mut self.out,
@@ -448,7 +451,7 @@ impl Session {
             (End::Duration, Some((pid, fd))) => Some(end_command(pid, libc::SIGTERM, fd).await),
             _ => None,
         };
-        let Session { tracer, ring, tally, mut out, format, .. } = self;
+        let Session { tracer, ring, tally, mut out, format, comm, .. } = self;
         // Detach everything before printing: the summary is the last word.
         drop(ring);
         drop(tracer);
@@ -463,9 +466,9 @@ impl Session {
             kernel,
             seen: tally.seen(),
             command,
-            processes: &tally.totals(),
+            processes: &comm.rows(tally.totals()),
             histograms: tally.histograms(),
-            episodes: &tally.episodes().map(Episodes::all).unwrap_or_default(),
+            episodes: &comm.episodes(tally.episodes().map(Episodes::all).unwrap_or_default()),
         };
         output::write_summary(&mut out, &summary, format)?;
         warn_about_losses(&kernel);
