@@ -166,6 +166,28 @@ pub struct FaultBatch {
     pub window_events: u64,
 }
 
+/// A write fault waiting for its outcome: one slot of the tracepoint
+/// backend's `PENDING` table, read by userspace at the end of a run to
+/// count the faults in flight at the cut-off.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PendingFault {
+    /// Fault time when the fault is timed, else 0.
+    pub start: u64,
+    /// The faulting address rounded down to 4 KiB, with
+    /// `FaultRecord::SAMPLED` when the fault is a timed sample.
+    pub addr: u64,
+    pub tgid: u32,
+    /// The thread whose fault is open in this slot; 0 when none is (thread
+    /// 0 is the idle task, which takes no user faults).
+    pub tid: u32,
+    /// The thread whose fault in this slot was sent as a copy or zero-fill
+    /// (`sent_kind`) and which has not faulted or entered a syscall since:
+    /// that fault can still turn out to have failed. 0 when none.
+    pub sent_tid: u32,
+    pub sent_kind: u32,
+}
+
 /// Bytes of a [`FaultBatch`] before its records.
 pub const FAULT_BATCH_HEADER: usize = 16;
 
@@ -307,10 +329,12 @@ mod user {
     unsafe impl aya::Pod for super::Event {}
     unsafe impl aya::Pod for super::Config {}
     unsafe impl aya::Pod for super::FaultBatch {}
+    unsafe impl aya::Pod for super::PendingFault {}
 }
 
 // Layout checks: a change that introduces padding fails to compile.
 const _: () = assert!(core::mem::size_of::<Event>() == 64);
+const _: () = assert!(core::mem::size_of::<PendingFault>() == 32);
 const _: () = assert!(core::mem::size_of::<Config>() == 60);
 const _: () = assert!(core::mem::size_of::<FaultRecord>() == 16);
 const _: () = assert!(core::mem::size_of::<FaultBatch>() == FAULT_BATCH_HEADER + FAULT_BATCH_LEN * 16 + 16);

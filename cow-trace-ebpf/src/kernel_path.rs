@@ -19,7 +19,7 @@ use cow_trace_common::{counter, vm_fault};
 
 use crate::{
     emit::{emit, Detail, Outcome},
-    shared::{bump, current_ids, is_traced, now, read_at, setting, Ids, GFP_MOVABLE, GFP_ZERO},
+    shared::{bump, current_ids, cut_off, is_traced, now, read_at, setting, Ids, GFP_MOVABLE, GFP_ZERO},
 };
 
 /// `copy_process` calls in flight in traced threads, keyed by thread id.
@@ -27,6 +27,7 @@ use crate::{
 static CLONES: HashMap<u32, CloneStart> = HashMap::with_max_entries(16384, 0);
 
 /// Write-protect faults in flight in traced threads, keyed by thread id.
+/// Those still here at the cut-off are counted in flight at the end.
 #[map]
 static FAULTS: HashMap<u32, Fault> = HashMap::with_max_entries(65536, 0);
 
@@ -65,6 +66,9 @@ const HUGE: u32 = 8;
 const MAX_ERRNO: u64 = 4095;
 
 pub fn clone_enter() {
+    if cut_off() {
+        return;
+    }
     let Ids { tgid, tid } = current_ids();
     if !is_traced(tgid) {
         return;
@@ -78,6 +82,9 @@ pub fn clone_enter() {
 /// timed only if it is counted (docs/kernel-notes.md, "One definition of a
 /// fork").
 pub fn clone_exit(task: u64) {
+    if cut_off() {
+        return;
+    }
     let tid = current_ids().tid;
     let Some(c) = CLONES.get_ptr_mut(tid) else {
         return;
@@ -123,6 +130,9 @@ fn child_process(task: *const u8) -> Result<u32, i32> {
 }
 
 pub fn dup_enter() {
+    if cut_off() {
+        return;
+    }
     if let Some(c) = CLONES.get_ptr_mut(current_ids().tid) {
         // SAFETY: entry owned by this thread until copy_process returns.
         unsafe { (*c).dup_ts = now() };
@@ -130,6 +140,9 @@ pub fn dup_enter() {
 }
 
 pub fn dup_exit() {
+    if cut_off() {
+        return;
+    }
     if let Some(c) = CLONES.get_ptr_mut(current_ids().tid) {
         // SAFETY: as above.
         unsafe {
@@ -143,6 +156,9 @@ pub fn dup_exit() {
 
 /// `vmf`: the `struct vm_fault *` of `do_wp_page` / `do_huge_pmd_wp_page`.
 pub fn fault_enter(vmf: *const u8, huge: bool) {
+    if cut_off() {
+        return;
+    }
     let Ids { tgid, tid } = current_ids();
     if !is_traced(tgid) {
         return;
@@ -156,6 +172,9 @@ pub fn fault_enter(vmf: *const u8, huge: bool) {
 }
 
 pub fn wp_copy_enter() {
+    if cut_off() {
+        return;
+    }
     if let Some(f) = FAULTS.get_ptr_mut(current_ids().tid) {
         // SAFETY: entry owned by this thread until its fault returns.
         unsafe { (*f).seen |= SEEN_COPY_PATH };
@@ -164,6 +183,9 @@ pub fn wp_copy_enter() {
 
 /// `ret`: the `vm_fault_t` the fault handler returned.
 pub fn fault_exit(ret: u32) {
+    if cut_off() {
+        return;
+    }
     let tid = current_ids().tid;
     // SAFETY: the value is copied out before the entry is removed.
     let Some(f) = (unsafe { FAULTS.get(tid) }) else {
@@ -201,6 +223,9 @@ pub fn fault_exit(ret: u32) {
 /// Notes the user pages a fault in flight allocates.
 #[raw_tracepoint(tracepoint = "mm_page_alloc")]
 pub fn mm_page_alloc_wp(ctx: RawTracePointContext) -> i32 {
+    if cut_off() {
+        return 0;
+    }
     // TP_PROTO(struct page *page, unsigned int order, gfp_t gfp_flags, int migratetype)
     let gfp = ctx.arg::<u64>(2) as u32;
     if gfp & GFP_MOVABLE == 0 {

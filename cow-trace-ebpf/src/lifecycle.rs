@@ -19,7 +19,7 @@ use crate::{
     batch::{count_window_event, flush_batch},
     emit::{emit, Detail},
     kernel_path,
-    shared::{bump, current_ids, is_traced, now, read_at, setting, Ids, TRACED},
+    shared::{bump, current_ids, is_traced, now, off, read_at, setting, Ids, TRACED},
     tracepoint::settle_pending,
 };
 
@@ -37,7 +37,7 @@ struct ForkStart {
 
 #[raw_tracepoint(tracepoint = "sched_process_fork")]
 pub fn sched_process_fork(ctx: RawTracePointContext) -> i32 {
-    if setting!(empty) != 0 {
+    if off() {
         return 0;
     }
     let _ = try_fork(&ctx);
@@ -77,7 +77,7 @@ fn try_fork(ctx: &RawTracePointContext) -> Result<(), i32> {
 
 #[raw_tracepoint(tracepoint = "sched_process_exit")]
 pub fn sched_process_exit(_ctx: RawTracePointContext) -> i32 {
-    if setting!(empty) != 0 {
+    if off() {
         return 0;
     }
     let _ = try_exit();
@@ -119,7 +119,7 @@ fn try_exit() -> Result<(), i32> {
 /// the fork's copy window here (fork-and-exec children).
 #[raw_tracepoint(tracepoint = "sched_process_exec")]
 pub fn sched_process_exec(_ctx: RawTracePointContext) -> i32 {
-    if setting!(empty) != 0 {
+    if off() {
         return 0;
     }
     let ids = current_ids();
@@ -164,7 +164,7 @@ macro_rules! fork_syscall {
     ($enter:ident, $exit:ident, $enter_tp:literal, $exit_tp:literal) => {
         #[tracepoint(category = "syscalls", name = $enter_tp)]
         pub fn $enter(_ctx: TracePointContext) -> u32 {
-            if setting!(empty) != 0 {
+            if off() {
                 return 0;
             }
             fork_enter();
@@ -173,7 +173,7 @@ macro_rules! fork_syscall {
 
         #[tracepoint(category = "syscalls", name = $exit_tp)]
         pub fn $exit(ctx: TracePointContext) -> u32 {
-            if setting!(empty) != 0 {
+            if off() {
                 return 0;
             }
             fork_exit(&ctx);

@@ -16,39 +16,22 @@ use aya_ebpf::{
     maps::Array,
     programs::RawTracePointContext,
 };
-use cow_trace_common::{counter, FaultRecord, TIMED_PER_SLICE};
+use cow_trace_common::{counter, FaultRecord, PendingFault as Pending, TIMED_PER_SLICE};
 
 use crate::{
     batch::{batch, batch_fault, cut_if_old, end_slice, flush_batch, Clock},
     emit::{emit, Detail, Outcome},
-    shared::{bump, current_ids, is_traced, now, read_at, setting, Ids, GFP_MOVABLE, GFP_ZERO},
+    shared::{bump, current_ids, is_traced, now, off, read_at, setting, Ids, GFP_MOVABLE, GFP_ZERO},
 };
 
 /// Write faults waiting for their outcome: a direct-mapped table indexed by
 /// thread id modulo its size, because an array lookup is inlined where a
 /// hash lookup is a call, on the hottest path of the tool. When two threads
-/// collide, the older fault is counted unclassified, never guessed.
+/// collide, the older fault is counted unclassified, never guessed. Slots
+/// still open at the cut-off are counted in flight at the end.
 #[map]
 static PENDING: Array<Pending> = Array::with_max_entries(PENDING_SLOTS, 0);
 const PENDING_SLOTS: u32 = 1 << 16;
-
-#[repr(C)]
-struct Pending {
-    /// Fault time when the fault is timed, else 0.
-    start: u64,
-    /// The faulting address rounded down to 4 KiB, with
-    /// `FaultRecord::SAMPLED` when the fault is a timed sample.
-    addr: u64,
-    tgid: u32,
-    /// The thread whose fault is open in this slot; 0 when none is (thread
-    /// 0 is the idle task, which takes no user faults).
-    tid: u32,
-    /// The thread whose fault in this slot was sent as a copy or zero-fill
-    /// (`sent_kind`) and which has not faulted or entered a syscall since:
-    /// that fault can still turn out to have failed. 0 when none.
-    sent_tid: u32,
-    sent_kind: u32,
-}
 
 /// x86 page-fault error code: bit 0 = protection fault on a present page,
 /// bit 1 = write access.
@@ -121,7 +104,7 @@ const USER_ADDR_END: u64 = 1 << 56;
 
 #[inline(always)]
 fn open_fault(ctx: &RawTracePointContext) -> i32 {
-    if setting!(empty) != 0 {
+    if off() {
         return 0;
     }
     // TP_PROTO(unsigned long address, struct pt_regs *regs, unsigned long error_code)
@@ -193,7 +176,7 @@ fn open_fault(ctx: &RawTracePointContext) -> i32 {
 /// interrupt), but touches the batch only for an open slot.
 #[raw_tracepoint(tracepoint = "mm_page_alloc")]
 pub fn mm_page_alloc(ctx: RawTracePointContext) -> i32 {
-    if setting!(empty) != 0 {
+    if off() {
         return 0;
     }
     // TP_PROTO(struct page *page, unsigned int order, gfp_t gfp_flags, int migratetype)
@@ -242,7 +225,7 @@ const SIGSEGV: u64 = 11;
 /// "Faults that failed"). Runs under the signal lock, preemption off.
 #[raw_tracepoint(tracepoint = "signal_generate")]
 pub fn signal_generate(ctx: RawTracePointContext) -> i32 {
-    if setting!(empty) != 0 {
+    if off() {
         return 0;
     }
     // TP_PROTO(int sig, struct kernel_siginfo *info, struct task_struct *task, int group, int result)
@@ -285,7 +268,7 @@ pub fn signal_generate(ctx: RawTracePointContext) -> i32 {
 /// tracepoints may be preemptible (6.13 on), so this one never batches.
 #[raw_tracepoint(tracepoint = "sys_enter")]
 pub fn sys_enter(_ctx: RawTracePointContext) -> i32 {
-    if setting!(empty) != 0 {
+    if off() {
         return 0;
     }
     settle_pending(current_ids().tid, false);
@@ -297,7 +280,7 @@ pub fn sys_enter(_ctx: RawTracePointContext) -> i32 {
 /// task that sleeps.
 #[raw_tracepoint(tracepoint = "sched_switch")]
 pub fn sched_switch(_ctx: RawTracePointContext) -> i32 {
-    if setting!(empty) != 0 {
+    if off() {
         return 0;
     }
     end_slice();

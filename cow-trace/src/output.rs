@@ -106,6 +106,7 @@ pub fn episode_line(ep: &Episode) -> String {
     );
     s += &match ep.fork_latency_ns {
         Some(ns) => format!("fork {}", fmt_ns(ns)),
+        None if ep.fork_cut_off => "fork cut off".into(),
         None => "fork -".into(),
     };
     if let Some(ns) = ep.exec_after_ns {
@@ -129,7 +130,8 @@ pub fn episode_line(ep: &Episode) -> String {
             format!(", child lived {}, {}, copied {copied}", fmt_ns(ns.max(1)), end.describe(None))
         }
         (Some(ns), _) => format!(", child lived {}, copied {copied}", fmt_ns(ns.max(1))),
-        (None, _) => format!(", child still running, copied {copied}"),
+        (None, _) if ep.child_exit_unseen => format!(", child exited (exit not traced), copied {copied}"),
+        (None, _) => format!(", child still running at the end, copied {copied}"),
     };
     if ep.parent_oom_killed {
         // 9: the wait status of SIGKILL, what the OOM killer sends.
@@ -205,6 +207,11 @@ pub struct StartRecord<'a> {
     pub fork_share_function: Option<&'a str>,
     pub cow_latency: &'a str,
     pub page_size: u64,
+    /// The traced PIDs (the launched command's in launch mode); `null`
+    /// when tracing the whole system.
+    pub pids: Option<&'a [u32]>,
+    /// Whether their descendants are followed.
+    pub follow: bool,
 }
 
 #[derive(Serialize)]
@@ -213,6 +220,9 @@ pub struct IntervalRecord<'a> {
     pub kind: &'static str,
     pub backend: &'a str,
     pub elapsed_s: f64,
+    /// Local wall-clock time, `HH:MM:SS`, with `-T`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub time: Option<&'a str>,
     pub dropped_events: u64,
     pub processes: &'a [ProcRow],
 }
@@ -224,11 +234,22 @@ pub struct SummaryRecord<'a> {
     pub backend: &'a str,
     pub elapsed_s: f64,
     pub ended_by: &'a str,
+    /// `CLOCK_MONOTONIC` ns at the cut-off: nothing later is counted.
+    pub cut_off_ns: u64,
+    /// Write faults still waiting for their outcome at the cut-off:
+    /// counted neither as copies nor as reuses.
+    pub faults_in_flight_at_end: u64,
     pub dropped_events: u64,
     pub kernel_totals: KernelTotals,
     pub events_received: Seen,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub command_exit_code: Option<i32>,
+    /// The signal that killed the launched command (`SIGTERM`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub command_signal: Option<String>,
+    /// cow-trace sent the command that signal when the run ended.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub command_ended_by_cow_trace: bool,
     pub processes: &'a [ProcRow],
     pub histograms: Histograms,
     pub episodes: &'a [Episode],
@@ -268,6 +289,12 @@ pub struct Start<'a> {
     pub page_size: u64,
     /// What is traced, as the text header names it.
     pub tracing: &'a str,
+    /// See [`StartRecord::pids`].
+    pub pids: Option<&'a [u32]>,
+    pub follow: bool,
+    /// Whether the run ends by itself (`-d`): the banner then does not
+    /// ask for Ctrl-C.
+    pub timed: bool,
 }
 
 pub fn write_start(out: &mut impl io::Write, s: &Start, format: Format) -> io::Result<()> {
@@ -283,6 +310,8 @@ pub fn write_start(out: &mut impl io::Write, s: &Start, format: Format) -> io::R
                 fork_share_function: s.fork_share,
                 cow_latency: s.cow_latency_means,
                 page_size: s.page_size,
+                pids: s.pids,
+                follow: s.follow,
             };
             writeln!(out, "{}", json_line(&rec))?;
         }
@@ -300,7 +329,8 @@ pub fn write_start(out: &mut impl io::Write, s: &Start, format: Format) -> io::R
                     "cow-trace: no address-space copy share (DUPMM) on this kernel: dup_mmap and copy_page_range are both inlined"
                 )?;
             }
-            writeln!(out, "cow-trace: tracing {}; Ctrl-C to end\n", s.tracing)?;
+            let end = if s.timed { "" } else { "; Ctrl-C to end" };
+            writeln!(out, "cow-trace: tracing {}{end}\n", s.tracing)?;
         }
     }
     out.flush()
@@ -324,6 +354,7 @@ pub fn write_interval(
     dropped: u64,
     rows: &[ProcRow],
     format: Format,
+    time: Option<&str>,
 ) -> io::Result<()> {
     match format {
         Format::Json => {
@@ -331,18 +362,69 @@ pub fn write_interval(
                 kind: "interval",
                 backend,
                 elapsed_s,
+                time,
                 dropped_events: dropped,
                 processes: rows,
             };
             writeln!(out, "{}", json_line(&rec))?;
         }
         Format::Text { top, .. } => {
-            writeln!(out, "[{elapsed_s:.0}s] dropped events: {dropped}")?;
+            let time = time.map(|t| format!("{t} ")).unwrap_or_default();
+            writeln!(out, "{time}[{elapsed_s:.0}s] dropped events: {dropped}")?;
             write!(out, "{}", table(rows, top))?;
             writeln!(out)?;
         }
     }
     out.flush()
+}
+
+/// `-c/--comm`: the report limited to processes of one name. Applied to
+/// what is printed, not in the kernel: names change after the fork (Redis
+/// renames its child, exec renames it), and the episodes and the run's end
+/// need every traced process's events. The kernel totals count them all.
+#[derive(Clone, Debug, Default)]
+pub struct CommFilter(pub Option<String>);
+
+impl CommFilter {
+    pub fn rows(&self, rows: Vec<ProcRow>) -> Vec<ProcRow> {
+        match &self.0 {
+            Some(c) => rows.into_iter().filter(|r| &r.comm == c).collect(),
+            None => rows,
+        }
+    }
+
+    /// Episodes whose parent or child has the name.
+    pub fn episodes(&self, eps: Vec<Episode>) -> Vec<Episode> {
+        match &self.0 {
+            Some(c) => eps.into_iter().filter(|e| &e.parent_comm == c || &e.child_comm == c).collect(),
+            None => eps,
+        }
+    }
+}
+
+/// How a launched command ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CommandEnd {
+    /// The shell convention: exit status, or 128 + signal number.
+    pub exit_code: i32,
+    /// The signal that killed it, if one did.
+    pub signal: Option<i32>,
+    /// cow-trace ended it, at the end of a run ended by `-d` or a signal.
+    pub ended_by_cow_trace: bool,
+}
+
+impl CommandEnd {
+    /// `exited with status 3`, `killed by SIGTERM (sent by cow-trace ...)`.
+    pub fn describe(&self) -> String {
+        let how = match self.signal {
+            Some(sig) => format!("killed by {}", crate::fmt::signal_name(sig)),
+            None => format!("exited with status {}", self.exit_code),
+        };
+        match self.ended_by_cow_trace {
+            true => format!("{how} (ended by cow-trace at the end of the run)"),
+            false => how,
+        }
+    }
 }
 
 /// Everything the final summary reports.
@@ -352,9 +434,11 @@ pub struct RunSummary<'a> {
     pub cow_latency_means: &'a str,
     pub elapsed_s: f64,
     pub ended_by: &'a str,
+    pub cut_off_ns: u64,
+    pub faults_in_flight_at_end: u64,
     pub kernel: KernelCounters,
     pub seen: Seen,
-    pub command_exit_code: Option<i32>,
+    pub command: Option<CommandEnd>,
     pub processes: &'a [ProcRow],
     pub histograms: &'a RunHistograms,
     pub episodes: &'a [Episode],
@@ -368,10 +452,14 @@ pub fn write_summary(out: &mut impl io::Write, s: &RunSummary, format: Format) -
                 backend: s.backend,
                 elapsed_s: s.elapsed_s,
                 ended_by: s.ended_by,
+                cut_off_ns: s.cut_off_ns,
+                faults_in_flight_at_end: s.faults_in_flight_at_end,
                 dropped_events: s.kernel.dropped,
                 kernel_totals: s.kernel.totals,
                 events_received: s.seen,
-                command_exit_code: s.command_exit_code,
+                command_exit_code: s.command.map(|c| c.exit_code),
+                command_signal: s.command.and_then(|c| c.signal).map(crate::fmt::signal_name),
+                command_ended_by_cow_trace: s.command.is_some_and(|c| c.ended_by_cow_trace),
                 processes: s.processes,
                 histograms: Histograms {
                     fork_latency_ns: s.histograms.fork_lat.to_log2(1).nonzero_rows(),
@@ -386,6 +474,13 @@ pub fn write_summary(out: &mut impl io::Write, s: &RunSummary, format: Format) -
         Format::Text { top, divisor, label } => (top, divisor, label),
     };
     writeln!(out, "=== summary: {:.1}s, ended by {} ===", s.elapsed_s, s.ended_by)?;
+    if s.faults_in_flight_at_end > 0 {
+        writeln!(
+            out,
+            "{} write faults were in flight at the end (counted neither as copies nor as reuses)",
+            s.faults_in_flight_at_end
+        )?;
+    }
     write!(out, "{}", table(s.processes, top))?;
     write!(out, "{}", episode_list(s.episodes, top))?;
     let h = s.histograms;
@@ -406,9 +501,6 @@ pub fn write_summary(out: &mut impl io::Write, s: &RunSummary, format: Format) -
         "\nkernel totals: {} forks, {} CoW copies, {} reuses, {} zero-fills, {} failed, {} huge-page faults; dropped events: {}",
         t.spawns, t.cow_copies, t.cow_reuses, t.zero_fills, t.cow_failed, t.huge_cows, s.kernel.dropped
     )?;
-    if let Some(code) = s.command_exit_code {
-        writeln!(out, "command exited with status {code}")?;
-    }
     out.flush()
 }
 
@@ -512,6 +604,7 @@ mod tests {
             kind: "interval",
             backend: "tracepoint",
             elapsed_s: 1.0,
+            time: None,
             dropped_events: 0,
             processes: &rows,
         };
@@ -541,7 +634,9 @@ mod tests {
             child_comm: "redis-server".into(),
             start_ns: child as u64,
             fork_latency_ns: Some(21_000_000),
+            fork_cut_off: false,
             child_lifetime_ns: Some(1_000_000_000),
+            child_exit_unseen: false,
             exec_after_ns: None,
             exit_status: Some(0),
             ending: Some(Ending::new(0, false)),
@@ -616,5 +711,22 @@ mod tests {
         assert_eq!(v["kind"], "fork");
         assert_eq!(v["copied_bytes"], 5 * 4096);
         assert_eq!(v["child"], 10);
+    }
+
+    #[test]
+    fn the_comm_filter_keeps_that_name_only() {
+        let mut other = row(3, 1);
+        other.comm = "bash".into();
+        let rows = vec![row(2, 10), other];
+        assert_eq!(CommFilter(None).rows(rows.clone()).len(), 2);
+        let kept = CommFilter(Some("worker".into())).rows(rows);
+        assert_eq!(kept.iter().map(|r| r.pid).collect::<Vec<_>>(), [2]);
+        let mut renamed = episode(11, 1);
+        renamed.parent_comm = "bash".into();
+        renamed.child_comm = "redis-rdb-bgsave".into();
+        let eps = vec![episode(10, 5), renamed];
+        let by_child = CommFilter(Some("redis-rdb-bgsave".into())).episodes(eps.clone());
+        assert_eq!(by_child.iter().map(|e| e.child).collect::<Vec<_>>(), [11]);
+        assert_eq!(CommFilter(Some("redis-server".into())).episodes(eps).len(), 1);
     }
 }

@@ -143,9 +143,12 @@ fn launched_command_exit_status_is_reported_and_returned() {
     }
     let r = run(&["--", "sh", "-c", "exit 3"], Duration::from_secs(60));
     assert_eq!(r.status.code(), Some(3), "{}", r.stderr);
-    assert!(r.stdout.contains("command exited with status 3"), "{}", r.stdout);
-    assert!(r.stdout.starts_with("cow-trace: backend tracepoint: "), "{}", r.stdout);
+    // Status lines on stderr, the report alone on stdout.
+    assert!(r.stderr.contains("cow-trace: command exited with status 3"), "{}", r.stderr);
+    assert!(r.stderr.contains("cow-trace: backend tracepoint: "), "{}", r.stderr);
+    assert!(r.stderr.contains("cow-trace: tracing command sh (PID "), "{}", r.stderr);
     assert!(r.stdout.contains("=== summary"));
+    assert!(!r.stdout.contains("cow-trace:"), "{}", r.stdout);
 }
 
 #[test]

@@ -389,6 +389,40 @@ fn check_backend(backend: &str, section: &str) -> Result<(Counted, String)> {
     }
 }
 
+/// Checks a run cut off by `-d` while the workload forks and copies: the
+/// kernel backends' faults in flight at the cut-off are neither copies nor
+/// reuses (a clean run makes a few reuses per fork), every fork has its
+/// latency, and the launched command is ended with the run.
+fn check_cut(section: &str) -> Result<String> {
+    let summary = section
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|v| v["type"] == "summary")
+        .ok_or_else(|| anyhow!("no summary"))?;
+    let eps = summary["episodes"].as_array().cloned().unwrap_or_default();
+    let t = &summary["kernel_totals"];
+    let (reuses, copies) = (num(&t["cow_reuses"]), num(&t["cow_copies"]));
+    let figures = format!(
+        "{} episodes, {copies} copies, {reuses} reuses, {} in flight at the end",
+        eps.len(),
+        summary["faults_in_flight_at_end"]
+    );
+    if eps.len() < 2 || reuses > 64 + 8 * eps.len() as u64 {
+        bail!("{figures}: expected forks across the end and a clean run's reuses");
+    }
+    if let Some(ep) = eps.iter().find(|e| !e["fork_latency_ns"].is_u64()) {
+        bail!("{figures}: a fork without its latency: {ep}");
+    }
+    if summary["command_signal"] != "SIGTERM" || num(&summary["faults_in_flight_at_end"]) > 2 {
+        bail!(
+            "{figures}: command {}, in flight {}",
+            summary["command_signal"],
+            summary["faults_in_flight_at_end"]
+        );
+    }
+    Ok(figures)
+}
+
 /// Checks a run of the workload on transparent huge pages under a backend
 /// that hooks `do_huge_pmd_wp_page`: each side's first write to each huge
 /// page it touches is one huge-page write fault.
@@ -683,6 +717,12 @@ fn vm_test_script() -> String {
     for b in ["fentry", "kprobe"] {
         section(&mut body, &format!("oom {b}"), &format!("oom_run {b}"));
     }
+    // A run cut off in the middle of forks and copies.
+    let busy =
+        "cow-workload --pages 4096 --child-writes 1000 --parent-writes 1000 --pause-ms 5 --until-file /never";
+    for b in ["fentry", "kprobe"] {
+        section(&mut body, &format!("cut {b}"), &format!("cow-trace --backend {b} --json -d 3 -- {busy}"));
+    }
     // With no --backend, the best backend the kernel accepts must be picked.
     section(&mut body, "auto", "cow-trace --json -- true");
     // System-wide, a known number of forks made while the run is surely
@@ -827,6 +867,8 @@ pub fn vm_test(opts: &VmOptions) -> Result<Tally> {
         } else if what == "redis" {
             redis_runs += 1;
             check_redis(&part)
+        } else if what == "cut" {
+            check_cut(&part)
         } else {
             check_backend(backend, &part).map(|(c, figures)| {
                 copies.push((backend.to_string(), c.child_copies, c.parent_copies));

@@ -48,6 +48,12 @@
 //! milliseconds longer. Meanwhile /proc shows the process as a zombie (its
 //! main thread's state), though it has not exited.
 //!
+//! `--until-file PATH` repeats rounds until PATH exists (instead of
+//! `--rounds`): a load that goes on across the end of a trace, for as long
+//! as the test needs. `--write-log DIR` makes each child note the time
+//! (`CLOCK_MONOTONIC`, the tracer's clock) right after each of its page
+//! writes, and the parent save them in `DIR/<child pid>` (little-endian
+//! u64s, one per write): how many pages a child had written by any instant.
 //! `--child-cpu N` moves the child to CPU N right after the fork.
 //! `--child-spin-ms MS` makes the child, after its writes, busy-loop MS
 //! milliseconds in user space (no syscall, so no reason to leave its CPU)
@@ -73,7 +79,7 @@ use std::{io::Write as _, path::PathBuf, ptr, time::Duration};
 
 const USAGE: &str = "usage: cow-workload [--pages N] [--child-writes K] [--parent-writes M] \
                      [--zero-fills Z] [--child-reads R] [--child-mem-writes W] [--rounds R] [--seconds S] [--pause-ms P] [--fork-storm N] [--huge] [--reuse-pid] [--main-exits-first MS] [--child-cpu N] [--child-spin-ms MS] \
-                     [--parent-spin-ms MS] [--child-exit CODE] [--child-signal SIG] [--child-oom-score-adj N] [--go-file PATH]";
+                     [--parent-spin-ms MS] [--child-exit CODE] [--child-signal SIG] [--child-oom-score-adj N] [--go-file PATH] [--until-file PATH] [--write-log DIR]";
 
 struct Opts {
     pages: usize,
@@ -96,6 +102,8 @@ struct Opts {
     child_signal: i32,
     child_oom_score_adj: i32,
     go_file: Option<PathBuf>,
+    until_file: Option<PathBuf>,
+    write_log: Option<PathBuf>,
 }
 
 fn parse() -> Result<Opts, String> {
@@ -120,6 +128,8 @@ fn parse() -> Result<Opts, String> {
         child_signal: 0,
         child_oom_score_adj: 0,
         go_file: None,
+        until_file: None,
+        write_log: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -137,6 +147,8 @@ fn parse() -> Result<Opts, String> {
             "--seconds" => o.seconds = num(val()?)? as u64,
             "--pause-ms" => o.pause_ms = num(val()?)? as u64,
             "--go-file" => o.go_file = Some(PathBuf::from(val()?)),
+            "--until-file" => o.until_file = Some(PathBuf::from(val()?)),
+            "--write-log" => o.write_log = Some(PathBuf::from(val()?)),
             "--huge" => o.huge = true,
             "--reuse-pid" => o.reuse_pid = true,
             "--main-exits-first" => o.main_exits_first_ms = num(val()?)? as u64,
@@ -172,6 +184,50 @@ fn check(rc: libc::c_int, what: &str) {
         eprintln!("cow-workload: {what}: {}", std::io::Error::last_os_error());
         std::process::exit(1);
     }
+}
+
+/// `CLOCK_MONOTONIC` in ns, through the vDSO (no syscall).
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: a valid timespec to fill.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// `write_pages`, noting in `log` (one slot per page) the time right
+/// after each write.
+fn write_pages_logged(base: *mut u8, page: usize, n: usize, value: u8, log: *mut u64) {
+    for i in 0..n {
+        // SAFETY: inside the mapping and the log; volatile so every write
+        // happens, in order.
+        unsafe {
+            ptr::write_volatile(base.add(i * page), value);
+            ptr::write_volatile(log.add(i), monotonic_ns());
+        }
+    }
+}
+
+/// A mapping shared with the children, written before any fork: their
+/// writes to it are not copy-on-write and take no fault.
+fn shared_log(slots: usize) -> *mut u64 {
+    let len = (slots.max(1) * 8).next_multiple_of(4096);
+    // SAFETY: plain shared anonymous mapping.
+    let p = unsafe {
+        libc::mmap(
+            ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        check(-1, "mmap");
+    }
+    // SAFETY: inside the mapping.
+    unsafe { ptr::write_bytes(p.cast::<u8>(), 0, len) };
+    p.cast()
 }
 
 /// Touches one byte of each page in `range`: one write fault per page.
@@ -346,9 +402,13 @@ fn main() {
 
     let start = std::time::Instant::now();
     let (mut children, mut statuses) = (Vec::new(), Vec::new());
-    let rounds = if o.seconds > 0 { usize::MAX } else { o.rounds };
+    let rounds = if o.seconds > 0 || o.until_file.is_some() { usize::MAX } else { o.rounds };
+    let log = o.write_log.as_ref().map(|_| shared_log(o.child_writes));
     for round in 0..rounds {
         if o.seconds > 0 && start.elapsed() >= Duration::from_secs(o.seconds) {
+            break;
+        }
+        if o.until_file.as_ref().is_some_and(|f| f.exists()) {
             break;
         }
         if round > 0 && o.pause_ms > 0 {
@@ -375,8 +435,10 @@ fn main() {
         check(pid, "fork");
         if pid == 0 {
             unsafe {
-                // A parent that dies early ends the child's wait for it.
+                // Only the parent holds the write end of `exit`: a parent that dies
+                // early (killed at a traced run's end) ends the child's wait.
                 libc::close(exit[1]);
+                libc::close(done[0]);
                 if o.child_oom_score_adj != 0 {
                     let adj = o.child_oom_score_adj.to_string();
                     if let Err(e) = std::fs::write("/proc/self/oom_score_adj", adj) {
@@ -392,7 +454,10 @@ fn main() {
                         "sched_setaffinity",
                     );
                 }
-                write_pages(base, page, 0..o.child_writes, value);
+                match log {
+                    Some(log) => write_pages_logged(base, page, o.child_writes, value, log),
+                    None => write_pages(base, page, 0..o.child_writes, value),
+                }
                 let after = o.child_writes + o.parent_writes;
                 if let Some(f) = &source {
                     use std::os::fd::AsRawFd as _;
@@ -427,6 +492,14 @@ fn main() {
             statuses.push(status);
             for fd in [done[0], exit[0], exit[1]] {
                 libc::close(fd);
+            }
+        }
+        if let (Some(dir), Some(log)) = (&o.write_log, log) {
+            // SAFETY: the child is reaped; the log holds its writes' times.
+            let times = unsafe { std::slice::from_raw_parts(log.cast::<u8>(), o.child_writes * 8) };
+            if let Err(e) = std::fs::write(dir.join(pid.to_string()), times) {
+                eprintln!("cow-workload: --write-log: {e}");
+                std::process::exit(1);
             }
         }
         children.push(pid);
