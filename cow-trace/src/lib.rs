@@ -12,6 +12,7 @@
 pub mod aggregate;
 pub mod attribution;
 pub mod counts;
+pub mod ending;
 pub mod episode;
 pub mod event;
 pub mod fmt;
