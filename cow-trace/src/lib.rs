@@ -5,15 +5,18 @@
 //!
 //! Dependencies point one way, down this list: `tally` feeds `aggregate`
 //! (with `retired`), `targets` and `episode`, which read `event`; `output`
-//! renders what they produce with `fmt`. `histogram`, `regions`, `counts`
+//! renders what they produce with `fmt`; `metrics` counts the same events
+//! per label set for the exporter. `histogram`, `regions`, `counts`
 //! and `fmt` are leaves.
 
 pub mod aggregate;
+pub mod cgroup;
 pub mod counts;
 pub mod episode;
 pub mod event;
 pub mod fmt;
 pub mod histogram;
+pub mod metrics;
 pub mod output;
 pub mod regions;
 pub mod retired;

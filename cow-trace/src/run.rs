@@ -8,6 +8,7 @@ use anyhow::{Context as _, Result};
 use aya::maps::{MapData, RingBuf};
 use cow_trace::{
     episode::Episodes,
+    metrics::{Health, Metrics},
     output::{self, Format},
     tally::Tally,
 };
@@ -20,6 +21,7 @@ use tokio::{
 use crate::{
     backend::{self, KernelFeatures, LoadOptions, Selection, Tracer},
     cli::{Args, Mode},
+    exporter::Exporter,
     kernel, launch, preflight, procfs,
 };
 
@@ -28,6 +30,9 @@ const DRAIN_PERIOD: std::time::Duration = std::time::Duration::from_millis(25);
 
 /// How often targets are checked for an exit the ring buffer did not bring.
 const SWEEP_PERIOD: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// How often `--serve` publishes a new snapshot for scrapes.
+const PUBLISH_PERIOD: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Why the run ended.
 enum End {
@@ -168,6 +173,8 @@ pub struct Session {
     signals: Option<[Signal; 3]>,
     start: Instant,
     last_sweep: Instant,
+    /// `--serve`: the HTTP side, and when it was last given a snapshot.
+    exporter: Option<(Exporter, Option<Instant>)>,
 }
 
 /// What wakes the loop up.
@@ -199,6 +206,19 @@ impl Session {
             Box::new(procfs::comm_of),
         )
         .with_episodes(Episodes::new(page_size, Box::new(procfs::read_maps)));
+        let tally = match args.serve {
+            Some(_) => tally.with_metrics(Metrics::new(
+                page_size,
+                args.series_cap as usize,
+                Box::new(procfs::cgroup_of),
+                Box::new(procfs::comm_of),
+            )),
+            None => tally,
+        };
+        let exporter = args.serve.map(Exporter::start).transpose()?;
+        if let Some(e) = &exporter {
+            eprintln!("cow-trace: serving metrics at http://{}/metrics", e.addr);
+        }
         let ring = watch(tracer.take_ring()?)?;
         if let Some(logger) = tracer.logger.take() {
             let mut logger = watch(logger)?;
@@ -251,6 +271,7 @@ impl Session {
             signals,
             start: now,
             last_sweep: now,
+            exporter: exporter.map(|e| (e, None)),
         })
     }
 
@@ -289,6 +310,7 @@ impl Session {
     /// Handles one wake-up; `Some` when the run is over.
     fn step(&mut self, wake: Wake, sel: &Selection) -> Result<Option<End>> {
         self.drain_and_settle(matches!(wake, Wake::DrainTick))?;
+        self.publish(sel, false)?;
         let launched = self.child.is_some();
         match wake {
             Wake::DrainTick if !launched && self.last_sweep.elapsed() >= SWEEP_PERIOD => {
@@ -335,7 +357,40 @@ impl Session {
 
     fn print_episodes(&mut self) -> Result<()> {
         let Some(eps) = self.tally.episodes_mut() else { return Ok(()) };
-        output::write_episodes(&mut self.out, &eps.take_finished(), self.format)?;
+        let finished = eps.take_finished();
+        if let Some(m) = self.tally.metrics_mut() {
+            finished.iter().for_each(|ep| m.episode(ep));
+        }
+        output::write_episodes(&mut self.out, &finished, self.format)?;
+        Ok(())
+    }
+
+    /// `--serve`: hands scrapes a new snapshot, at most once a period
+    /// unless `now`.
+    fn publish(&mut self, sel: &Selection, now: bool) -> Result<()> {
+        let (Some((exporter, last)), Some(m)) = (self.exporter.as_mut(), self.tally.metrics()) else {
+            return Ok(());
+        };
+        if !now && last.is_some_and(|t| t.elapsed() < PUBLISH_PERIOD) {
+            return Ok(());
+        }
+        *last = Some(Instant::now());
+        let seen = self.tally.seen();
+        let e = seen.events;
+        let health = Health {
+            backend: sel.kind.name().into(),
+            events: e.spawns
+                + e.fork_latencies
+                + e.cow_copies
+                + e.cow_reuses
+                + e.zero_fills
+                + e.huge_cows
+                + e.exits
+                + e.execs,
+            dropped: self.tracer.counters()?.dropped,
+            dup_mmap_split: sel.dup_mmap_split,
+        };
+        exporter.publish(m.snapshot(health));
         Ok(())
     }
 
