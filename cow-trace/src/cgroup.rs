@@ -2,6 +2,8 @@
 //! hierarchy is mounted, from /proc/self/mountinfo (at /sys/fs/cgroup on a
 //! v2-only system, /sys/fs/cgroup/unified on a hybrid one).
 
+use std::path::{Component, Path, PathBuf};
+
 /// The v2 path in /proc/PID/cgroup text (its `0::/path` line), as a label:
 /// without the leading `/`, and `/` for the root.
 pub fn parse_proc_cgroup(text: &str) -> Option<String> {
@@ -17,6 +19,26 @@ pub fn v2_mount(mountinfo: &str) -> Option<String> {
         let (mount, fs) = l.split_once(" - ")?;
         (fs.split_whitespace().next()? == "cgroup2").then(|| mount.split_whitespace().nth(4).map(unescape))?
     })
+}
+
+/// The directory a `--cgroup` argument names: an absolute path under the
+/// mount as is, anything else relative to the mount (a leading `/` of a
+/// path outside the mount, as /proc/PID/cgroup prints it, is dropped);
+/// with its depth below the mount. `None` for a path that climbs out.
+pub fn locate(mount: &Path, arg: &Path) -> Option<(PathBuf, u32)> {
+    let rel = match arg.strip_prefix(mount) {
+        Ok(rel) => rel,
+        Err(_) => arg.strip_prefix("/").unwrap_or(arg),
+    };
+    let mut level = 0;
+    for c in rel.components() {
+        match c {
+            Component::Normal(_) => level += 1,
+            Component::CurDir => {}
+            _ => return None,
+        }
+    }
+    Some((mount.join(rel), level))
 }
 
 /// Mountinfo escapes space, tab, newline and backslash as octal.
@@ -60,5 +82,20 @@ mod tests {
         assert_eq!(v2_mount(mi).as_deref(), Some("/sys/fs/cgroup/unified"));
         assert_eq!(unescape("/a\\040b"), "/a b");
         assert_eq!(v2_mount("1 2 0:1 / / rw - ext4 /dev/vda rw\n"), None);
+    }
+
+    #[test]
+    fn cgroup_arguments_are_located_under_the_mount() {
+        let m = Path::new("/sys/fs/cgroup/unified");
+        let at = |a: &str| locate(m, Path::new(a)).map(|(p, l)| (p.to_string_lossy().into_owned(), l));
+        let want = |p: &str, l| Some((p.to_string(), l));
+        assert_eq!(
+            at("/sys/fs/cgroup/unified/system.slice/x.service"),
+            want("/sys/fs/cgroup/unified/system.slice/x.service", 2)
+        );
+        assert_eq!(at("system.slice/x.service"), want("/sys/fs/cgroup/unified/system.slice/x.service", 2));
+        assert_eq!(at("/system.slice"), want("/sys/fs/cgroup/unified/system.slice", 1));
+        assert_eq!(at("/sys/fs/cgroup/unified"), want("/sys/fs/cgroup/unified", 0));
+        assert_eq!(at("a/../../etc"), None);
     }
 }

@@ -55,19 +55,21 @@ impl Dist {
         self.count += n;
     }
 
-    /// Cumulative `(le, count)` buckets: log2 slot k (values below 2^(k+1))
-    /// is bucket `le = 2^(k+1) * scale`, slots below `bottom` folded into
-    /// the first; the `+Inf` bucket is the encoder's.
+    /// `(le, count)` buckets, each count its own (the encoder makes them
+    /// cumulative): log2 slot k (values below 2^(k+1)) is the bucket
+    /// `le = 2^(k+1) * scale`; slots below `bottom` go to the first, those
+    /// from `top` on to `+Inf`.
     fn buckets(&self, bottom: usize, top: usize, scale: f64) -> Vec<(f64, u64)> {
-        let mut acc = 0;
         let slot = |k: usize| self.log2.slots.get(k).copied().unwrap_or(0);
-        (bottom..top)
+        let mut out: Vec<(f64, u64)> = (bottom..top)
             .map(|k| {
-                acc += if k == bottom { (0..=k).map(slot).sum() } else { slot(k) };
-                ((1u64 << (k + 1)) as f64 * scale, acc)
+                let n = if k == bottom { (0..=k).map(slot).sum() } else { slot(k) };
+                ((1u64 << (k + 1)) as f64 * scale, n)
             })
-            .chain(std::iter::once((f64::INFINITY, self.count)))
-            .collect()
+            .collect();
+        let below: u64 = out.iter().map(|b| b.1).sum();
+        out.push((f64::INFINITY, self.count - below));
+        out
     }
 }
 
@@ -503,16 +505,28 @@ mod tests {
     }
 
     #[test]
-    fn buckets_are_cumulative_log2_slots_in_base_units() {
-        let mut d = Dist::default();
-        d.record(0, 1);
-        d.record(1_500, 2); // slot 10: below 2^11 ns
-        d.record(5_000_000, 1); // slot 22
-        let b = d.buckets(LAT_BOTTOM, LAT_TOP, 1e-9);
-        assert_eq!(b[0], (2048e-9, 3));
-        assert_eq!(b.iter().find(|(le, _)| *le > 5e-3).unwrap().1, 4);
-        assert_eq!(*b.last().unwrap(), (f64::INFINITY, 4));
-        assert!(b.windows(2).all(|w| w[0].0 < w[1].0 && w[0].1 <= w[1].1));
+    fn log2_slots_are_the_le_buckets_in_base_units() {
+        let mut m = metrics(10);
+        let fork = |ns| What::ForkLatency { child: 9, latency_ns: ns, dup_mmap_ns: None };
+        for ns in [0, 1_500, 1_500, 5_000_000, 1 << 40] {
+            m.apply(&ev(4, b"p", fork(ns)));
+        }
+        let text = Arc::new(m.snapshot(Health::default())).encode(Exposition::Text);
+        let bucket = |le: &str| {
+            let name = format!(
+                "cow_trace_fork_duration_seconds_bucket{{comm=\"p\",cgroup=\"svc0.service\",le=\"{le}\"}} "
+            );
+            let line =
+                text.lines().find(|l| l.starts_with(&name)).unwrap_or_else(|| panic!("{name}: {text}"));
+            line[name.len()..].parse::<u64>().unwrap()
+        };
+        // 0 and 1.5 us are below 2^11 ns; 5 ms below 2^23 ns; 2^40 ns past the last.
+        assert_eq!(bucket("2.048e-06"), 3);
+        assert_eq!(bucket("0.004194304"), 3);
+        assert_eq!(bucket("0.008388608"), 4);
+        assert_eq!(bucket("34.359738368"), 4);
+        assert_eq!(bucket("+Inf"), 5);
+        assert!(text.contains("cow_trace_fork_duration_seconds_count{comm=\"p\",cgroup=\"svc0.service\"} 5"));
     }
 
     #[test]

@@ -64,6 +64,7 @@ pub fn run(args: Args) -> Result<i32> {
     }
     // Everything needed from BTF is read here, and the parsed BTF freed
     // before aya parses its own copy for loading: halves peak memory.
+    let cgroups = preflight::resolve_cgroups(&args.cgroups)?;
     let btf = kernel::load_vmlinux_btf()?;
     let offsets = kernel::KernelOffsets::from_btf(&btf)?;
     let tracefs = kernel::tracefs()?;
@@ -75,6 +76,7 @@ pub fn run(args: Args) -> Result<i32> {
         ring_buffer_size: args.ring_buffer_size,
         empty_programs: args.bench_empty_programs,
         sample_every: args.sample_every,
+        cgroups,
     };
     // A command that cannot run is refused before anything is loaded; it
     // waits at its gate until it is in the traced set.
@@ -452,7 +454,10 @@ fn describe_targets(args: &Args, gated: Option<&launch::Gated>) -> String {
     };
     let follow =
         if args.no_follow || args.pids.is_empty() && gated.is_none() { "" } else { " and descendants" };
-    format!("{what}{follow}")
+    let cgroups = args.cgroups.iter().map(|c| c.display().to_string()).collect::<Vec<_>>();
+    let within =
+        if cgroups.is_empty() { String::new() } else { format!(" in cgroup {}", cgroups.join(", ")) };
+    format!("{what}{follow}{within}")
 }
 
 fn warn_about_losses(k: &cow_trace::counts::KernelCounters) {
