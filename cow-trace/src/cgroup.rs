@@ -38,7 +38,7 @@ pub fn locate(mount: &Path, arg: &Path) -> Option<(PathBuf, u32)> {
             _ => return None,
         }
     }
-    Some((mount.join(rel), level))
+    Some((if level == 0 { mount.to_path_buf() } else { mount.join(rel) }, level))
 }
 
 /// Mountinfo escapes space, tab, newline and backslash as octal.

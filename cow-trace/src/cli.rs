@@ -103,6 +103,15 @@ pub struct Args {
     #[arg(long = "cgroup", value_name = "PATH")]
     pub cgroups: Vec<PathBuf>,
 
+    /// Whole-system runs: show an episode (live and in the summary) only if
+    /// it copied at least this much (suffixes K, M, G; 0 shows all)...
+    #[arg(long, value_name = "BYTES", default_value = "1M", value_parser = parse_size)]
+    pub min_episode_copied: u64,
+
+    /// ...or its fork held the parent at least this many milliseconds.
+    #[arg(long, value_name = "MS", default_value_t = 10)]
+    pub min_episode_fork_ms: u64,
+
     /// Benchmark aid: attach the same hooks with programs that return at
     /// once (the overhead floor). Reports nothing.
     #[arg(long, hide = true)]
@@ -271,6 +280,19 @@ fn parse_sample_every(s: &str) -> Result<u32, String> {
     }
 }
 
+fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (num, mult) = match t.char_indices().last() {
+        Some((i, 'k' | 'K')) => (&t[..i], 1u64 << 10),
+        Some((i, 'm' | 'M')) => (&t[..i], 1u64 << 20),
+        Some((i, 'g' | 'G')) => (&t[..i], 1u64 << 30),
+        _ => (t, 1),
+    };
+    let n: u64 =
+        num.parse().map_err(|_| format!("'{s}' is not a size: expected bytes such as 0, 512K or 1M"))?;
+    Ok(n.saturating_mul(mult))
+}
+
 pub fn parse_ring_size(s: &str) -> Result<u32, String> {
     let t = s.trim();
     let (num, mult) = match t.char_indices().last() {
@@ -359,6 +381,11 @@ mod tests {
         assert_eq!(a.backend, BackendChoice::Auto);
         assert_eq!(a.unit, Unit::Us);
         assert_eq!((a.serve, a.series_cap), (None, 500));
+        assert_eq!((a.min_episode_copied, a.min_episode_fork_ms), (1 << 20, 10));
+        let a = parse(&["--min-episode-copied", "0", "--min-episode-fork-ms", "50"]).unwrap();
+        assert_eq!((a.min_episode_copied, a.min_episode_fork_ms), (0, 50));
+        assert_eq!(parse(&["--min-episode-copied", "64K"]).unwrap().min_episode_copied, 64 << 10);
+        assert!(parse(&["--min-episode-copied", "lots"]).is_err());
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::{collections::HashSet, io::StdoutLock, os::fd::OwnedFd, time::Instant};
 use anyhow::{Context as _, Result};
 use aya::maps::{MapData, RingBuf};
 use cow_trace::{
-    episode::Episodes,
+    episode::{Episodes, Threshold},
     metrics::{Health, Metrics},
     output::{self, Format},
     tally::Tally,
@@ -175,6 +175,8 @@ pub struct Session {
     signals: Option<[Signal; 3]>,
     start: Instant,
     last_sweep: Instant,
+    /// Whole-system runs: which episodes are shown (others are counted).
+    threshold: Option<Threshold>,
     /// `--serve`: the HTTP side, and when it was last given a snapshot.
     exporter: Option<(Exporter, Option<Instant>)>,
 }
@@ -274,6 +276,10 @@ impl Session {
             start: now,
             last_sweep: now,
             exporter: exporter.map(|e| (e, None)),
+            threshold: (args.pids.is_empty() && args.command.is_empty()).then_some(Threshold {
+                min_copied_bytes: args.min_episode_copied,
+                min_fork_ns: args.min_episode_fork_ms.saturating_mul(1_000_000),
+            }),
         })
     }
 
@@ -359,9 +365,12 @@ impl Session {
 
     fn print_episodes(&mut self) -> Result<()> {
         let Some(eps) = self.tally.episodes_mut() else { return Ok(()) };
-        let finished = eps.take_finished();
+        let mut finished = eps.take_finished();
         if let Some(m) = self.tally.metrics_mut() {
             finished.iter().for_each(|ep| m.episode(ep));
+        }
+        if let Some(t) = self.threshold {
+            finished.retain(|ep| t.matters(ep));
         }
         output::write_episodes(&mut self.out, &finished, self.format)?;
         Ok(())
@@ -416,10 +425,12 @@ impl Session {
         }
         self.print_episodes()?;
         let kernel = self.tracer.counters()?;
-        let Session { tracer, ring, tally, mut out, format, .. } = self;
+        let Session { tracer, ring, tally, mut out, format, threshold, .. } = self;
         // Detach everything before printing: the summary is the last word.
         drop(ring);
         drop(tracer);
+        let all_episodes = tally.episodes().map(Episodes::all).unwrap_or_default();
+        let episodes_total = all_episodes.len() as u64 + tally.episodes().map_or(0, Episodes::dropped);
         let command_exit_code = match end {
             End::CommandExited(code) => Some(code),
             _ => None,
@@ -435,7 +446,11 @@ impl Session {
             command_exit_code,
             processes: &tally.totals(),
             histograms: tally.histograms(),
-            episodes: &tally.episodes().map(Episodes::all).unwrap_or_default(),
+            episodes: &match threshold {
+                Some(t) => t.rank(all_episodes),
+                None => all_episodes,
+            },
+            episodes_total,
         };
         output::write_summary(&mut out, &summary, format)?;
         warn_about_losses(&kernel);
