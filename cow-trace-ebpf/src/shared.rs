@@ -101,7 +101,7 @@ fn in_cgroups() -> bool {
         // SAFETY: helper has no preconditions; 0 means deeper than the task.
         let id = unsafe { bpf_get_current_ancestor_cgroup_id(level as i32) };
         // SAFETY: lookup result is only tested for presence.
-        if id == 0 || unsafe { CGROUPS.get(&id).is_some() } {
+        if id == 0 || unsafe { CGROUPS.get(id).is_some() } {
             return id != 0;
         }
     }

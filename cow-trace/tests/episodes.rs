@@ -121,6 +121,6 @@ fn a_busy_host_shows_only_the_episodes_that_matter() {
     assert!(listed.iter().any(|e| e["parent"] == report["pid"]));
     assert!(listed.windows(2).all(|w| u(&w[0]["copied_bytes"]) >= u(&w[1]["copied_bytes"])), "not ranked");
     // Counted all the same.
-    assert!(u(&s["episodes_total"]) >= COMMANDS + 1, "{}", s["episodes_total"]);
+    assert!(u(&s["episodes_total"]) > COMMANDS, "{}", s["episodes_total"]);
     assert!(u(&s["episodes_total"]) >= listed.len() as u64);
 }
