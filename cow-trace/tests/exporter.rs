@@ -324,3 +324,47 @@ fn pid_churn_keeps_memory_and_series_bounded_and_totals_exact() {
         kernel["spawns"], kernel["cow_copies"]
     );
 }
+
+#[test]
+fn serve_works_with_pid_and_launch_modes() {
+    if !need_root("serve_works_with_pid_and_launch_modes") {
+        return;
+    }
+    // -p: the exporter answers while the target runs; the run ends with it.
+    let wl = HeldWorkload::start(&STANDARD);
+    let (port, pid) = (free_port(), wl.pid.to_string());
+    let serve = format!("127.0.0.1:{port}");
+    let mut tracer = Background::start(&["--json", "--serve", &serve, "-p", &pid]);
+    tracer.wait_attached();
+    assert_eq!(http_get(port, "/health").as_deref(), Some("ok\n"));
+    let until = Instant::now() + Duration::from_secs(30);
+    while !http_get(port, "/metrics").unwrap_or_default().contains("backend=\"") {
+        assert!(Instant::now() < until, "no snapshot published");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    wl.go();
+    let report = wl.finish();
+    let r = tracer.finish(Duration::from_secs(60));
+    assert!(r.status.success(), "{}", r.stderr);
+    ok(workload::check_summary(r.summary(), &report, &STANDARD, Timing::Sampled));
+    // Launch mode: ends with the command, with the same figures.
+    let mut args = vec!["--json".to_string(), "--serve".into(), format!("127.0.0.1:{}", free_port())];
+    args.extend(launch_workload(&STANDARD));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let r = run(&args, Duration::from_secs(120));
+    assert!(r.status.success(), "{}\n{}", r.stdout, r.stderr);
+    ok(workload::check_summary(r.summary(), r.workload(), &STANDARD, Timing::Sampled));
+}
+
+#[test]
+fn a_cgroup_that_does_not_exist_is_refused_in_one_line() {
+    if !need_root("a_cgroup_that_does_not_exist_is_refused_in_one_line") {
+        return;
+    }
+    let r = run(&["--cgroup", "no/such/cgroup-here", "-d", "1"], Duration::from_secs(30));
+    assert_eq!(r.status.code(), Some(1), "{}", r.stderr);
+    let lines: Vec<&str> = r.stderr.lines().filter(|l| l.contains("error")).collect();
+    assert_eq!(lines.len(), 1, "{}", r.stderr);
+    assert!(lines[0].contains("--cgroup no/such/cgroup-here: no such cgroup"), "{}", lines[0]);
+    assert!(r.stdout.is_empty());
+}
