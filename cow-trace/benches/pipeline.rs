@@ -100,7 +100,7 @@ fn pipeline(c: &mut Criterion) {
     // text comes from memory here instead of /proc).
     g.bench_function("decode+aggregate+episodes", |b| {
         b.iter(|| {
-            let maps = "7f0000000000-7f8000000000 rw-p 00000000 00:00 0 \n".to_string();
+            let maps = b"7f0000000000-7f8000000000 rw-p 00000000 00:00 0 \n".to_vec();
             let eps = Episodes::new(4096, Box::new(move |_| Some(maps.clone())));
             let mut agg =
                 Tally::new(4096, None, true, Box::new(|_| 1), Box::new(|_| None)).with_episodes(eps);

@@ -21,6 +21,7 @@ EXAMPLES:
     cow-trace --json -p 1234           # newline-delimited JSON for scripts
     cow-trace -d 10                    # every process on the system for 10 seconds
     cow-trace -- python3 job.py        # run a command and trace it and its descendants
+    cow-trace -u app -- ./job.sh       # the same, the command run as user app (ids and groups)
     cow-trace --serve                  # Prometheus exporter on 127.0.0.1:19808/metrics until SIGTERM
     cow-trace --cgroup system.slice/redis-server.service   # one service (and its sub-cgroups) only
 
@@ -121,6 +122,12 @@ pub struct Args {
     #[arg(last = true, value_name = "COMMAND")]
     pub command: Vec<OsString>,
 
+    /// Run the command after `--` as USER: that user's uid, gid and
+    /// supplementary groups (like `strace -u`), its environment left as
+    /// is. cow-trace itself keeps its privileges.
+    #[arg(short = 'u', long = "user", value_name = "USER")]
+    pub user: Option<String>,
+
     /// Whether `--` was given: clap cannot tell `cow-trace --` (a command
     /// forgotten) from plain `cow-trace` (the whole system).
     #[arg(skip)]
@@ -154,6 +161,13 @@ impl Args {
             _ => ArgsError::Usage(one_line(&e)),
         })?;
         args.dashdash = argv.iter().skip(1).any(|a| a == "--");
+        if args.user.is_some() && args.command.is_empty() {
+            return Err(ArgsError::Usage(
+                "-u/--user runs a launched command as USER: name the command after `--`, \
+                 e.g. cow-trace -u nobody -- ./job.sh (see cow-trace --help)"
+                    .into(),
+            ));
+        }
         Ok(args)
     }
 }
@@ -341,6 +355,16 @@ mod tests {
                 other => panic!("{args:?}: {other:?}"),
             }
         }
+        for args in [&["-u", "nobody"][..], &["--user", "nobody", "-p", "1"], &["-u", "nobody", "--"]] {
+            match parse_checked(args) {
+                Err(ArgsError::Usage(line)) => {
+                    assert!(line.starts_with("-u/--user runs a launched command"), "{line}")
+                }
+                other => panic!("{args:?}: {other:?}"),
+            }
+        }
+        let a = parse_checked(&["-u", "nobody", "--", "id"]).unwrap();
+        assert_eq!((a.user.as_deref(), a.mode().unwrap()), (Some("nobody"), Mode::Launch(vec!["id".into()])));
         assert!(matches!(parse_checked(&["--help"]), Err(ArgsError::Info(_))));
         assert!(matches!(parse_checked(&["--version"]), Err(ArgsError::Info(_))));
     }

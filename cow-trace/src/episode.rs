@@ -196,8 +196,8 @@ const EARLY_LATENCY_WINDOW_NS: u64 = 100_000_000;
 const MAX_CLOSING_SETTLES: u64 = 40;
 
 impl Episodes {
-    /// `read_maps(pid)` returns the text of `/proc/PID/maps`.
-    pub fn new(page_size: u64, read_maps: Box<dyn Fn(u32) -> Option<String>>) -> Self {
+    /// `read_maps(pid)` returns the bytes of `/proc/PID/maps`.
+    pub fn new(page_size: u64, read_maps: Box<dyn Fn(u32) -> Option<Vec<u8>>>) -> Self {
         Self {
             page_size,
             open: HashMap::new(),
@@ -590,7 +590,7 @@ mod tests {
     }
 
     fn episodes() -> Episodes {
-        Episodes::new(4096, Box::new(|_| Some(MAPS.to_string())))
+        Episodes::new(4096, Box::new(|_| Some(MAPS.into())))
     }
 
     #[test]
@@ -746,9 +746,9 @@ mod tests {
                 r.set(r.get() + 1);
                 // The second read sees a mapping made after the first.
                 Some(if r.get() == 1 {
-                    MAPS.to_string()
+                    MAPS.into()
                 } else {
-                    format!("{MAPS}7f0000000000-7f0000100000 rw-p 00000000 00:00 0 \n")
+                    format!("{MAPS}7f0000000000-7f0000100000 rw-p 00000000 00:00 0 \n").into()
                 })
             }),
         );
@@ -769,7 +769,7 @@ mod tests {
 
     #[test]
     fn a_gone_parent_leaves_its_childs_maps() {
-        let mut eps = Episodes::new(4096, Box::new(|pid| (pid == 200).then(|| MAPS.to_string())));
+        let mut eps = Episodes::new(4096, Box::new(|pid| (pid == 200).then(|| MAPS.into())));
         eps.feed(&ev(EventKind::Spawn, 100, 200, 0, "p"));
         eps.feed(&ev(EventKind::Exit, 100, 0, MS, "p"));
         eps.feed(&copy(200, 2 * MS, STACK, 0));
@@ -782,7 +782,7 @@ mod tests {
     fn the_parents_layout_is_read_at_the_fork_for_copies_that_come_after_both_exited() {
         let alive = std::rc::Rc::new(std::cell::Cell::new(true));
         let a = alive.clone();
-        let mut eps = Episodes::new(4096, Box::new(move |_| a.get().then(|| MAPS.to_string())));
+        let mut eps = Episodes::new(4096, Box::new(move |_| a.get().then(|| MAPS.into())));
         eps.feed(&ev(EventKind::Spawn, 100, 200, 0, "p"));
         // Both gone before their batched copies are read.
         alive.set(false);

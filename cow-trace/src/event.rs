@@ -14,7 +14,8 @@ use cow_trace_common::{
 };
 
 /// A task comm as the kernel wrote it: NUL-padded, not always UTF-8. Kept
-/// raw so that events whose name nobody reads cost no allocation.
+/// raw so that events whose name nobody reads cost no allocation; shown
+/// with [`lossless`](crate::sanitize::lossless), which keeps every byte.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Comm([u8; 16]);
 
@@ -42,7 +43,7 @@ impl Comm {
 
 impl std::fmt::Display for Comm {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&String::from_utf8_lossy(self.bytes()))
+        f.write_str(&crate::sanitize::lossless(self.bytes()))
     }
 }
 
@@ -365,8 +366,105 @@ mod tests {
         let s = |raw: &[u8; 16]| Comm::new(*raw).to_string();
         assert_eq!(s(b"redis-server\0\0\0\0"), "redis-server");
         assert_eq!(s(b"0123456789abcdef"), "0123456789abcdef");
-        assert_eq!(s(&[0xff, b'a', 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]), "\u{fffd}a");
+        assert_eq!(s(&[0xff, b'a', 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]), "\\xffa");
         assert!(Comm::default().is_empty());
         assert!(Comm::new(*b"redis-server\0\0\0\0").is("redis-server"));
+    }
+}
+
+/// Properties of the decoders over arbitrary bytes: records come from our
+/// own programs, but a decoder must survive anything (see SECURITY.md).
+#[cfg(test)]
+mod props {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn wire() -> impl Strategy<Value = Wire> {
+        (any::<[u32; 4]>(), any::<[u64; 3]>(), any::<[u8; 16]>(), any::<[u32; 2]>()).prop_map(
+            |([kind, pid, tid, other], [ts_ns, latency_ns, addr], comm, [flags, _reserved])| Wire {
+                kind: kind % 12,
+                pid,
+                tid,
+                other,
+                ts_ns,
+                latency_ns,
+                addr,
+                comm,
+                flags,
+                _reserved,
+            },
+        )
+    }
+
+    fn record() -> impl Strategy<Value = FaultRecord> {
+        any::<(u64, u32, u32)>().prop_map(|(addr_kind, latency_ns, pid)| FaultRecord {
+            addr_kind,
+            latency_ns,
+            pid,
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2048))]
+
+        #[test]
+        fn any_bytes_decode_to_one_verdict_per_event_without_panicking(
+            bytes in prop::collection::vec(any::<u8>(), 0..1200),
+            batch_magic in any::<bool>(),
+        ) {
+            let mut bytes = bytes;
+            if batch_magic && bytes.len() >= 4 {
+                bytes[..4].copy_from_slice(&FAULT_BATCH.to_ne_bytes());
+            }
+            let mut n = 0;
+            decode_record(&bytes, 16, |_| n += 1);
+            let expected = decode_batch(&bytes).map_or(1, |(_, records)| records.count());
+            prop_assert_eq!(n, expected);
+        }
+
+        #[test]
+        fn well_formed_wire_events_round_trip(w in wire()) {
+            let bytes = encode_wire(&w);
+            prop_assert_eq!(decode_wire(&bytes), Some(w));
+            let e = Event::from_wire(&w);
+            // Known kinds decode, unknown ones are refused, never guessed.
+            prop_assert_eq!(e.is_some(), EventKind::from_u32(w.kind).is_some());
+            if let Some(e) = e {
+                prop_assert_eq!((e.pid, e.tid, e.ts_ns, e.kind() as u32), (w.pid, w.tid, w.ts_ns, w.kind));
+            }
+            // A record of any other length is not an event.
+            prop_assert_eq!(decode_wire(&bytes[..bytes.len() - 1]), None);
+            prop_assert_eq!(decode_wire(&[bytes.as_slice(), &[0]].concat()), None);
+        }
+
+        #[test]
+        fn well_formed_batches_round_trip_and_miscounted_ones_are_refused(
+            ts in any::<u64>(),
+            records in prop::collection::vec(record(), 1..=FAULT_BATCH_LEN),
+            wrong in 0u32..=FAULT_BATCH_LEN as u32 + 1,
+        ) {
+            let count = records.len() as u32;
+            let bytes = encode_batch(ts, &records, count);
+            let (t, decoded) = decode_batch(&bytes).expect("well-formed");
+            let decoded: Vec<FaultRecord> = decoded.collect();
+            prop_assert_eq!(t, ts);
+            prop_assert_eq!(decoded, records.clone());
+            // Each record is an outcome of its own kind, or refused.
+            let mut events = Vec::new();
+            decode_record(&encode_batch(ts, &records, count), 8, |e| events.push(e));
+            for (e, r) in events.iter().zip(&records) {
+                let outcome = matches!(
+                    EventKind::from_u32(r.kind()),
+                    Some(EventKind::CowCopy | EventKind::CowReuse | EventKind::ZeroFill)
+                );
+                prop_assert_eq!(e.is_some(), outcome);
+                if let Some(e) = e {
+                    prop_assert_eq!((e.pid, e.ts_ns), (r.pid, ts));
+                }
+            }
+            prop_assume!(wrong != count);
+            prop_assert!(decode_batch(&encode_batch(ts, &records, wrong)).is_none());
+        }
     }
 }

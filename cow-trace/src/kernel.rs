@@ -353,3 +353,68 @@ print fmt: \"0x%lx\", REC->ret
         assert!(!kallsyms_has(text, "wp_page_copy"));
     }
 }
+
+/// Properties of the tracefs format parser: tracefs is the kernel's, but
+/// what we make of it sets where the BPF programs read.
+#[cfg(test)]
+mod props {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn field_name() -> impl Strategy<Value = String> {
+        prop::collection::vec(prop::sample::select(b"abcdefghijklmnopqrstuvwxyz_0123456789".to_vec()), 0..20)
+            .prop_map(|tail| format!("f{}", String::from_utf8(tail).unwrap()))
+    }
+
+    /// A field and its declaration, in the shapes tracefs uses.
+    fn field() -> impl Strategy<Value = (String, Field)> {
+        (field_name(), 0usize..5, any::<u32>(), any::<u32>(), any::<bool>(), 1u32..64).prop_map(
+            |(name, shape, offset, size, signed, dim)| {
+                let decl = match shape {
+                    0 => format!("int {name}"),
+                    1 => format!("unsigned long {name}"),
+                    2 => format!("char {name}[{dim}]"),
+                    3 => format!("__data_loc char[] {name}"),
+                    _ => format!("struct clone_args * {name}"),
+                };
+                let line =
+                    format!("\tfield:{decl};\toffset:{offset};\tsize:{size};\tsigned:{};\n", signed as u8);
+                (line, Field { name, offset, size, signed })
+            },
+        )
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1024))]
+
+        #[test]
+        fn any_text_is_parsed_or_refused_without_panicking(text in any::<String>(), bytes in prop::collection::vec(any::<u8>(), 0..400)) {
+            let _ = parse_format(&text);
+            let _ = parse_format(&format!("\tfield:{text};\toffset:1;\tsize:{text};\n"));
+            let _ = parse_format(&String::from_utf8_lossy(&bytes));
+        }
+
+        #[test]
+        fn formats_round_trip(fields in prop::collection::vec(field(), 1..12)) {
+            let text = format!("name: x\nID: 1\nformat:\n{}\nprint fmt: \"\"\n",
+                fields.iter().map(|(l, _)| l.as_str()).collect::<String>());
+            let want: Vec<Field> = fields.into_iter().map(|(_, f)| f).collect();
+            prop_assert_eq!(parse_format(&text).unwrap(), want);
+        }
+
+        #[test]
+        fn a_field_without_a_number_is_refused(fields in prop::collection::vec(field(), 1..6), victim in any::<prop::sample::Index>(), how in 0usize..4) {
+            let mut lines: Vec<String> = fields.into_iter().map(|(l, _)| l).collect();
+            let i = victim.index(lines.len());
+            let l = &lines[i];
+            lines[i] = match how {
+                0 => l.replacen("offset:", "offset:x", 1),
+                1 => l.replacen("size:", "size:-", 1),
+                2 => { let at = l.find("\toffset:").unwrap(); let end = at + l[at + 1..].find('\t').unwrap() + 1; format!("{}{}", &l[..at], &l[end..]) }
+                _ => { let at = l.find("\tsize:").unwrap(); let end = at + l[at + 1..].find('\t').unwrap() + 1; format!("{}{}", &l[..at], &l[end..]) }
+            };
+            prop_assert!(parse_format(&lines.concat()).is_err(), "{:?}", lines[i]);
+        }
+    }
+}

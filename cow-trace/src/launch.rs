@@ -1,5 +1,6 @@
 //! Launch mode: start the command held at a gate until tracing is attached,
-//! so that nothing it does (its first fork included) goes unseen.
+//! so that nothing it does (its first fork included) goes unseen; with
+//! `-u USER`, as that user.
 //!
 //! `std::process::Command::spawn` waits for the child's exec, which would
 //! deadlock with a gate in `pre_exec`; hence a plain fork/exec here, done
@@ -16,6 +17,11 @@ use std::{
 };
 
 use anyhow::{anyhow, bail, Context as _, Result};
+use cow_trace::sanitize::for_terminal;
+
+/// What the child reports failed, with its errno, before it exits.
+const STAGE_EXEC: i32 = 0;
+const STAGE_USER: i32 = 1;
 
 pub struct Gated {
     pub pid: u32,
@@ -37,7 +43,9 @@ fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
 /// Resolves the program as a shell would: a name with a slash is a path,
 /// anything else is looked up in PATH.
 pub fn resolve(program: &OsString) -> Result<PathBuf> {
+    // The command line is the operator's, but may be pasted from anywhere.
     let shown = program.to_string_lossy();
+    let shown = for_terminal(&shown);
     if program.as_bytes().contains(&b'/') {
         let path = PathBuf::from(program);
         if !path.is_file() {
@@ -48,8 +56,51 @@ pub fn resolve(program: &OsString) -> Result<PathBuf> {
     which::which(program).map_err(|_| anyhow!("command not found: {shown} (not in PATH)"))
 }
 
-/// Forks a child that waits at the gate, then execs `argv`.
-pub fn spawn_gated(argv: &[OsString]) -> Result<Gated> {
+/// Who a launched command runs as (`-u USER`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Identity {
+    pub uid: libc::uid_t,
+    pub gid: libc::gid_t,
+    /// Supplementary groups, the user's primary group among them.
+    pub groups: Vec<libc::gid_t>,
+}
+
+/// Looks `name` up in the user database (as `id USER` would), with the
+/// groups `initgroups` would give it: done before the fork, since the child
+/// may only make async-signal-safe calls.
+pub fn lookup_user(name: &str) -> Result<Identity> {
+    let unknown = || anyhow!("no such user: {} (see `getent passwd`)", for_terminal(name));
+    let c_name = CString::new(name).map_err(|_| unknown())?;
+    let mut buf = vec![0u8; 16 * 1024];
+    // SAFETY: passwd is plain data, filled in by getpwnam_r.
+    let mut pw: libc::passwd = unsafe { std::mem::zeroed() };
+    let mut found: *mut libc::passwd = std::ptr::null_mut();
+    // SAFETY: every pointer is valid for the call; buf outlives pw's use.
+    let rc =
+        unsafe { libc::getpwnam_r(c_name.as_ptr(), &mut pw, buf.as_mut_ptr().cast(), buf.len(), &mut found) };
+    if rc != 0 {
+        return Err(io::Error::from_raw_os_error(rc)).context("cannot read the user database");
+    }
+    if found.is_null() {
+        return Err(unknown());
+    }
+    let mut groups: Vec<libc::gid_t> = vec![0; 64];
+    loop {
+        let mut n = groups.len() as libc::c_int;
+        // SAFETY: groups holds n entries; getgrouplist sets n to the count.
+        let rc = unsafe { libc::getgrouplist(c_name.as_ptr(), pw.pw_gid, groups.as_mut_ptr(), &mut n) };
+        if rc >= 0 {
+            groups.truncate(n as usize);
+            break;
+        }
+        groups.resize((n as usize).max(groups.len() * 2), 0);
+    }
+    Ok(Identity { uid: pw.pw_uid, gid: pw.pw_gid, groups })
+}
+
+/// Forks a child that waits at the gate, then execs `argv`, as `user` when
+/// given.
+pub fn spawn_gated(argv: &[OsString], user: Option<&Identity>) -> Result<Gated> {
     let path = resolve(&argv[0])?;
     let c_path = CString::new(path.as_os_str().as_bytes()).context("NUL in command path")?;
     let c_args = argv
@@ -77,9 +128,24 @@ pub fn spawn_gated(argv: &[OsString]) -> Result<Gated> {
             if libc::read(gate_r.as_raw_fd(), (&mut b as *mut u8).cast(), 1) != 1 {
                 libc::_exit(127);
             }
-            libc::execv(c_path.as_ptr(), c_argv.as_ptr());
-            let errno = *libc::__errno_location();
-            libc::write(err_w.as_raw_fd(), (&errno as *const i32).cast(), 4);
+            // Groups first, then the gid, then the uid: each needs the
+            // privilege the next one drops. Failing any is reported, not run.
+            let dropped = match user {
+                Some(u) => {
+                    libc::setgroups(u.groups.len(), u.groups.as_ptr()) == 0
+                        && libc::setgid(u.gid) == 0
+                        && libc::setuid(u.uid) == 0
+                }
+                None => true,
+            };
+            let stage: i32 = if dropped {
+                libc::execv(c_path.as_ptr(), c_argv.as_ptr());
+                STAGE_EXEC
+            } else {
+                STAGE_USER
+            };
+            let report = [stage, *libc::__errno_location()];
+            libc::write(err_w.as_raw_fd(), report.as_ptr().cast(), 8);
             libc::_exit(127);
         }
     }
@@ -103,12 +169,18 @@ impl Gated {
             return Err(io::Error::last_os_error()).context("cannot release the command");
         }
         drop(gate);
-        let mut errno = 0i32;
+        let mut report = [0i32; 2];
         // The close-on-exec pipe reads EOF when the exec succeeded.
-        let n = unsafe { libc::read(self.exec_err.as_raw_fd(), (&mut errno as *mut i32).cast(), 4) };
-        if n == 4 {
+        let n = unsafe { libc::read(self.exec_err.as_raw_fd(), report.as_mut_ptr().cast(), 8) };
+        if n == 8 {
             reap(self.pid);
-            bail!("cannot run {}: {}", self.program, io::Error::from_raw_os_error(errno));
+            let [stage, errno] = report;
+            let err = io::Error::from_raw_os_error(errno);
+            let program = for_terminal(&self.program);
+            if stage == STAGE_USER {
+                bail!("cannot run {program} as the user given with -u: {err}");
+            }
+            bail!("cannot run {program}: {err}");
         }
         Ok(())
     }
@@ -163,7 +235,7 @@ mod tests {
 
     #[test]
     fn gated_command_runs_only_when_released() {
-        let mut g = spawn_gated(&["sh".into(), "-c".into(), "exit 7".into()]).unwrap();
+        let mut g = spawn_gated(&["sh".into(), "-c".into(), "exit 7".into()], None).unwrap();
         std::thread::sleep(std::time::Duration::from_millis(50));
         // Still at the gate: not exited.
         let mut status = 0;
@@ -176,26 +248,36 @@ mod tests {
     fn unreleased_command_never_runs() {
         let dir = std::env::temp_dir().join(format!("cow-trace-gate-{}", std::process::id()));
         let marker = dir.to_string_lossy().to_string();
-        let g = spawn_gated(&["sh".into(), "-c".into(), format!("touch {marker}").into()]).unwrap();
+        let g = spawn_gated(&["sh".into(), "-c".into(), format!("touch {marker}").into()], None).unwrap();
         drop(g);
         assert!(!dir.exists());
     }
 
     #[test]
     fn missing_commands_fail_early() {
-        let e = spawn_gated(&["no-such-command-xyz".into()]).err().unwrap().to_string();
+        let e = spawn_gated(&["no-such-command-xyz".into()], None).err().unwrap().to_string();
         assert_eq!(e, "command not found: no-such-command-xyz (not in PATH)");
-        let e = spawn_gated(&["/nonexistent/bin".into()]).err().unwrap().to_string();
+        let e = spawn_gated(&["/nonexistent/bin".into()], None).err().unwrap().to_string();
         assert_eq!(e, "cannot run /nonexistent/bin: no such file");
         // A file that exists but is no program fails at release.
         use std::os::unix::fs::PermissionsExt as _;
         let path = std::env::temp_dir().join(format!("cow-trace-notexec-{}", std::process::id()));
         std::fs::write(&path, [0u8, 1, 2, 3]).unwrap();
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
-        let mut g = spawn_gated(&[path.clone().into()]).unwrap();
+        let mut g = spawn_gated(&[path.clone().into()], None).unwrap();
         let e = g.release().unwrap_err().to_string();
         std::fs::remove_file(&path).unwrap();
         assert_eq!(e, format!("cannot run {}: Exec format error (os error 8)", path.display()));
+    }
+
+    #[test]
+    fn users_are_looked_up_with_their_groups() {
+        let root = lookup_user("root").unwrap();
+        assert_eq!((root.uid, root.gid), (0, 0));
+        assert!(root.groups.contains(&0), "{root:?}");
+        let e = lookup_user("no-such-user-xyz").unwrap_err().to_string();
+        assert_eq!(e, "no such user: no-such-user-xyz (see `getent passwd`)");
+        assert!(lookup_user("\x1b[2J").unwrap_err().to_string().contains("\\x1b[2J"));
     }
 
     #[test]

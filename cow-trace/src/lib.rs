@@ -4,9 +4,10 @@
 //! same code.
 //!
 //! Dependencies point one way, down this list: `tally` feeds `aggregate`
-//! (with `retired`), `targets` and `episode`, which read `event`; `output`
-//! renders what they produce with `fmt`; `metrics` counts the same events
-//! per label set for the exporter. `histogram`, `regions`, `counts`
+//! (with `retired`, both keeping `process` records), `targets` and
+//! `episode`, which read `event`; `output` renders what they produce with
+//! `fmt` and `sanitize`; `metrics` counts the same events per label set
+//! for the exporter. `histogram`, `regions`, `counts`, `cgroup`, `sanitize`
 //! and `fmt` are leaves.
 
 pub mod aggregate;
@@ -18,7 +19,9 @@ pub mod fmt;
 pub mod histogram;
 pub mod metrics;
 pub mod output;
+pub mod process;
 pub mod regions;
 pub mod retired;
+pub mod sanitize;
 pub mod tally;
 pub mod targets;

@@ -11,7 +11,7 @@ mod preflight;
 mod procfs;
 mod run;
 
-use std::process::ExitCode;
+use std::{io, process::ExitCode};
 
 fn main() -> ExitCode {
     let args = match cli::Args::try_parse_args(std::env::args_os()) {
@@ -27,9 +27,16 @@ fn main() -> ExitCode {
         .init();
     match run::run(args) {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
+        // The reader went away (`cow-trace | head`): end quietly, as other
+        // tools do; the run's programs were detached as it unwound.
+        Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("cow-trace: error: {e:#}");
             ExitCode::FAILURE
         }
     }
+}
+
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| c.downcast_ref::<io::Error>().is_some_and(|e| e.kind() == io::ErrorKind::BrokenPipe))
 }

@@ -12,6 +12,7 @@ use crate::{
     episode::Episode,
     fmt::{fmt_bytes, fmt_ns},
     histogram::{Log2Row, Summary},
+    sanitize::{for_terminal, width},
 };
 
 fn lat(s: &Summary, f: fn(&Summary) -> u64) -> String {
@@ -25,10 +26,25 @@ fn lat(s: &Summary, f: fn(&Summary) -> u64) -> String {
 /// The per-process table. `top` bounds the rows (0: all); a last line says
 /// how many were left out.
 pub fn table(rows: &[ProcRow], top: usize) -> String {
+    let shown = if top == 0 { rows.len() } else { rows.len().min(top) };
+    // Names as printed (escaped, exited ones starred); the column is as wide
+    // as the widest of them, so an escaped name shifts no other column.
+    let comms: Vec<String> = rows[..shown]
+        .iter()
+        .map(|r| {
+            let comm = for_terminal(&r.comm);
+            if r.exited {
+                format!("{comm}*")
+            } else {
+                comm.into_owned()
+            }
+        })
+        .collect();
+    let w = comms.iter().map(|c| width(c)).max().unwrap_or(0).max(16);
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:>7} {:>7} {:<16} {:>6} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9} {:>8} {:>8} {:>7}",
+        "{:>7} {:>7} {:<w$} {:>6} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9} {:>8} {:>8} {:>7}",
         "PID",
         "PPID",
         "COMM",
@@ -44,12 +60,10 @@ pub fn table(rows: &[ProcRow], top: usize) -> String {
         "COW_P99",
         "ZEROS"
     );
-    let shown = if top == 0 { rows.len() } else { rows.len().min(top) };
-    for r in &rows[..shown] {
-        let comm = if r.exited { format!("{}*", r.comm) } else { r.comm.clone() };
+    for (r, comm) in rows[..shown].iter().zip(&comms) {
         let _ = writeln!(
             out,
-            "{:>7} {:>7} {:<16} {:>6} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9} {:>8} {:>8} {:>7}",
+            "{:>7} {:>7} {:<w$} {:>6} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9} {:>8} {:>8} {:>7}",
             r.pid,
             r.ppid,
             comm,
@@ -77,7 +91,14 @@ pub fn table(rows: &[ProcRow], top: usize) -> String {
 
 /// An episode as one readable line.
 pub fn episode_line(ep: &Episode) -> String {
-    let mut s = format!("{} {}[{}] -> {}[{}]: ", ep.kind, ep.parent_comm, ep.parent, ep.child_comm, ep.child);
+    let mut s = format!(
+        "{} {}[{}] -> {}[{}]: ",
+        ep.kind,
+        for_terminal(&ep.parent_comm),
+        ep.parent,
+        for_terminal(&ep.child_comm),
+        ep.child
+    );
     s += &match ep.fork_latency_ns {
         Some(ns) => format!("fork {}", fmt_ns(ns)),
         None => "fork -".into(),
@@ -104,8 +125,11 @@ pub fn episode_line(ep: &Episode) -> String {
         );
     }
     if !ep.top_regions.is_empty() {
-        let top: Vec<_> =
-            ep.top_regions.iter().map(|r| format!("{} {}", r.region, fmt_bytes(r.bytes))).collect();
+        let top: Vec<_> = ep
+            .top_regions
+            .iter()
+            .map(|r| format!("{} {}", for_terminal(&r.region), fmt_bytes(r.bytes)))
+            .collect();
         s += &format!("; top regions: {}", top.join(", "));
     }
     s
@@ -367,6 +391,7 @@ pub fn json_line<T: Serialize>(v: &T) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::episode::RegionBytes;
 
     fn row(pid: u32, copies: u64) -> ProcRow {
         ProcRow {
@@ -412,6 +437,41 @@ mod tests {
         assert_eq!(lines[3], "... 1 more processes (--top 0 shows all)");
         assert_eq!(table(&rows, 0).lines().count(), 4);
         assert!(table(&[], 20).contains("no forks"));
+    }
+
+    #[test]
+    fn hostile_names_cannot_break_a_row_or_reach_the_terminal() {
+        let name = "\x1b[31mEV\nIL\x07";
+        let mut rows = vec![row(2, 10), row(3, 5)];
+        rows[0].comm = name.into();
+        rows[1].comm = "\u{202e}evil".into();
+        let t = table(&rows, 0);
+        let lines: Vec<_> = t.lines().collect();
+        assert_eq!(lines.len(), 3, "{t}");
+        let columns = lines[0].split_whitespace().count();
+        for l in &lines {
+            assert_eq!(l.split_whitespace().count(), columns, "{l:?}");
+            assert!(!l.chars().any(char::is_control), "{l:?}");
+        }
+        assert!(lines[1].contains(" \\x1b[31mEV\\nIL\\x07 "), "{}", lines[1]);
+        assert!(lines[2].contains(" \\u{202e}evil* "), "{}", lines[2]);
+        // Every column after COMM starts where the header's does.
+        let forks_end = lines[0].find("FORKS").unwrap() + "FORKS".len();
+        for l in &lines[1..] {
+            assert_eq!(l.as_bytes()[forks_end - 1], b'1', "{l:?}");
+            assert_eq!(l.as_bytes()[forks_end], b' ', "{l:?}");
+        }
+        let mut ep = episode(10, 5);
+        ep.child_comm = name.into();
+        ep.top_regions = vec![RegionBytes { region: format!("/tmp/{name} (deleted)"), bytes: 4096 }];
+        let line = episode_line(&ep);
+        assert!(!line.chars().any(char::is_control), "{line:?}");
+        assert!(line.contains("-> \\x1b[31mEV\\nIL\\x07[10]"), "{line}");
+        assert!(line.contains("/tmp/\\x1b[31mEV\\nIL\\x07 (deleted) 4.0KiB"), "{line}");
+        // JSON keeps the exact name.
+        let v: serde_json::Value =
+            serde_json::from_str(&json_line(&EpisodeRecord { kind: "episode", episode: &ep })).unwrap();
+        assert_eq!(v["child_comm"], name);
     }
 
     #[test]

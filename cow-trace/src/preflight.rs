@@ -4,6 +4,7 @@
 use std::{fs, io};
 
 use anyhow::{bail, Result};
+use cow_trace::sanitize::for_terminal;
 
 use crate::procfs::{is_zombie, proc_info, ProcInfo};
 
@@ -52,21 +53,21 @@ pub fn check_pid(pid: u32) -> Result<ProcInfo> {
         bail!(
             "PID {pid} ({}) is a kernel thread: it has no user memory to fork or copy; trace a \
              user process",
-            info.name
+            for_terminal(&info.name)
         );
     }
     if is_zombie(pid) {
         bail!(
             "PID {pid} ({}) has already exited (a zombie its parent has not reaped): there is \
              nothing left to trace",
-            info.name
+            for_terminal(&info.name)
         );
     }
     if info.tgid != pid {
         bail!(
             "PID {pid} is a thread of process {} ({}): trace the process with -p {}",
             info.tgid,
-            info.name,
+            for_terminal(&info.name),
             info.tgid
         );
     }

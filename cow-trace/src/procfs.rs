@@ -3,6 +3,8 @@
 
 use std::{fs, io};
 
+use cow_trace::sanitize::lossless;
+
 /// `PF_KTHREAD` in /proc/PID/stat's flags field.
 const PF_KTHREAD: u64 = 0x0020_0000;
 
@@ -32,10 +34,11 @@ pub fn parse_proc(status: &str, stat: &str) -> Option<ProcInfo> {
     })
 }
 
+/// Read as bytes: a name that is not UTF-8 must not make the entry unreadable.
 pub fn proc_info(pid: u32) -> io::Result<ProcInfo> {
-    let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    parse_proc(&status, &stat).ok_or_else(|| io::Error::other("unparsable /proc entry"))
+    let status = fs::read(format!("/proc/{pid}/status"))?;
+    let stat = fs::read(format!("/proc/{pid}/stat"))?;
+    parse_proc(&lossless(&status), &lossless(&stat)).ok_or_else(|| io::Error::other("unparsable /proc entry"))
 }
 
 /// Parent PID of a live process, 0 when unknown.
@@ -45,7 +48,8 @@ pub fn ppid_of(pid: u32) -> u32 {
 
 /// Name of a live process's main thread.
 pub fn comm_of(pid: u32) -> Option<String> {
-    fs::read_to_string(format!("/proc/{pid}/comm")).ok().map(|s| s.trim_end_matches('\n').to_string())
+    let comm = fs::read(format!("/proc/{pid}/comm")).ok()?;
+    Some(lossless(comm.strip_suffix(b"\n").unwrap_or(&comm)).into_owned())
 }
 
 /// Cgroup v2 path of a live process, as a metric label.
@@ -66,14 +70,14 @@ fn any_task_running(pid: u32) -> bool {
     let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else { return false };
     tasks
         .flatten()
-        .any(|t| fs::read_to_string(t.path().join("stat")).is_ok_and(|stat| !stat_state_is_dead(&stat)))
+        .any(|t| fs::read(t.path().join("stat")).is_ok_and(|stat| !stat_state_is_dead(&lossless(&stat))))
 }
 
 /// Whether the process is dead but not yet reaped. /proc/PID/stat shows
 /// the main thread's state, which is also a zombie's while the process's
 /// other threads run on: that process is alive, its exit still to come.
 pub fn is_zombie(pid: u32) -> bool {
-    fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| stat_state_is_dead(&s))
+    fs::read(format!("/proc/{pid}/stat")).is_ok_and(|s| stat_state_is_dead(&lossless(&s)))
         && !any_task_running(pid)
 }
 
@@ -84,8 +88,9 @@ fn stat_state_is_dead(stat: &str) -> bool {
 }
 
 /// Reads a live process's maps; `None` once it is gone or unreadable.
-pub fn read_maps(pid: u32) -> Option<String> {
-    fs::read_to_string(format!("/proc/{pid}/maps")).ok()
+/// Bytes, not text: one file name that is not UTF-8 must not lose the map.
+pub fn read_maps(pid: u32) -> Option<Vec<u8>> {
+    fs::read(format!("/proc/{pid}/maps")).ok()
 }
 
 #[cfg(test)]
@@ -127,6 +132,64 @@ mod tests {
         let boxed = Box::new([0u8; 64]);
         assert!(m.find(boxed.as_ptr() as u64).is_some(), "heap data lies in some mapping");
         assert!(read_maps(u32::MAX).is_none());
+    }
+
+    #[test]
+    fn maps_read_while_another_thread_remaps_still_hold_what_did_not_move() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let page = 4096;
+        // A mapping that stays, amid one that comes and goes, grows and
+        // shrinks next to others on another thread.
+        let stay = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                4 * page,
+                libc::PROT_READ,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(stay, libc::MAP_FAILED);
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let churn = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut n = 0usize;
+                while !stop.load(Ordering::Relaxed) {
+                    let len = (1 + n % 7) * page;
+                    let prot = if n.is_multiple_of(2) {
+                        libc::PROT_READ
+                    } else {
+                        libc::PROT_READ | libc::PROT_WRITE
+                    };
+                    let p = unsafe {
+                        libc::mmap(
+                            std::ptr::null_mut(),
+                            len,
+                            prot,
+                            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                            -1,
+                            0,
+                        )
+                    };
+                    assert_ne!(p, libc::MAP_FAILED);
+                    unsafe { libc::munmap(p, len) };
+                    n += 1;
+                }
+                n
+            })
+        };
+        let local = 0u64;
+        for _ in 0..300 {
+            let m = cow_trace::regions::Maps::parse(&read_maps(std::process::id()).expect("own maps"));
+            assert!(m.find(stay as u64).is_some_and(|r| r.start <= stay as u64), "the mapping that stayed");
+            assert!(m.find(&local as *const u64 as u64).is_some(), "this thread's stack");
+            assert!(m.regions().windows(2).all(|w| w[0].end <= w[1].start));
+        }
+        stop.store(true, Ordering::Relaxed);
+        assert!(churn.join().unwrap() > 0, "the other thread remapped meanwhile");
+        unsafe { libc::munmap(stay, 4 * page) };
     }
 
     #[test]

@@ -5,8 +5,15 @@
 //! the path of a file-backed mapping, and `[anon <start>]` for anonymous
 //! mappings (allocator arenas are those; naming each by its start keeps two
 //! arenas apart).
+//!
+//! Every name but the bracketed ones comes from whoever named the file, so
+//! the file is read as bytes and parsed without trusting it (see
+//! SECURITY.md); names are kept exact (see [`lossless`]) and sanitised only
+//! when printed.
 
 use std::collections::HashMap;
+
+use crate::sanitize::lossless;
 
 /// A miss in the cached maps re-reads them at most this often.
 const MAPS_REREAD_NS: u64 = 100_000_000;
@@ -26,13 +33,26 @@ pub struct Maps {
 }
 
 impl Maps {
-    /// Parses the text of `/proc/PID/maps`. Lines that do not parse are
-    /// skipped: the file is the kernel's, a malformed line is not worth
-    /// losing the rest for.
-    pub fn parse(text: &str) -> Self {
-        let mut regions: Vec<Region> = text.lines().filter_map(parse_line).collect();
-        regions.sort_by_key(|r| r.start);
-        Self { regions }
+    /// Parses the bytes of `/proc/PID/maps`. Lines that do not parse are
+    /// skipped: a malformed line is not worth losing the rest for. The
+    /// kernel lets go of the address space between two read() calls, so a
+    /// process that maps or unmaps meanwhile can make two lines overlap (a
+    /// region seen before and after it moved): the one with the lower start
+    /// is kept, so that every address has at most one region.
+    pub fn parse(text: &[u8]) -> Self {
+        let mut regions: Vec<Region> = text.split(|&b| b == b'\n').filter_map(parse_line).collect();
+        regions.sort_by_key(|r| (r.start, r.end));
+        let mut kept: Vec<Region> = Vec::with_capacity(regions.len());
+        for r in regions {
+            if kept.last().is_none_or(|last| last.end <= r.start) {
+                kept.push(r);
+            }
+        }
+        Self { regions: kept }
+    }
+
+    pub fn regions(&self) -> &[Region] {
+        &self.regions
     }
 
     #[cfg(test)]
@@ -48,25 +68,69 @@ impl Maps {
     }
 }
 
-fn parse_line(line: &str) -> Option<Region> {
-    // start-end perms offset dev inode [pathname]; the pathname may hold
-    // spaces, so it is whatever follows the fifth field.
-    let mut rest = line.trim_start();
-    let mut fields = [""; 5];
-    for f in &mut fields {
-        let end = rest.find(char::is_whitespace).unwrap_or(rest.len());
-        *f = &rest[..end];
-        rest = rest[end..].trim_start();
-    }
-    let (start, end) = fields[0].split_once('-')?;
-    let start = u64::from_str_radix(start, 16).ok()?;
-    let end = u64::from_str_radix(end, 16).ok()?;
-    if fields[1].len() != 4 || fields[4].parse::<u64>().is_err() || end <= start {
+fn skip_spaces(s: &[u8]) -> &[u8] {
+    let n = s.iter().take_while(|&&b| b == b' ').count();
+    &s[n..]
+}
+
+fn hex(field: &[u8]) -> Option<u64> {
+    // from_str_radix alone would take a leading `+`.
+    if field.is_empty() || field.len() > 16 || !field.iter().all(u8::is_ascii_hexdigit) {
         return None;
     }
-    let path = rest.trim_end();
-    let name = if path.is_empty() { format!("[anon {start:x}]") } else { path.to_string() };
+    u64::from_str_radix(std::str::from_utf8(field).ok()?, 16).ok()
+}
+
+fn parse_line(line: &[u8]) -> Option<Region> {
+    // start-end perms offset dev inode [pathname]; the pathname may hold
+    // spaces, so it is whatever follows the fifth field, padding removed.
+    let mut rest = skip_spaces(line);
+    let mut fields: [&[u8]; 5] = [&[]; 5];
+    for f in &mut fields {
+        let end = rest.iter().position(|&b| b == b' ').unwrap_or(rest.len());
+        *f = &rest[..end];
+        rest = skip_spaces(&rest[end..]);
+    }
+    let dash = fields[0].iter().position(|&b| b == b'-')?;
+    let start = hex(&fields[0][..dash])?;
+    let end = hex(&fields[0][dash + 1..])?;
+    let inode_ok = !fields[4].is_empty() && fields[4].iter().all(u8::is_ascii_digit);
+    if fields[1].len() != 4
+        || hex(fields[2]).is_none()
+        || !fields[3].contains(&b':')
+        || !inode_ok
+        || end <= start
+    {
+        return None;
+    }
+    // Not trimmed at the end: a file name may end in a space. A trailing
+    // ` (deleted)` is kept too: the kernel's, or part of the name; either
+    // way it is what `maps` shows.
+    let name = if rest.is_empty() { format!("[anon {start:x}]") } else { unescape_newlines(rest) };
     Some(Region { start, end, name })
+}
+
+/// The kernel writes a newline in a path as `\012` (and escapes nothing
+/// else, not even a backslash). Turned back into the newline the file's
+/// name holds, so JSON carries the real path; a name holding the text
+/// `\012` reads the same in `maps` and cannot be told apart.
+fn unescape_newlines(path: &[u8]) -> String {
+    const ESCAPED: &[u8] = b"\\012";
+    if !path.windows(ESCAPED.len()).any(|w| w == ESCAPED) {
+        return lossless(path).into_owned();
+    }
+    let mut raw = Vec::with_capacity(path.len());
+    let mut rest = path;
+    while !rest.is_empty() {
+        if rest.starts_with(ESCAPED) {
+            raw.push(b'\n');
+            rest = &rest[ESCAPED.len()..];
+        } else {
+            raw.push(rest[0]);
+            rest = &rest[1..];
+        }
+    }
+    lossless(&raw).into_owned()
 }
 
 struct Cached {
@@ -79,12 +143,12 @@ struct Cached {
 /// outcomes that arrive after it is gone.
 pub struct MapsCache {
     cached: HashMap<u32, Cached>,
-    /// The text of `/proc/PID/maps`, `None` once the process is gone.
-    read: Box<dyn Fn(u32) -> Option<String>>,
+    /// The bytes of `/proc/PID/maps`, `None` once the process is gone.
+    read: Box<dyn Fn(u32) -> Option<Vec<u8>>>,
 }
 
 impl MapsCache {
-    pub fn new(read: Box<dyn Fn(u32) -> Option<String>>) -> Self {
+    pub fn new(read: Box<dyn Fn(u32) -> Option<Vec<u8>>>) -> Self {
         Self { cached: HashMap::new(), read }
     }
 
@@ -145,7 +209,7 @@ garbage line
 
     #[test]
     fn parses_the_kinds_of_mapping() {
-        let m = Maps::parse(REDIS);
+        let m = Maps::parse(REDIS.as_bytes());
         assert_eq!(m.regions.len(), 10);
         assert_eq!(m.find(0x55d0c5a1d000).unwrap().name, "[heap]");
         assert_eq!(m.find(0x55d0c5a3dfff).unwrap().name, "[heap]");
@@ -157,13 +221,173 @@ garbage line
     }
 
     #[test]
+    fn hostile_file_names_are_kept_whole() {
+        let long = format!("/tmp/{}", "x".repeat(4000));
+        let text = [
+            b"1000-2000 rw-p 00000000 fe:01 7                          /tmp/a b  c \n".to_vec(),
+            b"2000-3000 rw-p 00000000 fe:01 8 /tmp/\x1b[2J\\012file\x07 (deleted)\n".to_vec(),
+            b"3000-4000 rw-p 00000000 fe:01 9 /tmp/bad\xff\xfeutf8\n".to_vec(),
+            format!("4000-5000 rw-p 00000000 fe:01 10 {long}\n").into_bytes(),
+            // Malformed: no inode, short perms, `+` in a hex field, an end
+            // before the start, a truncated line.
+            b"5000-6000 rw-p 00000000 fe:01 /x\n6000-7000 rw 00000000 fe:01 1 /x\n".to_vec(),
+            b"+7000-8000 rw-p 00000000 fe:01 1 /x\n9000-8000 rw-p 00000000 fe:01 1 /x\n9000-a0".to_vec(),
+        ]
+        .concat();
+        let m = Maps::parse(&text);
+        let names: Vec<&str> = m.regions().iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(
+            names,
+            ["/tmp/a b  c ", "/tmp/\x1b[2J\nfile\x07 (deleted)", "/tmp/bad\\xff\\xfeutf8", long.as_str()]
+        );
+    }
+
+    #[test]
+    fn lines_that_overlap_after_a_concurrent_change_leave_one_region_per_address() {
+        // Read a page at a time while the process remapped: the same
+        // mapping grown, then a new one inside an old one.
+        let text = b"1000-3000 rw-p 00000000 00:00 0 \n1000-2000 rw-p 00000000 00:00 0 \n\
+                     5000-9000 rw-p 00000000 fe:01 1 /a\n6000-7000 rw-p 00000000 fe:01 2 /b\n\
+                     9000-a000 rw-p 00000000 fe:01 3 /c\n";
+        let m = Maps::parse(text);
+        let spans: Vec<_> = m.regions().iter().map(|r| (r.start, r.end, r.name.as_str())).collect();
+        assert_eq!(spans, [(0x1000, 0x2000, "[anon 1000]"), (0x5000, 0x9000, "/a"), (0x9000, 0xa000, "/c")]);
+        assert_eq!(m.find(0x6800).unwrap().name, "/a");
+    }
+
+    #[test]
     fn addresses_outside_every_mapping_are_not_attributed() {
-        let m = Maps::parse(REDIS);
+        let m = Maps::parse(REDIS.as_bytes());
         assert_eq!(m.find(0), None);
         assert_eq!(m.find(0x55d0c5a3e000), None, "end is exclusive");
         assert_eq!(m.find(0x7f2a6c000000), None, "gap between two anonymous mappings");
         assert_eq!(m.find(u64::MAX), None);
-        assert!(Maps::parse("").is_empty());
-        assert_eq!(Maps::parse("").find(0x1000), None);
+        assert!(Maps::parse(b"").is_empty());
+        assert_eq!(Maps::parse(b"").find(0x1000), None);
+    }
+}
+
+/// Properties of the parser over arbitrary and generated `maps` text.
+#[cfg(test)]
+mod props {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// A mapping as the kernel would list it: page-aligned gap before it,
+    /// length, inode, and a file name (`None`: anonymous).
+    type Spec = (u64, u64, u32, Option<Vec<u8>>);
+
+    fn mapping() -> impl Strategy<Value = Spec> {
+        // No backslash in generated names: `\012` in a name cannot be told
+        // from an escaped newline (see unescape_newlines).
+        let name = prop::collection::vec(
+            any::<u8>().prop_filter("no NUL or backslash", |&b| b != 0 && b != b'\\'),
+            0..300,
+        );
+        (0u64..64, 1u64..64, any::<u32>(), prop::option::of(name))
+    }
+
+    /// The line the kernel writes for a mapping (show_map_vma): a newline
+    /// in the path escaped as `\012`, the path padded to column 73.
+    fn line(start: u64, end: u64, inode: u32, name: Option<&[u8]>) -> Vec<u8> {
+        let mut l = format!("{start:08x}-{end:08x} rw-p 00000000 fe:01 {inode} ").into_bytes();
+        if let Some(name) = name {
+            l.resize(l.len().max(73), b' ');
+            l.push(b'/');
+            for &b in name {
+                if b == b'\n' {
+                    l.extend_from_slice(b"\\012");
+                } else {
+                    l.push(b);
+                }
+            }
+        }
+        l.push(b'\n');
+        l
+    }
+
+    fn layout(specs: &[Spec]) -> (Vec<u8>, Vec<Region>) {
+        let (mut text, mut want, mut at) = (Vec::new(), Vec::new(), 0x1000u64);
+        for (gap, len, inode, name) in specs {
+            let start = at + gap * 0x1000;
+            let end = start + len * 0x1000;
+            at = end;
+            text.extend(line(start, end, *inode, name.as_deref()));
+            let name = match name {
+                Some(n) => lossless(&[b"/", n.as_slice()].concat()).into_owned(),
+                None => format!("[anon {start:x}]"),
+            };
+            want.push(Region { start, end, name });
+        }
+        (text, want)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1024))]
+
+        #[test]
+        fn any_bytes_parse_to_disjoint_sorted_regions(
+            bytes in prop::collection::vec(any::<u8>(), 0..2000),
+            specs in prop::collection::vec(mapping(), 0..8),
+        ) {
+            // Garbage alone, and garbage spliced into a real listing.
+            let (good, _) = layout(&specs);
+            for text in [bytes.clone(), [good.as_slice(), &bytes, &good].concat()] {
+                let m = Maps::parse(&text);
+                for pair in m.regions().windows(2) {
+                    prop_assert!(pair[0].end <= pair[1].start, "{:?}", pair);
+                }
+                for r in m.regions() {
+                    prop_assert!(r.start < r.end);
+                    prop_assert_eq!(m.find(r.start), Some(r));
+                    prop_assert_eq!(m.find(r.end - 1), Some(r));
+                }
+            }
+        }
+
+        #[test]
+        fn kernel_listings_round_trip(specs in prop::collection::vec(mapping(), 0..12)) {
+            let (text, want) = layout(&specs);
+            let m = Maps::parse(&text);
+            prop_assert_eq!(m.regions(), want.as_slice());
+        }
+
+        #[test]
+        fn a_malformed_line_is_dropped_and_the_rest_kept(
+            specs in prop::collection::vec(mapping(), 1..8),
+            victim in any::<prop::sample::Index>(),
+            how in 0usize..5,
+        ) {
+            let (text, mut want) = layout(&specs);
+            let mut lines: Vec<Vec<u8>> = text.split_inclusive(|&b| b == b'\n').map(<[u8]>::to_vec).collect();
+            let i = victim.index(lines.len());
+            let l = &mut lines[i];
+            let sp = |l: &Vec<u8>, n: usize| l.iter().enumerate().filter(|(_, &b)| b == b' ').nth(n).unwrap().0;
+            match how {
+                // Start not hex.
+                0 => l[0] = b'g',
+                // Permissions of three letters.
+                1 => {
+                    l.remove(sp(l, 0) + 1);
+                }
+                // No inode.
+                2 => {
+                    let at = sp(l, 4);
+                    l.drain(sp(l, 3)..at);
+                }
+                // A sign before the hex.
+                3 => l.insert(0, b'+'),
+                // Cut short after the dash.
+                _ => {
+                    let d = l.iter().position(|&b| b == b'-').unwrap();
+                    l.truncate(d + 1);
+                    l.push(b'\n');
+                }
+            }
+            want.remove(i);
+            let m = Maps::parse(&lines.concat());
+            prop_assert_eq!(m.regions(), want.as_slice());
+        }
     }
 }

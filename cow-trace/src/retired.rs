@@ -8,7 +8,7 @@
 
 use std::collections::VecDeque;
 
-use crate::aggregate::Proc;
+use crate::process::Proc;
 
 /// How many of the most recently exited processes a late fault event is
 /// matched against.

@@ -10,6 +10,7 @@ use cow_trace::{
     episode::{Episodes, Threshold},
     metrics::{Health, Metrics},
     output::{self, Format},
+    sanitize::for_terminal,
     tally::Tally,
 };
 use tokio::{
@@ -56,6 +57,7 @@ impl End {
 /// Runs the whole trace; returns the exit code.
 pub fn run(args: Args) -> Result<i32> {
     let mode = args.mode().map_err(anyhow::Error::msg)?;
+    let user = args.user.as_deref().map(launch::lookup_user).transpose()?;
     preflight::check_privileges()?;
     if let Mode::Pids(pids) = &mode {
         for &pid in pids {
@@ -81,7 +83,7 @@ pub fn run(args: Args) -> Result<i32> {
     // A command that cannot run is refused before anything is loaded; it
     // waits at its gate until it is in the traced set.
     let mut gated = match &mode {
-        Mode::Launch(argv) => Some(launch::spawn_gated(argv)?),
+        Mode::Launch(argv) => Some(launch::spawn_gated(argv, user.as_ref())?),
         _ => None,
     };
     let (selection, mut tracer) = backend::choose(args.backend, &offsets, &tracefs, &features, &opts)?;
@@ -461,7 +463,7 @@ impl Session {
 /// What the text header says is traced.
 fn describe_targets(args: &Args, gated: Option<&launch::Gated>) -> String {
     let what = match (gated, args.pids.is_empty()) {
-        (Some(g), _) => format!("command {} (PID {})", g.program, g.pid),
+        (Some(g), _) => format!("command {} (PID {})", for_terminal(&g.program), g.pid),
         (None, false) => {
             format!("PID {}", args.pids.iter().map(u32::to_string).collect::<Vec<_>>().join(", "))
         }

@@ -42,6 +42,9 @@ fn malformed_arguments_are_refused_by_the_parser() {
         (&["--ring-buffer-size", "3M"], "not a power of two"),
         (&["--backend", "magic"], "invalid value 'magic'"),
         (&["--no-such-option"], "unexpected argument '--no-such-option'"),
+        // A user to run nothing as.
+        (&["-u", "nobody"], "-u/--user runs a launched command as USER"),
+        (&["--user", "nobody", "-p", "1"], "-u/--user runs a launched command as USER"),
     ] {
         let first = usage_error(args);
         assert!(first.contains(needle), "{args:?}: {first}");
@@ -57,6 +60,8 @@ fn conflicting_options_are_refused() {
     // Not the whole system: a user who typed `--` meant to launch something.
     assert!(one_line_error(&["--"]).contains("nothing follows `--`"));
     assert!(one_line_error(&["--json", "--"]).contains("nothing follows `--`"));
+    let e = one_line_error(&["-u", "no-such-user-xyz", "--", "true"]);
+    assert!(e.ends_with("no such user: no-such-user-xyz (see `getent passwd`)"), "{e}");
 }
 
 #[test]

@@ -46,14 +46,14 @@ fn have(program: &str) -> bool {
 
 /// Like `need_root`, for the Redis binaries.
 fn need_redis(test: &str) -> bool {
-    if have("redis-server") && have("redis-cli") {
+    if have("redis-server") && have("redis-cli") && have("redis-benchmark") {
         return true;
     }
     if std::env::var_os("COW_TRACE_REQUIRE_ROOT").is_some() {
-        panic!("{test} needs redis-server and redis-tools (apt-get install redis-server redis-tools)");
+        panic!("{test} needs redis-server, redis-cli and redis-benchmark (apt-get install redis-server redis-tools)");
     }
     eprintln!(
-        "SKIPPED {test}: needs redis-server and redis-tools (apt-get install redis-server redis-tools)"
+        "SKIPPED {test}: needs redis-server, redis-cli and redis-benchmark (apt-get install redis-server redis-tools)"
     );
     false
 }
@@ -107,6 +107,17 @@ impl Redis {
             .output()
             .ok()?;
         out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+
+    /// Starts `redis-benchmark` against the server, output piped.
+    fn benchmark(&self, args: &[&str]) -> Child {
+        Command::new("redis-benchmark")
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("redis-benchmark")
     }
 
     fn cli(&self, args: &[&str]) -> String {
@@ -213,6 +224,11 @@ fn fork_with_writes(redis: &Redis, command: &str, in_progress: &str, writes: u64
     wait_state(child, 'T', &format!("{command}: the save ended before it could be paused"));
     real_time(redis.pid(), false);
     real_time(child, false);
+    // Other clients keep being served while the server is traced and its
+    // child holds memory: a bounded read-only load beside the writes. It
+    // writes no key (and Redis leaves access times alone while a child
+    // lives); what its connections allocate, the baseline save has too.
+    let clients = redis.benchmark(&["-t", "ping,get", "-n", "100000", "-c", "8", "-P", "16", "-q"]);
     let script = "local v = string.rep('x', ARGV[3]) \
                   for i = ARGV[1], ARGV[2] - 1 do redis.call('SET', 'key:' .. i, v) end return 'OK'";
     for from in (0..writes).step_by(WRITE_BATCH as usize) {
@@ -220,6 +236,20 @@ fn fork_with_writes(redis: &Redis, command: &str, in_progress: &str, writes: u64
         let args = [from, to, VALUE_SIZE].map(|n| n.to_string());
         assert_eq!(redis.cli(&["EVAL", script, "0", &args[0], &args[1], &args[2]]), "OK");
     }
+    let out = clients.wait_with_output().expect("redis-benchmark");
+    let report = String::from_utf8_lossy(&out.stdout);
+    // `-q` prints one final line per test, after progress lines ended by \r.
+    let finished = |test: &str| {
+        report
+            .split(['\r', '\n'])
+            .any(|l| l.starts_with(&format!("{test}: ")) && l.contains("requests per second"))
+    };
+    assert!(
+        out.status.success() && ["PING_INLINE", "PING_MBULK", "GET"].into_iter().all(finished),
+        "{command}: the client load beside the writes failed: {:?} {report} {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
     // Every write happened while the child lived.
     assert_eq!(state(child), Some('T'), "{command}: child {child} no longer paused");
     assert_eq!(redis.info("persistence", in_progress), 1);

@@ -325,8 +325,11 @@ fn check_backend(backend: &str, section: &str) -> Result<(Counted, String)> {
     // share, and a share cannot exceed the whole.
     let mut dup = String::new();
     if backend != "tracepoint" {
-        let d = &proc_row(&s, num(&w["pid"]))?["fork_dup_mmap_ns"];
-        let fork_ns = checked.as_ref().map_or(0, |c| c.fork_ns);
+        let row = proc_row(&s, num(&w["pid"]))?;
+        let d = &row["fork_dup_mmap_ns"];
+        // From the row itself, so a failed summary check does not turn
+        // this into a comparison with a 0 ns fork.
+        let fork_ns = num(&row["fork_latency_ns"]["max"]);
         if num(&d["count"]) != 1 || num(&d["max"]) == 0 || num(&d["max"]) > fork_ns {
             wrong.push(format!("dup_mmap share {d} of a {fork_ns} ns fork"));
         }
@@ -411,6 +414,8 @@ paused_save() {
     read C < /proc/$P/task/$P/children; i=$((i+1)); [ $i -gt 100000 ] && break
   done
   C=${C%% *}
+  # No save child found: say so rather than wait on /proc//status forever.
+  [ -n "$C" ] || { echo "child paused: no (no save child found)"; return; }
   kill -STOP $C
   until grep -q "^State:.*T" /proc/$C/status 2>/dev/null; do
     [ -e /proc/$C ] || break; usleep 1000

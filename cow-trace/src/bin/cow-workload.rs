@@ -51,7 +51,8 @@
 //!
 //! With `--go-file PATH` it prints `ready PID` and waits for PATH to exist
 //! before forking, so a tracer can attach to a running process first.
-//! It ends by printing one JSON line with what it did.
+//! It ends by printing one JSON line with what it did, and the ids it ran
+//! with (`uids`, `gids`, `groups`, as /proc/self/status gives them).
 
 use std::{io::Write as _, path::PathBuf, ptr, time::Duration};
 
@@ -189,6 +190,14 @@ fn anon_huge_kb() -> u64 {
         .unwrap_or(0)
 }
 
+/// The ids the kernel says this process runs with (`Uid:` real, effective,
+/// saved, fs; `Groups:` supplementary), from /proc/self/status.
+fn status_ids(key: &str) -> Vec<u32> {
+    let text = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let line = text.lines().find_map(|l| l.strip_prefix(key)).unwrap_or("");
+    line.split_whitespace().filter_map(|n| n.parse().ok()).collect()
+}
+
 fn main() {
     let o = match parse() {
         Ok(o) => o,
@@ -316,8 +325,9 @@ fn main() {
         }
         children.push(pid);
     }
+    let [uids, gids, groups] = ["Uid:", "Gid:", "Groups:"].map(status_ids);
     println!(
-        "{{\"pid\":{me},\"children\":{children:?},\"pages\":{},\"child_writes\":{},\"parent_writes\":{},\"rounds\":{},\"zero_fills\":{},\"page_size\":{page},\"huge\":{},\"anon_huge_kb\":{huge_kb},\"elapsed_ns\":{}}}",
+        "{{\"pid\":{me},\"children\":{children:?},\"pages\":{},\"child_writes\":{},\"parent_writes\":{},\"rounds\":{},\"zero_fills\":{},\"page_size\":{page},\"huge\":{},\"anon_huge_kb\":{huge_kb},\"elapsed_ns\":{},\"uids\":{uids:?},\"gids\":{gids:?},\"groups\":{groups:?}}}",
         o.pages, o.child_writes, o.parent_writes, children.len(), o.zero_fills, o.huge, start.elapsed().as_nanos()
     );
 }
