@@ -21,7 +21,7 @@ use prometheus_client::{
 
 use crate::{
     episode::Episode,
-    event::{Event, What},
+    event::{Comm, Event, What},
     histogram::Log2,
 };
 
@@ -195,13 +195,11 @@ impl Metrics {
         &self.procs[&pid]
     }
 
-    /// The series of process `pid`: live, just exited, else looked up.
-    fn series_of(&mut self, pid: u32, tid: u32, comm: &str) -> usize {
-        if let Some(p) = self.procs.get(&pid) {
-            return p.series;
-        }
-        if let Some((_, p)) = self.recent_exits.iter().rev().find(|(q, _)| *q == pid) {
-            return p.series;
+    /// The series of process `pid`: live, just exited, else looked up
+    /// (named `comm` when that is its main thread's name).
+    fn series_of(&mut self, pid: u32, tid: u32, comm: &Comm) -> usize {
+        if let Some(i) = self.known(pid) {
+            return i;
         }
         let comm = match tid == pid && !comm.is_empty() {
             true => comm.to_string(),
@@ -211,6 +209,14 @@ impl Metrics {
         self.label(pid, comm, cgroup).series
     }
 
+    /// The series of a live or recently exited process.
+    fn known(&self, pid: u32) -> Option<usize> {
+        match self.procs.get(&pid) {
+            Some(p) => Some(p.series),
+            None => self.recent_exits.iter().rev().find(|(q, _)| *q == pid).map(|(_, p)| p.series),
+        }
+    }
+
     fn read_cgroup(&self, pid: u32) -> Arc<str> {
         (self.cgroup_of)(pid).unwrap_or_default().into()
     }
@@ -218,7 +224,8 @@ impl Metrics {
     pub fn apply(&mut self, e: &Event) {
         let i = match e.what {
             What::Spawn { child, .. } => {
-                let i = self.series_of(e.pid, e.tid, "");
+                // The event's comm is the child's.
+                let i = self.series_of(e.pid, e.tid, &Comm::default());
                 // The child starts in its parent's cgroup, under the comm
                 // it was forked with; an exec renames and may move it.
                 let cgroup = self.procs.get(&e.pid).map(|p| p.cgroup.clone()).unwrap_or_default();
@@ -240,14 +247,20 @@ impl Metrics {
                 }
                 return;
             }
-            _ => self.series_of(e.pid, e.tid, &e.comm.to_string()),
+            _ => self.series_of(e.pid, e.tid, &e.comm),
         };
         self.series[i].1.add(&e.what, self.page_size);
     }
 
     /// Counts a finished fork episode for its parent's label set.
     pub fn episode(&mut self, ep: &Episode) {
-        let i = self.series_of(ep.parent, ep.parent, &ep.parent_comm);
+        let i = match self.known(ep.parent) {
+            Some(i) => i,
+            None => {
+                let cgroup = self.read_cgroup(ep.parent);
+                self.series_for(&ep.parent_comm, &cgroup)
+            }
+        };
         let s = &mut self.series[i].1;
         s.episodes += 1;
         s.episode_bytes.record(ep.copied_bytes, 1);
@@ -434,7 +447,7 @@ impl Collector for Snapshot {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::{Comm, Fault};
+    use crate::event::Fault;
 
     fn comm(s: &[u8]) -> Comm {
         let mut c = [0u8; 16];
