@@ -42,7 +42,11 @@ impl Exporter {
         tokio::spawn(async move {
             let slots = Arc::new(Semaphore::new(MAX_CLIENTS));
             loop {
-                let Ok((stream, _)) = listener.accept().await else { continue };
+                let Ok((stream, _)) = listener.accept().await else {
+                    // Out of descriptors, say: wait rather than spin.
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                };
                 let Ok(permit) = slots.clone().try_acquire_owned() else { continue };
                 let snap = shared.lock().expect("not poisoned").clone();
                 tokio::spawn(async move {

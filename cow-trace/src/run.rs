@@ -64,9 +64,9 @@ pub fn run(args: Args) -> Result<i32> {
             preflight::check_pid(pid)?;
         }
     }
+    let cgroups = preflight::resolve_cgroups(&args.cgroups)?;
     // Everything needed from BTF is read here, and the parsed BTF freed
     // before aya parses its own copy for loading: halves peak memory.
-    let cgroups = preflight::resolve_cgroups(&args.cgroups)?;
     let btf = kernel::load_vmlinux_btf()?;
     let offsets = kernel::KernelOffsets::from_btf(&btf)?;
     let tracefs = kernel::tracefs()?;
@@ -320,7 +320,7 @@ impl Session {
     /// Handles one wake-up; `Some` when the run is over.
     fn step(&mut self, wake: Wake, sel: &Selection) -> Result<Option<End>> {
         self.drain_and_settle(matches!(wake, Wake::DrainTick))?;
-        self.publish(sel, false)?;
+        self.publish(sel)?;
         let launched = self.child.is_some();
         match wake {
             Wake::DrainTick if !launched && self.last_sweep.elapsed() >= SWEEP_PERIOD => {
@@ -378,28 +378,18 @@ impl Session {
         Ok(())
     }
 
-    /// `--serve`: hands scrapes a new snapshot, at most once a period
-    /// unless `now`.
-    fn publish(&mut self, sel: &Selection, now: bool) -> Result<()> {
+    /// `--serve`: hands scrapes a new snapshot, at most once a period.
+    fn publish(&mut self, sel: &Selection) -> Result<()> {
         let (Some((exporter, last)), Some(m)) = (self.exporter.as_mut(), self.tally.metrics()) else {
             return Ok(());
         };
-        if !now && last.is_some_and(|t| t.elapsed() < PUBLISH_PERIOD) {
+        if last.is_some_and(|t| t.elapsed() < PUBLISH_PERIOD) {
             return Ok(());
         }
         *last = Some(Instant::now());
-        let seen = self.tally.seen();
-        let e = seen.events;
         let health = Health {
             backend: sel.kind.name().into(),
-            events: e.spawns
-                + e.fork_latencies
-                + e.cow_copies
-                + e.cow_reuses
-                + e.zero_fills
-                + e.huge_cows
-                + e.exits
-                + e.execs,
+            events: self.tally.seen().events.total(),
             dropped: self.tracer.counters()?.dropped,
             dup_mmap_split: sel.dup_mmap_split,
         };
