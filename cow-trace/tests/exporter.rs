@@ -273,7 +273,8 @@ fn pid_churn_keeps_memory_and_series_bounded_and_totals_exact() {
     storm(&script);
     storm(&script);
     let after_third = rss(pid);
-    // Let the exporter publish what it took, then read one scrape.
+    // The storm is over: wait until two scrapes, more than a publishing
+    // period apart, show the same events received, all of them in.
     let until = Instant::now() + Duration::from_secs(60);
     let spawns_in = |text: &str| -> f64 {
         text.lines()
@@ -281,13 +282,19 @@ fn pid_churn_keeps_memory_and_series_bounded_and_totals_exact() {
             .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
             .sum()
     };
+    let events_in = |text: &str| -> Option<String> {
+        text.lines().find_map(|l| l.strip_prefix("cow_trace_events_received_total ")).map(str::to_string)
+    };
     let want_forks = (3 * ROUNDS * NAMES) as f64;
+    let mut last = http_get(port, "/metrics").unwrap_or_default();
     let scrape = loop {
+        std::thread::sleep(Duration::from_millis(1500));
         let s = http_get(port, "/metrics").unwrap_or_default();
-        if spawns_in(&s) >= want_forks || Instant::now() > until {
+        if spawns_in(&s) >= want_forks && events_in(&s).is_some() && events_in(&s) == events_in(&last) {
             break s;
         }
-        std::thread::sleep(Duration::from_millis(500));
+        assert!(Instant::now() < until, "the exporter's figures did not settle:\n{s}");
+        last = s;
     };
     tracer.signal(libc::SIGTERM);
     let r = tracer.finish(Duration::from_secs(60));
