@@ -375,3 +375,47 @@ fn a_cgroup_that_does_not_exist_is_refused_in_one_line() {
     assert!(lines[0].contains("--cgroup no/such/cgroup-here: no such cgroup"), "{}", lines[0]);
     assert!(r.stdout.is_empty());
 }
+
+#[test]
+fn a_hostile_name_reaches_prometheus_exactly() {
+    if !need_root("a_hostile_name_reaches_prometheus_exactly") {
+        return;
+    }
+    // tests/workloads/hostile.py names itself with an escape sequence, a
+    // newline and a bell, then forks; its child, named so, writes 2 x CHILD
+    // pages. Prometheus must give the label back byte for byte.
+    const NAME: &str = "\x1b[31mEV\nIL\x07";
+    const CHILD: u64 = 1000;
+    let cg = TestCgroup::new("cow-trace-hostile");
+    let dir = TempDir(std::env::temp_dir().join(format!("cow-trace-hostile-prom-{}", std::process::id())));
+    std::fs::create_dir_all(&dir.0).unwrap();
+    let port = free_port();
+    let serve = format!("127.0.0.1:{port}");
+    let mut tracer = Background::start(&["--json", "--serve", &serve, "--cgroup", &cg.label]);
+    tracer.wait_attached();
+    let prom = Prometheus::start(port);
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/workloads/hostile.py");
+    let procs = cg.dir.join("cgroup.procs");
+    let out = Command::new("sh")
+        .args(["-c", "echo 0 > \"$1\" && shift && exec \"$@\"", "sh"])
+        .arg(&procs)
+        .args(["python3", script])
+        .arg(&dir.0)
+        .args(["2048", &CHILD.to_string(), "500"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["name"], NAME);
+    let query = format!("cow_trace_cow_copies_total{{cgroup=\"{}\",comm=~\"(?s).*EV.*\"}}", cg.label);
+    let (labels, copies) = prom.wait_for(&query, |v| v >= (2 * CHILD) as f64);
+    assert_eq!(labels["comm"], NAME, "the label came back altered: {labels}");
+    // At least the pages the child wrote (Python's own copies come on top,
+    // as in tests/hostile.rs).
+    assert!(copies as u64 >= 2 * CHILD, "{copies} copies, wrote {}", 2 * CHILD);
+    let scrape = http_get(port, "/metrics").expect("scrape");
+    let (ok, out) = promtool(&["check", "metrics"], Some(&scrape));
+    assert!(ok, "promtool check metrics: {out}");
+    tracer.signal(libc::SIGTERM);
+    assert!(tracer.finish(Duration::from_secs(30)).status.success());
+}
