@@ -40,7 +40,8 @@ pub struct Hook {
     /// The backends that attach it ([`backends`] bits).
     pub backends: u8,
     /// Whether a backend that uses it can run without it. Optional kernel
-    /// functions add a measurement (`dup_mmap`, huge-page faults) or a
+    /// functions add a measurement (`dup_mmap` or, where it is inlined,
+    /// `copy_page_range`; huge-page faults) or a
     /// sharper signal (`wp_page_copy`); optional fork syscalls do not exist
     /// on every architecture.
     pub required: bool,
@@ -89,9 +90,13 @@ pub const HOOKS: &[Hook] = &[
     raw("sched_process_exec", "sched_process_exec", backends::ALL),
     // Tracepoint backend: fault classification and its sampling.
     raw("page_fault_user", "page_fault_user", backends::TRACEPOINT),
+    raw("page_fault_kernel", "page_fault_kernel", backends::TRACEPOINT),
     raw("mm_page_alloc", "mm_page_alloc", backends::TRACEPOINT),
     raw("sys_enter", "sys_enter", backends::TRACEPOINT),
     raw("sched_switch", "sched_switch", backends::TRACEPOINT),
+    // Tracepoint backend: a fault that ends in SIGKILL (the OOM killer),
+    // SIGBUS or SIGSEGV for the faulting thread failed.
+    raw("signal_generate", "signal_generate", backends::TRACEPOINT),
     // Tracepoint backend: fork latency, one pair per syscall that can
     // create a process.
     syscall("enter_clone", "sys_enter_clone", true),
@@ -110,6 +115,9 @@ pub const HOOKS: &[Hook] = &[
     func("kr_do_wp_page", Kretprobe, "do_wp_page", true),
     func("kp_dup_mmap", Kprobe, "dup_mmap", false),
     func("kr_dup_mmap", Kretprobe, "dup_mmap", false),
+    // Where dup_mmap is inlined: its page-table copy, per VMA.
+    func("kp_copy_page_range", Kprobe, "copy_page_range", false),
+    func("kr_copy_page_range", Kretprobe, "copy_page_range", false),
     func("kp_wp_page_copy", Kprobe, "wp_page_copy", false),
     func("kp_do_huge_pmd_wp_page", Kprobe, "do_huge_pmd_wp_page", false),
     func("kr_do_huge_pmd_wp_page", Kretprobe, "do_huge_pmd_wp_page", false),
@@ -119,6 +127,8 @@ pub const HOOKS: &[Hook] = &[
     func("fx_do_wp_page", Fexit, "do_wp_page", true),
     func("fe_dup_mmap", Fentry, "dup_mmap", false),
     func("fx_dup_mmap", Fexit, "dup_mmap", false),
+    func("fe_copy_page_range", Fentry, "copy_page_range", false),
+    func("fx_copy_page_range", Fexit, "copy_page_range", false),
     func("fe_wp_page_copy", Fentry, "wp_page_copy", false),
     func("fe_do_huge_pmd_wp_page", Fentry, "do_huge_pmd_wp_page", false),
     func("fx_do_huge_pmd_wp_page", Fexit, "do_huge_pmd_wp_page", false),

@@ -43,6 +43,15 @@ pub enum EventKind {
     /// 4 KiB faults that follow to do the copying), `flags` = the raw
     /// `vm_fault_t` it returned.
     HugeCow = 8,
+    /// A write fault on a present page that failed: the kernel could not
+    /// resolve it (no memory: the memory cgroup's charge failed and the OOM
+    /// killer ran; or SIGBUS, SIGSEGV, ...), so it neither copied nor
+    /// reused the page. `other` = the [`EventKind`] of an outcome already
+    /// sent for this fault that it replaces (tracepoint backend: the
+    /// fault's page was allocated, so it was sent as a copy or zero-fill,
+    /// before the fault failed), 0 when none; `flags` = the raw
+    /// `vm_fault_t` on the kprobe/fentry backends.
+    CowFailed = 9,
 }
 
 impl EventKind {
@@ -56,6 +65,7 @@ impl EventKind {
             6 => Self::ZeroFill,
             7 => Self::Exec,
             8 => Self::HugeCow,
+            9 => Self::CowFailed,
             _ => return None,
         })
     }
@@ -156,6 +166,28 @@ pub struct FaultBatch {
     pub window_events: u64,
 }
 
+/// A write fault waiting for its outcome: one slot of the tracepoint
+/// backend's `PENDING` table, read by userspace at the end of a run to
+/// count the faults in flight at the cut-off.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PendingFault {
+    /// Fault time when the fault is timed, else 0.
+    pub start: u64,
+    /// The faulting address rounded down to 4 KiB, with
+    /// `FaultRecord::SAMPLED` when the fault is a timed sample.
+    pub addr: u64,
+    pub tgid: u32,
+    /// The thread whose fault is open in this slot; 0 when none is (thread
+    /// 0 is the idle task, which takes no user faults).
+    pub tid: u32,
+    /// The thread whose fault in this slot was sent as a copy or zero-fill
+    /// (`sent_kind`) and which has not faulted or entered a syscall since:
+    /// that fault can still turn out to have failed. 0 when none.
+    pub sent_tid: u32,
+    pub sent_kind: u32,
+}
+
 /// Bytes of a [`FaultBatch`] before its records.
 pub const FAULT_BATCH_HEADER: usize = 16;
 
@@ -166,6 +198,9 @@ pub const FAULT_BATCH_HEADER: usize = 16;
 pub const FLAG_NO_SYSCALL: u32 = 1;
 /// ForkLatency: `addr` holds the time spent in `dup_mmap`.
 pub const FLAG_DUP_MMAP: u32 = 2;
+/// Exit: the OOM killer chose the process (`signal_struct.oom_mm` set,
+/// which only `mark_oom_victim` does).
+pub const FLAG_OOM_VICTIM: u32 = 4;
 
 /// Indexes into the per-CPU `COUNTERS` array. The kernel counts every event
 /// it classifies here, whether or not the ring buffer had room, so that
@@ -183,6 +218,7 @@ pub mod counter {
     pub const ZERO_FILLS: u32 = 6;
     pub const EXECS: u32 = 7;
     pub const HUGE_COWS: u32 = 8;
+    pub const COW_FAILED: u32 = 9;
     /// Write faults left unclassified because another thread's fault took
     /// their table slot before they were resolved (colliding thread ids);
     /// they are neither copies nor reuses in the totals.
@@ -203,8 +239,35 @@ const _: () = {
     assert!(EventKind::ZeroFill as u32 == counter::ZERO_FILLS);
     assert!(EventKind::Exec as u32 == counter::EXECS);
     assert!(EventKind::HugeCow as u32 == counter::HUGE_COWS);
-    assert!((EventKind::HugeCow as u32) < counter::UNCLASSIFIED);
+    assert!(EventKind::CowFailed as u32 == counter::COW_FAILED);
+    assert!((EventKind::CowFailed as u32) < counter::UNCLASSIFIED);
 };
+
+/// The `vm_fault_t` bits a fault handler returns (`enum vm_fault_reason`,
+/// the same values from Linux 5.1 to 6.18), as the kprobe/fentry backends
+/// read them at `do_wp_page`'s return.
+pub mod vm_fault {
+    pub const OOM: u32 = 0x1;
+    pub const SIGBUS: u32 = 0x2;
+    pub const HWPOISON: u32 = 0x10;
+    pub const HWPOISON_LARGE: u32 = 0x20;
+    pub const SIGSEGV: u32 = 0x40;
+    pub const RETRY: u32 = 0x400;
+    /// `VM_FAULT_ERROR` without `VM_FAULT_FALLBACK`, which a huge-page
+    /// fault returns to let 4 KiB faults do the work: not a failure.
+    pub const FAILED: u32 = OOM | SIGBUS | HWPOISON | HWPOISON_LARGE | SIGSEGV;
+
+    /// The fault failed: it neither copied nor reused the page.
+    pub const fn failed(ret: u32) -> bool {
+        ret & FAILED != 0
+    }
+
+    /// The handler gave up the lock and the fault is taken again: the
+    /// outcome is the retry's, not this call's.
+    pub const fn retried(ret: u32) -> bool {
+        ret & FAILED == 0 && ret & RETRY != 0
+    }
+}
 
 /// Load-time settings written by the loader into the BPF object's `CONFIG`
 /// global. Kernel structure offsets come from the running kernel's BTF,
@@ -251,6 +314,8 @@ pub struct Config {
     /// cgroups in `CGROUPS`, whose processes (and their descendants') alone
     /// are traced.
     pub cgroup_levels: u32,
+    /// `offsetof(struct signal_struct, oom_mm)`; 0 when the kernel has none.
+    pub signal_oom_mm: u32,
 }
 
 /// Deepest cgroup v2 level `--cgroup` can name (the kernel's own default
@@ -272,10 +337,34 @@ mod user {
     unsafe impl aya::Pod for super::Event {}
     unsafe impl aya::Pod for super::Config {}
     unsafe impl aya::Pod for super::FaultBatch {}
+    unsafe impl aya::Pod for super::PendingFault {}
 }
 
 // Layout checks: a change that introduces padding fails to compile.
 const _: () = assert!(core::mem::size_of::<Event>() == 64);
-const _: () = assert!(core::mem::size_of::<Config>() == 60);
+const _: () = assert!(core::mem::size_of::<PendingFault>() == 32);
+const _: () = assert!(core::mem::size_of::<Config>() == 64);
 const _: () = assert!(core::mem::size_of::<FaultRecord>() == 16);
 const _: () = assert!(core::mem::size_of::<FaultBatch>() == FAULT_BATCH_HEADER + FAULT_BATCH_LEN * 16 + 16);
+
+#[cfg(test)]
+mod tests {
+    use super::vm_fault;
+
+    #[test]
+    fn failed_write_faults_are_told_from_retries_and_successes() {
+        // No memory (the memory cgroup's charge failed), SIGBUS, SIGSEGV.
+        for ret in [vm_fault::OOM, vm_fault::SIGBUS, vm_fault::SIGSEGV, vm_fault::HWPOISON] {
+            assert!(vm_fault::failed(ret) && !vm_fault::retried(ret), "{ret:#x}");
+        }
+        // A plain copy or reuse returns 0; a copy may add VM_FAULT_MAJOR (4).
+        for ret in [0, 0x4] {
+            assert!(!vm_fault::failed(ret) && !vm_fault::retried(ret), "{ret:#x}");
+        }
+        // VM_FAULT_FALLBACK (0x800): a huge-page fault leaves the work to
+        // 4 KiB faults; not a failure.
+        assert!(!vm_fault::failed(0x800));
+        assert!(vm_fault::retried(vm_fault::RETRY));
+        assert!(!vm_fault::retried(vm_fault::RETRY | vm_fault::OOM));
+    }
+}

@@ -8,7 +8,7 @@ use aya_ebpf::{
     macros::map,
     maps::RingBuf,
 };
-use cow_trace_common::{counter, Event, EventKind, FLAG_DUP_MMAP, FLAG_NO_SYSCALL};
+use cow_trace_common::{counter, Event, EventKind, FLAG_DUP_MMAP, FLAG_NO_SYSCALL, FLAG_OOM_VICTIM};
 
 use crate::shared::{bump, setting, Ids};
 
@@ -47,8 +47,9 @@ pub(crate) enum Detail {
     /// Creating `child` took `latency_ns`, `dup_mmap_ns` of it copying the
     /// address space (0: not measured).
     ForkLatency { child: u32, latency_ns: u64, dup_mmap_ns: u64 },
-    /// The process's last thread exited with wait status `code`.
-    Exit { code: i32 },
+    /// The process's last thread exited with wait status `code`; `oom`: the
+    /// OOM killer had chosen it.
+    Exit { code: i32, oom: bool },
     /// The process replaced its program.
     Exec,
     /// A 4 KiB write fault at `addr` resolved by `outcome` in `latency_ns`
@@ -57,6 +58,10 @@ pub(crate) enum Detail {
     /// A huge-page write fault at `addr`: `allocated` bytes of user memory
     /// allocated meanwhile, `vm_fault` the handler's raw return.
     HugeCow { latency_ns: u64, addr: u64, allocated: u32, vm_fault: u32 },
+    /// A write fault at `addr` that failed, replacing the outcome of kind
+    /// `replaces` already sent for it (0: none); `vm_fault` the handler's
+    /// raw return where known.
+    Failed { latency_ns: u64, addr: u64, replaces: u32, vm_fault: u32 },
 }
 
 impl Detail {
@@ -69,6 +74,7 @@ impl Detail {
             Detail::Exec => EventKind::Exec,
             Detail::Fault { outcome, .. } => outcome.kind(),
             Detail::HugeCow { .. } => EventKind::HugeCow,
+            Detail::Failed { .. } => EventKind::CowFailed,
         }
     }
 
@@ -82,12 +88,13 @@ impl Detail {
             Detail::ForkLatency { child, latency_ns, dup_mmap_ns } => {
                 (child, latency_ns, dup_mmap_ns, if dup_mmap_ns > 0 { FLAG_DUP_MMAP } else { 0 })
             }
-            Detail::Exit { code } => (code as u32, 0, 0, 0),
+            Detail::Exit { code, oom } => (code as u32, 0, 0, if oom { FLAG_OOM_VICTIM } else { 0 }),
             Detail::Exec => (0, 0, 0, 0),
             Detail::Fault { latency_ns, addr, .. } => (0, latency_ns, addr, 0),
             Detail::HugeCow { latency_ns, addr, allocated, vm_fault } => {
                 (allocated, latency_ns, addr, vm_fault)
             }
+            Detail::Failed { latency_ns, addr, replaces, vm_fault } => (replaces, latency_ns, addr, vm_fault),
         }
     }
 }

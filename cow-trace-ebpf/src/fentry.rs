@@ -35,6 +35,19 @@ pub fn fx_dup_mmap(_ctx: FExitContext) -> u32 {
     0
 }
 
+/// Where `dup_mmap` is inlined (6.12): see `kp_copy_page_range`.
+#[fentry(function = "copy_page_range")]
+pub fn fe_copy_page_range(_ctx: FEntryContext) -> u32 {
+    k::dup_enter();
+    0
+}
+
+#[fexit(function = "copy_page_range")]
+pub fn fx_copy_page_range(_ctx: FExitContext) -> u32 {
+    k::dup_exit();
+    0
+}
+
 #[fentry(function = "do_wp_page")]
 pub fn fe_do_wp_page(ctx: FEntryContext) -> u32 {
     k::fault_enter(ctx.arg::<*const u8>(0), false);

@@ -2,8 +2,10 @@
 //! only in how they are attached and how they receive their arguments.
 //!
 //! Fork latency is the time the kernel spent in `copy_process` creating the
-//! child (threads excluded), of which the `dup_mmap` share is the copy of
-//! the address space. A CoW fault is `do_wp_page` from entry to return; it
+//! child (threads excluded), of which the `dup_mmap` share (where it is
+//! inlined, `copy_page_range` summed over the VMAs) is the copy of the
+//! address space. A CoW fault is `do_wp_page` from entry to return (reached
+//! from user faults, kernel-mode faults and `get_user_pages` alike); it
 //! copied when it went through `wp_page_copy` (or, where that function is
 //! inlined, when it allocated an order-0 user page), and it was a zero-fill
 //! when that page was asked for zeroed.
@@ -13,11 +15,11 @@ use aya_ebpf::{
     maps::HashMap,
     programs::RawTracePointContext,
 };
-use cow_trace_common::counter;
+use cow_trace_common::{counter, vm_fault};
 
 use crate::{
     emit::{emit, Detail, Outcome},
-    shared::{bump, current_ids, is_traced, now, read_at, setting, Ids, GFP_MOVABLE, GFP_ZERO},
+    shared::{bump, current_ids, cut_off, is_traced, now, read_at, setting, Ids, GFP_MOVABLE, GFP_ZERO},
 };
 
 /// `copy_process` calls in flight in traced threads, keyed by thread id.
@@ -25,6 +27,7 @@ use crate::{
 static CLONES: HashMap<u32, CloneStart> = HashMap::with_max_entries(16384, 0);
 
 /// Write-protect faults in flight in traced threads, keyed by thread id.
+/// Those still here at the cut-off are counted in flight at the end.
 #[map]
 static FAULTS: HashMap<u32, Fault> = HashMap::with_max_entries(65536, 0);
 
@@ -33,6 +36,11 @@ struct CloneStart {
     ts: u64,
     dup_ts: u64,
     dup_ns: u64,
+    /// Once `copy_process` has returned a new process: its time, and the
+    /// process, until `sched_process_fork` counts it (see `fork_seen`).
+    latency_ns: u64,
+    child: u32,
+    _pad: u32,
 }
 
 #[repr(C)]
@@ -58,29 +66,55 @@ const HUGE: u32 = 8;
 const MAX_ERRNO: u64 = 4095;
 
 pub fn clone_enter() {
+    if cut_off() {
+        return;
+    }
     let Ids { tgid, tid } = current_ids();
     if !is_traced(tgid) {
         return;
     }
-    let _ = CLONES.insert(tid, CloneStart { ts: now(), dup_ts: 0, dup_ns: 0 }, 0);
+    let start = CloneStart { ts: now(), dup_ts: 0, dup_ns: 0, latency_ns: 0, child: 0, _pad: 0 };
+    let _ = CLONES.insert(tid, start, 0);
 }
 
-/// `task`: what `copy_process` returned, a task or an `ERR_PTR`.
+/// `task`: what `copy_process` returned, a task or an `ERR_PTR`. A new
+/// process's time waits in its entry for `sched_process_fork`: a fork is
+/// timed only if it is counted (docs/kernel-notes.md, "One definition of a
+/// fork").
 pub fn clone_exit(task: u64) {
-    let ids = current_ids();
-    // SAFETY: the value is copied out before the entry is removed.
-    let Some(start) = (unsafe { CLONES.get(ids.tid) }) else {
+    if cut_off() {
+        return;
+    }
+    let tid = current_ids().tid;
+    let Some(c) = CLONES.get_ptr_mut(tid) else {
         return;
     };
-    let (ts, dup_mmap_ns) = (start.ts, start.dup_ns);
-    let _ = CLONES.remove(ids.tid);
-    if task == 0 || task >= MAX_ERRNO.wrapping_neg() {
-        return; // the clone failed
+    let failed = task == 0 || task >= MAX_ERRNO.wrapping_neg();
+    match if failed { Err(0) } else { child_process(task as *const u8) } {
+        // SAFETY: entry owned by this thread until its fork is counted.
+        Ok(child) => unsafe {
+            (*c).latency_ns = now().saturating_sub((*c).ts);
+            (*c).child = child;
+        },
+        // A failed clone, or a new thread.
+        _ => {
+            let _ = CLONES.remove(tid);
+        }
     }
-    let _ = child_process(task as *const u8).map(|child| {
-        let t = now();
-        emit(ids, t, Detail::ForkLatency { child, latency_ns: t.saturating_sub(ts), dup_mmap_ns });
-    });
+}
+
+/// `sched_process_fork` counted `child`, made by this thread: its time,
+/// if `copy_process` was seen from entry to return.
+pub fn fork_seen(ids: Ids, child: u32) {
+    // SAFETY: the value is copied out before the entry is removed.
+    let Some(c) = (unsafe { CLONES.get(ids.tid) }) else {
+        return;
+    };
+    let (latency_ns, dup_mmap_ns, made) = (c.latency_ns, c.dup_ns, c.child);
+    let _ = CLONES.remove(ids.tid);
+    if made == child {
+        emit(ids, now(), Detail::ForkLatency { child, latency_ns, dup_mmap_ns });
+    }
 }
 
 /// The new task's tgid, or an error for a thread (pid != tgid).
@@ -96,6 +130,9 @@ fn child_process(task: *const u8) -> Result<u32, i32> {
 }
 
 pub fn dup_enter() {
+    if cut_off() {
+        return;
+    }
     if let Some(c) = CLONES.get_ptr_mut(current_ids().tid) {
         // SAFETY: entry owned by this thread until copy_process returns.
         unsafe { (*c).dup_ts = now() };
@@ -103,6 +140,9 @@ pub fn dup_enter() {
 }
 
 pub fn dup_exit() {
+    if cut_off() {
+        return;
+    }
     if let Some(c) = CLONES.get_ptr_mut(current_ids().tid) {
         // SAFETY: as above.
         unsafe {
@@ -116,6 +156,9 @@ pub fn dup_exit() {
 
 /// `vmf`: the `struct vm_fault *` of `do_wp_page` / `do_huge_pmd_wp_page`.
 pub fn fault_enter(vmf: *const u8, huge: bool) {
+    if cut_off() {
+        return;
+    }
     let Ids { tgid, tid } = current_ids();
     if !is_traced(tgid) {
         return;
@@ -129,6 +172,9 @@ pub fn fault_enter(vmf: *const u8, huge: bool) {
 }
 
 pub fn wp_copy_enter() {
+    if cut_off() {
+        return;
+    }
     if let Some(f) = FAULTS.get_ptr_mut(current_ids().tid) {
         // SAFETY: entry owned by this thread until its fault returns.
         unsafe { (*f).seen |= SEEN_COPY_PATH };
@@ -137,6 +183,9 @@ pub fn wp_copy_enter() {
 
 /// `ret`: the `vm_fault_t` the fault handler returned.
 pub fn fault_exit(ret: u32) {
+    if cut_off() {
+        return;
+    }
     let tid = current_ids().tid;
     // SAFETY: the value is copied out before the entry is removed.
     let Some(f) = (unsafe { FAULTS.get(tid) }) else {
@@ -149,6 +198,15 @@ pub fn fault_exit(ret: u32) {
     let latency_ns = t.saturating_sub(ts);
     if seen & HUGE != 0 {
         emit(ids, t, Detail::HugeCow { latency_ns, addr, allocated: bytes as u32, vm_fault: ret });
+        return;
+    }
+    if vm_fault::failed(ret) {
+        // No memory (the cgroup's charge failed), SIGBUS, SIGSEGV: a page
+        // it allocated was freed again, nothing was copied or reused.
+        emit(ids, t, Detail::Failed { latency_ns, addr, replaces: 0, vm_fault: ret });
+        return;
+    }
+    if vm_fault::retried(ret) {
         return;
     }
     let copied = if setting!(wp_copy_hooked) != 0 { seen & SEEN_COPY_PATH } else { seen & SEEN_ALLOC };
@@ -165,6 +223,9 @@ pub fn fault_exit(ret: u32) {
 /// Notes the user pages a fault in flight allocates.
 #[raw_tracepoint(tracepoint = "mm_page_alloc")]
 pub fn mm_page_alloc_wp(ctx: RawTracePointContext) -> i32 {
+    if cut_off() {
+        return 0;
+    }
     // TP_PROTO(struct page *page, unsigned int order, gfp_t gfp_flags, int migratetype)
     let gfp = ctx.arg::<u64>(2) as u32;
     if gfp & GFP_MOVABLE == 0 {

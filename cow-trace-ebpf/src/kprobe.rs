@@ -32,6 +32,20 @@ pub fn kr_dup_mmap(_ctx: RetProbeContext) -> u32 {
     0
 }
 
+/// Where `dup_mmap` is inlined (6.12): the page-table copy itself, one
+/// call per VMA, summed over the fork.
+#[kprobe]
+pub fn kp_copy_page_range(_ctx: ProbeContext) -> u32 {
+    k::dup_enter();
+    0
+}
+
+#[kretprobe]
+pub fn kr_copy_page_range(_ctx: RetProbeContext) -> u32 {
+    k::dup_exit();
+    0
+}
+
 #[kprobe]
 pub fn kp_do_wp_page(ctx: ProbeContext) -> u32 {
     if let Some(vmf) = ctx.arg::<*const u8>(0) {

@@ -18,7 +18,8 @@ use cow_trace_common::{counter, TRACED_CHILD};
 use crate::{
     batch::{count_window_event, flush_batch},
     emit::{emit, Detail},
-    shared::{bump, current_ids, is_traced, now, read_at, setting, Ids, TRACED},
+    kernel_path,
+    shared::{bump, current_ids, is_traced, now, off, read_at, setting, Ids, TRACED},
     tracepoint::settle_pending,
 };
 
@@ -36,7 +37,7 @@ struct ForkStart {
 
 #[raw_tracepoint(tracepoint = "sched_process_fork")]
 pub fn sched_process_fork(ctx: RawTracePointContext) -> i32 {
-    if setting!(empty) != 0 {
+    if off() {
         return 0;
     }
     let _ = try_fork(&ctx);
@@ -68,13 +69,15 @@ fn try_fork(ctx: &RawTracePointContext) -> Result<(), i32> {
         in_syscall = true;
     }
     emit(ids, now(), Detail::Spawn { child, in_syscall });
+    // The kernel-function backends' time of this fork, after its count.
+    kernel_path::fork_seen(ids, child);
     count_window_event();
     Ok(())
 }
 
 #[raw_tracepoint(tracepoint = "sched_process_exit")]
 pub fn sched_process_exit(_ctx: RawTracePointContext) -> i32 {
-    if setting!(empty) != 0 {
+    if off() {
         return 0;
     }
     let _ = try_exit();
@@ -100,10 +103,14 @@ fn try_exit() -> Result<(), i32> {
         return Ok(());
     }
     let code: i32 = unsafe { read_at(task, setting!(task_exit_code))? };
+    // Set by the OOM killer's `mark_oom_victim` alone, for the life of the
+    // signal struct (docs/kernel-notes.md, "How a process ended").
+    let oom_off = setting!(signal_oom_mm);
+    let oom = oom_off != 0 && unsafe { read_at::<u64>(signal, oom_off) }.unwrap_or(0) != 0;
     if setting!(trace_all) == 0 {
         let _ = TRACED.remove(ids.tgid);
     }
-    emit(ids, now(), Detail::Exit { code });
+    emit(ids, now(), Detail::Exit { code, oom });
     count_window_event();
     Ok(())
 }
@@ -112,7 +119,7 @@ fn try_exit() -> Result<(), i32> {
 /// the fork's copy window here (fork-and-exec children).
 #[raw_tracepoint(tracepoint = "sched_process_exec")]
 pub fn sched_process_exec(_ctx: RawTracePointContext) -> i32 {
-    if setting!(empty) != 0 {
+    if off() {
         return 0;
     }
     let ids = current_ids();
@@ -157,7 +164,7 @@ macro_rules! fork_syscall {
     ($enter:ident, $exit:ident, $enter_tp:literal, $exit_tp:literal) => {
         #[tracepoint(category = "syscalls", name = $enter_tp)]
         pub fn $enter(_ctx: TracePointContext) -> u32 {
-            if setting!(empty) != 0 {
+            if off() {
                 return 0;
             }
             fork_enter();
@@ -166,7 +173,7 @@ macro_rules! fork_syscall {
 
         #[tracepoint(category = "syscalls", name = $exit_tp)]
         pub fn $exit(ctx: TracePointContext) -> u32 {
-            if setting!(empty) != 0 {
+            if off() {
                 return 0;
             }
             fork_exit(&ctx);

@@ -8,7 +8,7 @@ use aya_ebpf::{
         generated::bpf_get_current_ancestor_cgroup_id,
     },
     macros::map,
-    maps::{HashMap, PerCpuArray},
+    maps::{Array, HashMap, PerCpuArray},
 };
 use cow_trace_common::{counter, Config, MAX_CGROUP_LEVELS};
 
@@ -30,6 +30,7 @@ pub(crate) static CONFIG: Config = Config {
     vmf_address: 0,
     wp_copy_hooked: 0,
     cgroup_levels: 0,
+    signal_oom_mm: 0,
 };
 
 /// Traced thread-group ids (unused when `trace_all`).
@@ -40,6 +41,12 @@ pub(crate) static TRACED: HashMap<u32, u8> = HashMap::with_max_entries(65536, 0)
 /// traced, with their descendants'.
 #[map]
 static CGROUPS: HashMap<u64, u8> = HashMap::with_max_entries(64, 0);
+
+/// The end of the run: non-zero once userspace has cut the run off. Every
+/// program checks it first, so all of them stop accounting at one instant,
+/// before any is detached (docs/kernel-notes.md, "The end of a run").
+#[map]
+static CUTOFF: Array<u64> = Array::with_max_entries(1, 0);
 
 /// In-kernel totals and drop counts, indexed by `counter::*`.
 #[map]
@@ -79,6 +86,20 @@ pub(crate) struct Ids {
 pub(crate) fn current_ids() -> Ids {
     let id = bpf_get_current_pid_tgid();
     Ids { tgid: (id >> 32) as u32, tid: id as u32 }
+}
+
+/// True once the run is over. An array lookup of a constant index is
+/// inlined by the verifier: cheap on the fault path.
+#[inline(always)]
+pub(crate) fn cut_off() -> bool {
+    CUTOFF.get(0).is_some_and(|&v| v != 0)
+}
+
+/// True when a program must do nothing: built empty (benchmarks), or the
+/// run is over.
+#[inline(always)]
+pub(crate) fn off() -> bool {
+    setting!(empty) != 0 || cut_off()
 }
 
 #[inline(always)]

@@ -1,45 +1,37 @@
 //! The tracepoint backend's fault classification, from raw tracepoints only.
 //!
 //! Rule (why it holds: docs/kernel-notes.md, "The tracepoint-only
-//! copy/reuse rule"): a user write fault on a present page opens a
+//! copy/reuse rule"): a write fault on a present user page (taken in user
+//! or kernel mode) opens a
 //! *pending* fault for its thread. An order-0 movable page allocated by that
 //! thread before its next fault, syscall or exit means the fault copied (a
 //! zero-fill if the page was asked for zeroed); no such allocation means the
-//! page was reused in place.
+//! page was reused in place. A fault after which the kernel sends its own
+//! process SIGKILL (the OOM killer, when the memory cgroup's charge for the
+//! copy failed), SIGBUS or SIGSEGV before the thread's next fault or
+//! syscall failed instead, even when its page was allocated (and freed).
 
 use aya_ebpf::{
     macros::{map, raw_tracepoint},
     maps::Array,
     programs::RawTracePointContext,
 };
-use cow_trace_common::{counter, FaultRecord, TIMED_PER_SLICE};
+use cow_trace_common::{counter, FaultRecord, PendingFault as Pending, TIMED_PER_SLICE};
 
 use crate::{
-    batch::{batch, batch_fault, cut_if_old, end_slice, Clock},
+    batch::{batch, batch_fault, cut_if_old, end_slice, flush_batch, Clock},
     emit::{emit, Detail, Outcome},
-    shared::{bump, current_ids, is_traced, now, setting, Ids, GFP_MOVABLE, GFP_ZERO},
+    shared::{bump, current_ids, is_traced, now, off, read_at, setting, Ids, GFP_MOVABLE, GFP_ZERO},
 };
 
 /// Write faults waiting for their outcome: a direct-mapped table indexed by
 /// thread id modulo its size, because an array lookup is inlined where a
 /// hash lookup is a call, on the hottest path of the tool. When two threads
-/// collide, the older fault is counted unclassified, never guessed.
+/// collide, the older fault is counted unclassified, never guessed. Slots
+/// still open at the cut-off are counted in flight at the end.
 #[map]
 static PENDING: Array<Pending> = Array::with_max_entries(PENDING_SLOTS, 0);
 const PENDING_SLOTS: u32 = 1 << 16;
-
-#[repr(C)]
-struct Pending {
-    /// Fault time when the fault is timed, else 0.
-    start: u64,
-    /// The faulting address rounded down to 4 KiB, with
-    /// `FaultRecord::SAMPLED` when the fault is a timed sample.
-    addr: u64,
-    tgid: u32,
-    /// The thread whose fault is open in this slot; 0 when none is (thread
-    /// 0 is the idle task, which takes no user faults).
-    tid: u32,
-}
 
 /// x86 page-fault error code: bit 0 = protection fault on a present page,
 /// bit 1 = write access.
@@ -63,6 +55,9 @@ pub(crate) fn settle_pending(tid: u32, batched: bool) {
     };
     // SAFETY: a valid slot (see `pending_slot`).
     unsafe {
+        if (*p).sent_tid == tid {
+            (*p).sent_tid = 0;
+        }
         if (*p).tid != tid {
             return;
         }
@@ -86,12 +81,51 @@ pub(crate) fn settle_pending(tid: u32, batched: bool) {
 /// (docs/kernel-notes.md, "Timing samples").
 #[raw_tracepoint(tracepoint = "page_fault_user")]
 pub fn page_fault_user(ctx: RawTracePointContext) -> i32 {
-    if setting!(empty) != 0 {
+    open_fault(&ctx)
+}
+
+/// The same for a fault taken in kernel mode on a user address: the kernel
+/// writing into a page still shared since the fork on the process's behalf
+/// (`copy_to_user` in `read(2)`, `pread(2)`, `recv(2)`). The fault comes
+/// after the syscall's `sys_enter`, so the window it opens ends, as for a
+/// user fault, at the thread's next fault, syscall or exit.
+#[raw_tracepoint(tracepoint = "page_fault_kernel")]
+pub fn page_fault_kernel(ctx: RawTracePointContext) -> i32 {
+    let addr: u64 = ctx.arg(0);
+    if addr >= USER_ADDR_END {
+        return 0; // a fault on kernel memory
+    }
+    open_fault(&ctx)
+}
+
+/// End of the x86-64 user address space (4-level paging; 5-level user
+/// space ends below the kernel half too).
+const USER_ADDR_END: u64 = 1 << 56;
+
+#[inline(always)]
+fn open_fault(ctx: &RawTracePointContext) -> i32 {
+    if off() {
         return 0;
     }
     // TP_PROTO(unsigned long address, struct pt_regs *regs, unsigned long error_code)
     let error_code: u64 = ctx.arg(2);
     if error_code & PF_PROT_WRITE != PF_PROT_WRITE {
+        // Any fault ends the window of the thread's previous write fault:
+        // its allocations and signals are this fault's.
+        let tid = current_ids().tid;
+        if let (Some(p), Some(b)) = (pending_slot(tid), batch()) {
+            // SAFETY: as below.
+            unsafe {
+                if (*p).sent_tid == tid {
+                    (*p).sent_tid = 0;
+                }
+                if (*p).tid == tid {
+                    (*p).tid = 0;
+                    let addr = (*p).addr & !FaultRecord::SAMPLED;
+                    batch_fault(b, Outcome::Reuse, (*p).tgid, 0, addr, Clock::events());
+                }
+            }
+        }
         return 0;
     }
     let Ids { tgid, tid } = current_ids();
@@ -131,7 +165,8 @@ pub fn page_fault_user(ctx: RawTracePointContext) -> i32 {
             cut_if_old(b, clock.now_ns);
         }
         let start = clock.now_ns;
-        *p = Pending { start, addr: (addr & FaultRecord::ADDR_MASK) | flag, tgid, tid };
+        let addr = (addr & FaultRecord::ADDR_MASK) | flag;
+        *p = Pending { start, addr, tgid, tid, sent_tid: 0, sent_kind: 0 };
     }
     0
 }
@@ -141,7 +176,7 @@ pub fn page_fault_user(ctx: RawTracePointContext) -> i32 {
 /// interrupt), but touches the batch only for an open slot.
 #[raw_tracepoint(tracepoint = "mm_page_alloc")]
 pub fn mm_page_alloc(ctx: RawTracePointContext) -> i32 {
-    if setting!(empty) != 0 {
+    if off() {
         return 0;
     }
     // TP_PROTO(struct page *page, unsigned int order, gfp_t gfp_flags, int migratetype)
@@ -173,6 +208,57 @@ pub fn mm_page_alloc(ctx: RawTracePointContext) -> i32 {
             }
         };
         batch_fault(b, outcome, (*p).tgid, latency, (*p).addr, clock);
+        (*p).sent_tid = tid;
+        (*p).sent_kind = outcome.kind() as u32;
+    }
+    0
+}
+
+const SIGBUS: u64 = 7;
+const SIGKILL: u64 = 9;
+const SIGSEGV: u64 = 11;
+
+/// The kernel sending the faulting thread's own process SIGKILL, SIGBUS or
+/// SIGSEGV between a write fault and the thread's next fault or syscall
+/// means the fault failed: a memory cgroup's OOM kill from the copy's
+/// charge, or a fault the kernel could not resolve (docs/kernel-notes.md,
+/// "Faults that failed"). Runs under the signal lock, preemption off.
+#[raw_tracepoint(tracepoint = "signal_generate")]
+pub fn signal_generate(ctx: RawTracePointContext) -> i32 {
+    if off() {
+        return 0;
+    }
+    // TP_PROTO(int sig, struct kernel_siginfo *info, struct task_struct *task, int group, int result)
+    let sig = ctx.arg::<u64>(0) & 0xffff_ffff;
+    if sig != SIGKILL && sig != SIGBUS && sig != SIGSEGV {
+        return 0;
+    }
+    let Ids { tgid, tid } = current_ids();
+    let Some(p) = pending_slot(tid) else {
+        return 0;
+    };
+    // SAFETY: a valid slot (see `pending_slot`); the target task is the
+    // tracepoint's, its offset from this kernel's BTF.
+    unsafe {
+        if (*p).tid != tid && (*p).sent_tid != tid {
+            return 0;
+        }
+        let task: *const u8 = ctx.arg(2);
+        if task.is_null() || read_at::<i32>(task, setting!(task_tgid)).unwrap_or(0) as u32 != tgid {
+            return 0;
+        }
+        let addr = (*p).addr & FaultRecord::ADDR_MASK;
+        let ids = Ids { tgid: (*p).tgid, tid };
+        let replaces = if (*p).tid == tid {
+            (*p).tid = 0;
+            0
+        } else {
+            (*p).sent_tid = 0;
+            // The outcome it replaces reaches userspace first.
+            flush_batch();
+            (*p).sent_kind
+        };
+        emit(ids, now(), Detail::Failed { latency_ns: 0, addr, replaces, vm_fault: 0 });
     }
     0
 }
@@ -182,7 +268,7 @@ pub fn mm_page_alloc(ctx: RawTracePointContext) -> i32 {
 /// tracepoints may be preemptible (6.13 on), so this one never batches.
 #[raw_tracepoint(tracepoint = "sys_enter")]
 pub fn sys_enter(_ctx: RawTracePointContext) -> i32 {
-    if setting!(empty) != 0 {
+    if off() {
         return 0;
     }
     settle_pending(current_ids().tid, false);
@@ -194,7 +280,7 @@ pub fn sys_enter(_ctx: RawTracePointContext) -> i32 {
 /// task that sleeps.
 #[raw_tracepoint(tracepoint = "sched_switch")]
 pub fn sched_switch(_ctx: RawTracePointContext) -> i32 {
-    if setting!(empty) != 0 {
+    if off() {
         return 0;
     }
     end_slice();

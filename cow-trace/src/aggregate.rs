@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use serde::Serialize;
 
 use crate::{
+    ending::{Ending, MemCgroup},
     event::{Comm, Event, What},
     histogram::{Histogram, Summary},
     process::{Figures, Proc, Stats},
@@ -52,6 +53,9 @@ pub struct ProcRow {
     /// Write faults on never-written memory (the shared zero page): a new
     /// zeroed page, not a copy; not included in `cow_copies`.
     pub zero_fills: u64,
+    /// Write faults on present pages that failed (no memory: the memory
+    /// cgroup's charge failed; SIGBUS, SIGSEGV): neither copies nor reuses.
+    pub cow_failed: u64,
     /// Time each fork spent in `dup_mmap` copying the address space (VMAs
     /// and page tables); count 0 where the backend cannot split forks.
     pub fork_dup_mmap_ns: Summary,
@@ -62,6 +66,11 @@ pub struct ProcRow {
     pub exited: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub exit_status: Option<i32>,
+    /// How it ended, once it has exited.
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub ending: Option<Ending>,
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub memcg: Option<MemCgroup>,
 }
 
 pub struct Aggregator {
@@ -159,19 +168,20 @@ impl Aggregator {
                 self.live.insert(child, p);
             }
             What::ForkLatency { .. } => self.proc_mut(e.pid, e.tid, &e.comm).figures.add(&e.what),
-            What::Copy(_) | What::Reuse(_) | What::ZeroFill(_) | What::HugeCow { .. } => {
+            What::Copy(_) | What::Reuse(_) | What::ZeroFill(_) | What::Failed(_) | What::HugeCow { .. } => {
                 self.fault_proc(e).figures.add(&e.what)
             }
             What::Exec => {
                 // Renames the process (its main thread's new comm).
                 self.proc_mut(e.pid, e.tid, &e.comm);
             }
-            What::Exit { status } => {
+            What::Exit { status, oom_killed } => {
                 // A process that did nothing we saw is remembered as well,
                 // in case another thread's outcomes arrive after its exit.
                 let mut p =
                     self.live.remove(&e.pid).unwrap_or_else(|| Proc::new(e.pid, 0, e.comm.to_string()));
                 p.exit_code = Some(status);
+                p.oom_killed = oom_killed;
                 p.exit_ns = Some(e.ts_ns);
                 self.retired.retire(p);
             }
@@ -190,11 +200,21 @@ impl Aggregator {
             copied_bytes: s.copies * self.page_size + s.huge_bytes,
             cow_latency_ns: s.cow_lat.summary(),
             zero_fills: s.zero_fills,
+            cow_failed: s.failed,
             fork_dup_mmap_ns: s.dup_mmap.summary(),
             huge_cow_faults: s.huge_faults,
             huge_copied_bytes: s.huge_bytes,
             exited: p.exit_code.is_some(),
             exit_status: p.exit_code.map(|c| c as i32),
+            ending: p.exit_code.map(|c| Ending::new(c, p.oom_killed)),
+            memcg: p.memcg.clone(),
+        }
+    }
+
+    /// Records the memory cgroup `pid` was forked into.
+    pub fn set_memcg(&mut self, pid: u32, memcg: MemCgroup) {
+        if let Some(p) = self.live.get_mut(&pid) {
+            p.memcg = Some(memcg);
         }
     }
 

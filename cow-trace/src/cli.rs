@@ -16,6 +16,7 @@ const EXAMPLES: &str = "\
 EXAMPLES:
     cow-trace -p 1234                  # trace PID 1234 and the children it forks; Ctrl-C for the summary
     cow-trace -p 1234 -i 1             # print per-second figures, then the summary
+    cow-trace -T -p 1234 1 5           # bcc style: five 1-second intervals, timestamped, then the summary
     cow-trace -p 1234 -p 5678 -d 60    # two processes, stop after 60 seconds
     cow-trace -p 1234 --no-follow      # the process only, not its children
     cow-trace --json -p 1234           # newline-delimited JSON for scripts
@@ -118,6 +119,31 @@ pub struct Args {
     #[arg(long, hide = true)]
     pub bench_empty_programs: bool,
 
+    /// Report only processes named COMM (and episodes whose parent or
+    /// child is): a filter on the report; everything traced is still
+    /// counted in the kernel totals.
+    #[arg(short = 'c', long = "comm", value_name = "COMM")]
+    pub comm: Option<String>,
+
+    /// Write the report (tables or JSON) to FILE instead of stdout: a
+    /// launched command's own output then stays apart from it.
+    #[arg(short = 'o', long, value_name = "FILE")]
+    pub output: Option<std::path::PathBuf>,
+
+    /// Print a wall-clock time (HH:MM:SS) on each interval's header (JSON:
+    /// `time`), as bcc's tools do.
+    #[arg(short = 'T', long = "timestamp")]
+    pub timestamp: bool,
+
+    /// The bcc tools' positional form: an interval, like -i.
+    #[arg(value_name = "INTERVAL", value_parser = parse_interval)]
+    pub interval_pos: Option<Duration>,
+
+    /// ... and how many intervals to print before ending (like -d
+    /// INTERVAL x COUNT).
+    #[arg(value_name = "COUNT", value_parser = parse_count)]
+    pub count: Option<u32>,
+
     /// Command to run and trace, with its arguments (after `--`).
     #[arg(last = true, value_name = "COMMAND")]
     pub command: Vec<OsString>,
@@ -168,6 +194,7 @@ impl Args {
                     .into(),
             ));
         }
+        args.positional_interval().map_err(ArgsError::Usage)?;
         Ok(args)
     }
 }
@@ -224,6 +251,22 @@ pub enum Mode {
 }
 
 impl Args {
+    /// Folds the positional `[INTERVAL [COUNT]]` into -i and -d.
+    fn positional_interval(&mut self) -> Result<(), String> {
+        let Some(every) = self.interval_pos else { return Ok(()) };
+        if self.interval.is_some() {
+            return Err("an interval given twice: use either -i SECS or the positional INTERVAL".into());
+        }
+        self.interval = Some(every);
+        if let Some(n) = self.count {
+            if self.duration.is_some() {
+                return Err("use either -d SECS or a COUNT of intervals, not both".into());
+            }
+            self.duration = Some(every * n);
+        }
+        Ok(())
+    }
+
     /// Checks the combinations clap cannot express.
     pub fn mode(&self) -> Result<Mode, String> {
         if self.dashdash && self.command.is_empty() {
@@ -281,6 +324,13 @@ fn parse_secs(s: &str, what: &str, max: u64) -> Result<Duration, String> {
 
 fn parse_interval(s: &str) -> Result<Duration, String> {
     parse_secs(s, "an interval", MAX_INTERVAL_SECS)
+}
+
+fn parse_count(s: &str) -> Result<u32, String> {
+    match s.trim().parse::<u32>() {
+        Ok(n) if n > 0 => Ok(n),
+        _ => Err(format!("'{s}' is not a count of intervals: expected an integer from 1")),
+    }
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -394,6 +444,25 @@ mod tests {
         assert_eq!(parse_checked(&["--json"]).unwrap().mode().unwrap(), Mode::System);
         let a = parse_checked(&["--", "sh", "-c", "echo --"]).unwrap();
         assert_eq!(a.mode().unwrap(), Mode::Launch(vec!["sh".into(), "-c".into(), "echo --".into()]));
+    }
+
+    #[test]
+    fn the_bcc_positional_interval_and_count_are_minus_i_and_minus_d() {
+        let a = parse_checked(&["-T", "-p", "1", "2", "5"]).unwrap();
+        assert_eq!((a.interval, a.duration), (Some(Duration::from_secs(2)), Some(Duration::from_secs(10))));
+        assert!(a.timestamp);
+        let a = parse_checked(&["3", "--", "sleep", "1"]).unwrap();
+        assert_eq!((a.interval, a.duration), (Some(Duration::from_secs(3)), None));
+        assert_eq!(a.mode().unwrap(), Mode::Launch(vec!["sleep".into(), "1".into()]));
+        for bad in [&["-i", "1", "2"][..], &["-d", "5", "1", "3"], &["1", "0"], &["0"]] {
+            assert!(
+                matches!(
+                    Args::try_parse_args(std::iter::once("cow-trace").chain(bad.iter().copied())),
+                    Err(ArgsError::Usage(_))
+                ),
+                "{bad:?}"
+            );
+        }
     }
 
     #[test]

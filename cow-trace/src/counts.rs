@@ -14,6 +14,9 @@ pub struct EventCounts {
     pub cow_copies: u64,
     pub cow_reuses: u64,
     pub zero_fills: u64,
+    /// Write faults that failed; on the tracepoint backend some replace a
+    /// copy or zero-fill counted before (see `EventKind::CowFailed`).
+    pub cow_failed: u64,
     pub huge_cows: u64,
     pub exits: u64,
     pub execs: u64,
@@ -30,6 +33,7 @@ impl EventCounts {
             EventKind::Exit => &mut self.exits,
             EventKind::Exec => &mut self.execs,
             EventKind::HugeCow => &mut self.huge_cows,
+            EventKind::CowFailed => &mut self.cow_failed,
         }
     }
 

@@ -27,7 +27,8 @@ use std::collections::{HashMap, VecDeque};
 use serde::Serialize;
 
 use crate::{
-    event::{Event, Fault, What},
+    ending::{Ending, MemCgroup},
+    event::{Event, Failure, Fault, Replaced, What},
     histogram::{Histogram, Summary},
     regions::MapsCache,
 };
@@ -58,18 +59,41 @@ pub struct Episode {
     pub child_comm: String,
     /// Monotonic clock (`CLOCK_MONOTONIC`, ns) at the fork.
     pub start_ns: u64,
-    /// The parent's fork syscall time; `None` for kernel-made processes.
+    /// The parent's fork syscall time; `None` for kernel-made processes,
+    /// and for forks whose syscall had not returned at the end of the run
+    /// (then `fork_cut_off`).
     pub fork_latency_ns: Option<u64>,
-    /// Fork to exit; `None` while the child still runs.
+    /// The fork's syscall was still running at the end of the run: its
+    /// latency was never measured.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub fork_cut_off: bool,
+    /// Fork to exit; `None` while the child still runs (in the summary:
+    /// still running at the end of the run).
     pub child_lifetime_ns: Option<u64>,
+    /// The child was gone at the end of the run but its exit was never
+    /// seen (`--no-follow`, or a lost event): its lifetime is unknown, and
+    /// it is not claimed to be running.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub child_exit_unseen: bool,
     /// Fork to exec, for fork+exec children.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub exec_after_ns: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub exit_status: Option<i32>,
+    /// How the child ended, once it has.
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub ending: Option<Ending>,
+    /// The child's memory cgroup at the fork, where one limits memory.
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub memcg: Option<MemCgroup>,
+    /// The OOM killer chose the parent while the child lived.
+    pub parent_oom_killed: bool,
     pub parent_copies: u64,
     pub child_copies: u64,
     pub copied_bytes: u64,
+    /// Write faults of either process in the copy window that failed (no
+    /// memory, ...): not in the copies.
+    pub cow_failed: u64,
     /// Most bytes copied within one second of the episode.
     pub peak_copy_bytes_per_s: u64,
     pub cow_latency_ns: Summary,
@@ -111,9 +135,15 @@ struct Open {
     child_comm: String,
     start_ns: u64,
     fork_latency_ns: Option<u64>,
+    fork_cut_off: bool,
+    /// Gone at the end without an exit event (see `Episode`).
+    exit_unseen: bool,
     exec_after_ns: Option<u64>,
     parent_copies: u64,
     child_copies: u64,
+    failed: u64,
+    memcg: Option<MemCgroup>,
+    parent_oom_killed: bool,
     cow_lat: Histogram,
     /// Copies per second of the episode, by second.
     per_second: HashMap<u64, u64>,
@@ -127,6 +157,7 @@ struct Open {
 struct Closed {
     end_ns: u64,
     status: i32,
+    oom_killed: bool,
     /// `Episodes::settles` when the exit was seen.
     seen_at: u64,
 }
@@ -230,7 +261,8 @@ impl Episodes {
                     o.child_comm = e.comm.to_string();
                 }
             }
-            What::Exit { status } => {
+            What::Failed(f) => self.failed(e, &f),
+            What::Exit { status, oom_killed } => {
                 let settles = self.settles;
                 if let Some(o) = self.open.get_mut(&e.pid).filter(|o| o.closed.is_none()) {
                     // The name it died with: Redis renames its child
@@ -240,11 +272,21 @@ impl Episodes {
                     if e.tid == e.pid && !e.comm.is_empty() {
                         o.child_comm = e.comm.to_string();
                     }
-                    o.closed = Some(Closed { end_ns: e.ts_ns, status: status as i32, seen_at: settles });
+                    o.closed =
+                        Some(Closed { end_ns: e.ts_ns, status: status as i32, oom_killed, seen_at: settles });
                 }
                 // Its own episodes as a parent go on; its maps are no
                 // longer readable, but the cached copy still describes
-                // its children's layout.
+                // its children's layout. An OOM kill of the parent is what
+                // its children's episodes say (then the child's writes to
+                // pages no longer shared are reuses).
+                if oom_killed {
+                    for kid in self.by_parent.get(&e.pid).into_iter().flatten() {
+                        if let Some(o) = self.open.get_mut(kid).filter(|o| o.closed.is_none()) {
+                            o.parent_oom_killed = true;
+                        }
+                    }
+                }
             }
             // Huge-page faults split the mapping; the 4 KiB copies that
             // follow are what the episode counts.
@@ -286,9 +328,14 @@ impl Episodes {
                 child_comm: comm,
                 start_ns: e.ts_ns,
                 fork_latency_ns,
+                fork_cut_off: false,
+                exit_unseen: false,
                 exec_after_ns: None,
                 parent_copies: 0,
                 child_copies: 0,
+                failed: 0,
+                memcg: None,
+                parent_oom_killed: false,
                 cow_lat: Histogram::default(),
                 per_second: HashMap::new(),
                 regions: HashMap::new(),
@@ -387,6 +434,28 @@ impl Episodes {
         *o.regions.entry(region.unwrap_or_else(|| UNMAPPED.to_string())).or_default() += 1;
     }
 
+    /// A failed fault in a copy window; one that replaces a copy takes it
+    /// back (it arrived first).
+    fn failed(&mut self, e: &Event, f: &Failure) {
+        let Some((slot, by_child)) = self.owner_of_copy(e.pid, e.ts_ns) else { return };
+        let o = match slot {
+            Slot::Open(c) => self.open.get_mut(&c).expect("looked up above"),
+            Slot::Reused(i) => &mut self.reused[i],
+        };
+        o.failed += 1;
+        if f.replaces == Some(Replaced::Copy) {
+            let copies = if by_child { &mut o.child_copies } else { &mut o.parent_copies };
+            *copies = copies.saturating_sub(1);
+        }
+    }
+
+    /// Records the memory cgroup `child` was forked into.
+    pub fn set_memcg(&mut self, child: u32, memcg: MemCgroup) {
+        if let Some(o) = self.open.get_mut(&child) {
+            o.memcg = Some(memcg);
+        }
+    }
+
     fn unlink(&mut self, o: &Open) {
         if let Some(kids) = self.by_parent.get_mut(&o.parent) {
             kids.retain(|&c| c != o.child);
@@ -397,7 +466,7 @@ impl Episodes {
         }
     }
 
-    fn finish(&self, o: Open, lifetime: Option<u64>, exit_status: Option<i32>) -> Episode {
+    fn finish(&self, o: Open, lifetime: Option<u64>, closed: Option<Closed>) -> Episode {
         let copies = o.parent_copies + o.child_copies;
         let mut regions: Vec<_> = o
             .regions
@@ -414,12 +483,18 @@ impl Episodes {
             child_comm: o.child_comm,
             start_ns: o.start_ns,
             fork_latency_ns: o.fork_latency_ns,
+            fork_cut_off: o.fork_cut_off,
             child_lifetime_ns: lifetime,
+            child_exit_unseen: o.exit_unseen && lifetime.is_none(),
             exec_after_ns: o.exec_after_ns,
-            exit_status,
+            exit_status: closed.map(|c| c.status),
+            ending: closed.map(|c| Ending::new(c.status as u32, c.oom_killed)),
+            memcg: o.memcg,
+            parent_oom_killed: o.parent_oom_killed,
             parent_copies: o.parent_copies,
             child_copies: o.child_copies,
             copied_bytes: copies * self.page_size,
+            cow_failed: o.failed,
             peak_copy_bytes_per_s: o.per_second.values().max().copied().unwrap_or(0) * self.page_size,
             cow_latency_ns: o.cow_lat.summary(),
             top_regions: regions,
@@ -437,7 +512,7 @@ impl Episodes {
         match o.closed {
             Some(c) => {
                 let lifetime = c.end_ns.saturating_sub(o.start_ns);
-                let ep = self.finish(o, Some(lifetime), Some(c.status));
+                let ep = self.finish(o, Some(lifetime), Some(c));
                 self.finished.push(ep.clone());
                 self.keep(ep);
             }
@@ -486,6 +561,38 @@ impl Episodes {
         }
     }
 
+    /// Marks the forks of `children` whose syscall was still running at the
+    /// cut-off (their latency will never come), so that they are not taken
+    /// for processes the kernel made without a fork syscall.
+    pub fn cut_off_forks(&mut self, children: &[u32]) {
+        for &c in children {
+            if let Some(o) = self.open.get_mut(&c).filter(|o| o.fork_latency_ns.is_none()) {
+                o.fork_cut_off = true;
+            }
+            let unmeasured = |e: &&mut Episode| e.child == c && e.fork_latency_ns.is_none();
+            if let Some(e) = self.finished.iter_mut().rev().find(unmeasured) {
+                e.fork_cut_off = true;
+            }
+            if let Some(e) = self.kept.iter_mut().rev().find(unmeasured) {
+                e.fork_cut_off = true;
+            }
+        }
+    }
+
+    /// Children of open episodes whose exit has not been seen.
+    pub fn running_children(&self) -> Vec<u32> {
+        self.open.values().filter(|o| o.closed.is_none()).map(|o| o.child).collect()
+    }
+
+    /// At the end of the run: marks the episodes whose child is gone
+    /// although no exit was seen (`alive` says which PIDs still ran at the
+    /// cut-off).
+    pub fn mark_unseen_exits(&mut self, alive: impl Fn(u32) -> bool) {
+        for o in self.open.values_mut().filter(|o| o.closed.is_none()) {
+            o.exit_unseen = !alive(o.child);
+        }
+    }
+
     /// Finishes every closing episode: once the programs are detached and
     /// everything they sent or left unsent has been applied.
     pub fn finish_closing(&mut self) {
@@ -526,7 +633,7 @@ impl Episodes {
             .map(|o| {
                 let copy = o.clone();
                 match o.closed {
-                    Some(c) => self.finish(copy, Some(c.end_ns.saturating_sub(o.start_ns)), Some(c.status)),
+                    Some(c) => self.finish(copy, Some(c.end_ns.saturating_sub(o.start_ns)), Some(c)),
                     None => self.finish(copy, None, None),
                 }
             })
@@ -970,12 +1077,18 @@ mod tests {
             child_comm: "sh".into(),
             start_ns,
             fork_latency_ns: fork_ns,
+            fork_cut_off: false,
             child_lifetime_ns: Some(1),
+            child_exit_unseen: false,
             exec_after_ns: None,
             exit_status: Some(0),
+            ending: None,
+            memcg: None,
+            parent_oom_killed: false,
             parent_copies: 0,
             child_copies: 0,
             copied_bytes,
+            cow_failed: 0,
             peak_copy_bytes_per_s: 0,
             cow_latency_ns: Default::default(),
             top_regions: Vec::new(),
@@ -992,5 +1105,25 @@ mod tests {
         assert_eq!(ranked, [4, 2, 5, 3]);
         let all = Threshold { min_copied_bytes: 0, min_fork_ns: 0 };
         assert_eq!(all.rank(eps).len(), 5, "0 shows every episode");
+    }
+
+    #[test]
+    fn at_the_end_a_cut_off_fork_and_an_unseen_exit_are_said_so() {
+        let mut eps = Episodes::new(4096, Box::new(|_| Some(MAPS.into())));
+        eps.feed(&ev(EventKind::Spawn, 100, 200, 10 * MS, "p"));
+        eps.feed(&ev(EventKind::Spawn, 100, 300, 20 * MS, "p"));
+        // 200's fork syscall had not returned at the cut-off; 300 was gone
+        // by then without a traced exit.
+        eps.cut_off_forks(&[200]);
+        eps.mark_unseen_exits(|c| c != 300);
+        let all = eps.all();
+        let of = |c: u32| all.iter().find(|e| e.child == c).unwrap();
+        assert!(of(200).fork_cut_off && !of(200).child_exit_unseen);
+        assert!(!of(300).fork_cut_off && of(300).child_exit_unseen);
+        assert!(episode_line(of(200)).contains("fork cut off, child still running at the end"));
+        assert!(episode_line(of(300)).contains("fork -, child exited (exit not traced)"));
+        let v = serde_json::to_value(of(200)).unwrap();
+        assert!(v["fork_latency_ns"].is_null() && v["fork_cut_off"] == true);
+        assert!(v.get("child_exit_unseen").is_none());
     }
 }

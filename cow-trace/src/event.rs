@@ -10,7 +10,7 @@
 
 use cow_trace_common::{
     Event as Wire, EventKind, FaultRecord, FAULT_BATCH, FAULT_BATCH_HEADER, FAULT_BATCH_LEN, FLAG_DUP_MMAP,
-    FLAG_NO_SYSCALL,
+    FLAG_NO_SYSCALL, FLAG_OOM_VICTIM,
 };
 
 /// A task comm as the kernel wrote it: NUL-padded, not always UTF-8. Kept
@@ -58,6 +58,23 @@ pub struct Fault {
     pub weight: u64,
 }
 
+/// A write fault that failed (see `EventKind::CowFailed`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Failure {
+    pub addr: u64,
+    /// The outcome already counted for this fault that the failure
+    /// replaces: a copy or a zero-fill whose page was freed again.
+    pub replaces: Option<Replaced>,
+    /// The handler's raw `vm_fault_t` (kprobe/fentry backends), else 0.
+    pub vm_fault: u32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Replaced {
+    Copy,
+    ZeroFill,
+}
+
 /// What happened, with the fields of its kind.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum What {
@@ -78,9 +95,12 @@ pub enum What {
     Copy(Fault),
     Reuse(Fault),
     ZeroFill(Fault),
-    /// The last thread exited with a wait-status `status`.
+    Failed(Failure),
+    /// The last thread exited with a wait-status `status`; `oom_killed`:
+    /// the OOM killer had chosen the process.
     Exit {
         status: u32,
+        oom_killed: bool,
     },
     /// The process replaced its program; the event's comm is the new one.
     Exec,
@@ -116,6 +136,7 @@ impl Event {
             What::Copy(_) => EventKind::CowCopy,
             What::Reuse(_) => EventKind::CowReuse,
             What::ZeroFill(_) => EventKind::ZeroFill,
+            What::Failed(_) => EventKind::CowFailed,
             What::Exit { .. } => EventKind::Exit,
             What::Exec => EventKind::Exec,
             What::HugeCow { .. } => EventKind::HugeCow,
@@ -135,7 +156,16 @@ impl Event {
             EventKind::CowCopy => What::Copy(fault()),
             EventKind::CowReuse => What::Reuse(fault()),
             EventKind::ZeroFill => What::ZeroFill(fault()),
-            EventKind::Exit => What::Exit { status: w.other },
+            EventKind::Exit => What::Exit { status: w.other, oom_killed: w.flags & FLAG_OOM_VICTIM != 0 },
+            EventKind::CowFailed => What::Failed(Failure {
+                addr: w.addr,
+                replaces: match EventKind::from_u32(w.other) {
+                    Some(EventKind::CowCopy) => Some(Replaced::Copy),
+                    Some(EventKind::ZeroFill) => Some(Replaced::ZeroFill),
+                    _ => None,
+                },
+                vm_fault: w.flags,
+            }),
             EventKind::Exec => What::Exec,
             EventKind::HugeCow => What::HugeCow {
                 addr: w.addr,
@@ -287,7 +317,20 @@ mod tests {
         let spawn = Event::from_wire(&Wire { kind: 1, flags: FLAG_NO_SYSCALL, ..w }).unwrap();
         assert_eq!(spawn.what, What::Spawn { child: 200, no_syscall: true });
         let exit = Event::from_wire(&Wire { kind: EventKind::Exit as u32, other: 2 << 8, ..w }).unwrap();
-        assert_eq!(exit.what, What::Exit { status: 512 });
+        assert_eq!(exit.what, What::Exit { status: 512, oom_killed: false });
+        let oom =
+            Event::from_wire(&Wire { kind: EventKind::Exit as u32, other: 9, flags: FLAG_OOM_VICTIM, ..w });
+        assert_eq!(oom.unwrap().what, What::Exit { status: 9, oom_killed: true });
+        let failed = Event::from_wire(&Wire {
+            kind: EventKind::CowFailed as u32,
+            other: EventKind::CowCopy as u32,
+            flags: 1,
+            ..w
+        });
+        assert_eq!(
+            failed.unwrap().what,
+            What::Failed(Failure { addr: 15_000_000, replaces: Some(Replaced::Copy), vm_fault: 1 })
+        );
         let huge =
             Event::from_wire(&Wire { kind: EventKind::HugeCow as u32, other: 2 << 20, flags: 0x800, ..w });
         assert_eq!(

@@ -26,6 +26,28 @@ pub fn fmt_bytes(b: u64) -> String {
     format!("{v:.1}{}", UNITS[u])
 }
 
+/// A signal's name: `SIGTERM`, or `signal 42` for one without a common name.
+pub fn signal_name(sig: i32) -> String {
+    let name = match sig {
+        1 => "SIGHUP",
+        2 => "SIGINT",
+        3 => "SIGQUIT",
+        4 => "SIGILL",
+        6 => "SIGABRT",
+        7 => "SIGBUS",
+        8 => "SIGFPE",
+        9 => "SIGKILL",
+        10 => "SIGUSR1",
+        11 => "SIGSEGV",
+        12 => "SIGUSR2",
+        13 => "SIGPIPE",
+        14 => "SIGALRM",
+        15 => "SIGTERM",
+        _ => return format!("signal {sig}"),
+    };
+    name.into()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

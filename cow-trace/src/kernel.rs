@@ -25,6 +25,9 @@ pub struct TaskOffsets {
     pub task_signal: u32,
     pub task_exit_code: u32,
     pub signal_live: u32,
+    /// `offsetof(struct signal_struct, oom_mm)`: set when the OOM killer
+    /// chose the process; 0 on a kernel without it (then never reported).
+    pub signal_oom_mm: u32,
 }
 
 impl TaskOffsets {
@@ -35,6 +38,7 @@ impl TaskOffsets {
             task_signal: member_offset(btf, "task_struct", "signal")?,
             task_exit_code: member_offset(btf, "task_struct", "exit_code")?,
             signal_live: member_offset(btf, "signal_struct", "live")?,
+            signal_oom_mm: member_offset(btf, "signal_struct", "oom_mm").unwrap_or(0),
         })
     }
 }

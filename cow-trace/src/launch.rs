@@ -218,6 +218,12 @@ pub fn exit_code(status: i32) -> i32 {
     }
 }
 
+/// How the command ended, from its raw wait status.
+pub fn command_end(status: i32, ended_by_cow_trace: bool) -> cow_trace::output::CommandEnd {
+    let signal = libc::WIFSIGNALED(status).then(|| libc::WTERMSIG(status));
+    cow_trace::output::CommandEnd { exit_code: exit_code(status), signal, ended_by_cow_trace }
+}
+
 /// A pidfd becomes readable when the process exits.
 pub fn pidfd(pid: u32) -> io::Result<OwnedFd> {
     // SAFETY: pidfd_open takes a pid and flags.

@@ -13,6 +13,7 @@
 pub mod aggregate;
 pub mod cgroup;
 pub mod counts;
+pub mod ending;
 pub mod episode;
 pub mod event;
 pub mod fmt;

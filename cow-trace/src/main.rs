@@ -7,6 +7,7 @@ mod cli;
 mod exporter;
 mod kernel;
 mod launch;
+mod memcg;
 mod preflight;
 mod procfs;
 mod run;
@@ -22,6 +23,11 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // Options that cannot go together are usage errors too.
+    if let Err(line) = args.mode() {
+        eprintln!("cow-trace: error: {line}");
+        return ExitCode::from(2);
+    }
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
         .format_target(false)
         .init();

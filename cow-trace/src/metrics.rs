@@ -84,6 +84,9 @@ pub struct Series {
     pub reuses: u64,
     pub zero_fills: u64,
     pub huge_faults: u64,
+    /// Write faults that failed; a copy or zero-fill one replaces stays in
+    /// its counter (counters never go down).
+    pub failed: u64,
     pub cow_duration: Dist,
     pub episodes: u64,
     pub episode_bytes: Dist,
@@ -109,6 +112,7 @@ impl Series {
             }
             What::Reuse(_) => self.reuses += 1,
             What::ZeroFill(_) => self.zero_fills += 1,
+            What::Failed(_) => self.failed += 1,
             What::HugeCow { copied_bytes, .. } => {
                 self.huge_faults += 1;
                 self.copied_bytes += copied_bytes;
@@ -291,7 +295,8 @@ pub struct Health {
     pub backend: String,
     pub events: u64,
     pub dropped: u64,
-    /// Whether the backend times `dup_mmap` within forks.
+    /// Whether the backend times the address-space copy within forks
+    /// (`dup_mmap`, or `copy_page_range` where that is inlined).
     pub dup_mmap_split: bool,
 }
 
@@ -397,9 +402,14 @@ impl Collector for Snapshot {
             &s.fork_duration
         })?;
         if self.health.dup_mmap_split {
-            self.histogram(e, "fork_dup_mmap", "Time each fork spent in dup_mmap.", &s, LAT, |s| {
-                &s.dup_mmap
-            })?;
+            self.histogram(
+                e,
+                "fork_dup_mmap",
+                "Time each fork spent copying the address space (dup_mmap).",
+                &s,
+                LAT,
+                |s| &s.dup_mmap,
+            )?;
         }
         self.counter(e, "cow_copies", "Copy-on-write faults that copied a page.", None, |s| s.copies)?;
         self.counter(e, "cow_copied", "Memory copied by copy-on-write faults.", Some(&b), |s| {
@@ -408,6 +418,13 @@ impl Collector for Snapshot {
         self.counter(e, "cow_reuses", "Copy-on-write faults resolved without a copy.", None, |s| s.reuses)?;
         self.counter(e, "cow_zero_fills", "Write faults on the shared zero page.", None, |s| s.zero_fills)?;
         self.counter(e, "cow_huge_faults", "Write faults on huge-page mappings.", None, |s| s.huge_faults)?;
+        self.counter(
+            e,
+            "cow_failed_faults",
+            "Write faults that failed (a copy they undo stays counted).",
+            None,
+            |s| s.failed,
+        )?;
         self.histogram(
             e,
             "cow_fault_duration",
@@ -484,7 +501,7 @@ mod tests {
             m.apply(&ev(1, b"init", What::Spawn { child: pid, no_syscall: false }));
             m.apply(&ev(pid, format!("w{}", pid % 50).as_bytes(), What::Exec));
             m.apply(&ev(pid, b"", copy()));
-            m.apply(&ev(pid, b"", What::Exit { status: 0 }));
+            m.apply(&ev(pid, b"", What::Exit { status: 0, oom_killed: false }));
         }
         assert_eq!(sum(&m, |s| s.copies), 20_000);
         assert_eq!(sum(&m, |s| s.copied_bytes), 20_000 * 4096);
@@ -509,7 +526,7 @@ mod tests {
         ));
         m.apply(&ev(2, b"redis-server", What::Spawn { child: 7, no_syscall: false }));
         m.apply(&ev(7, b"", copy()));
-        m.apply(&ev(7, b"", What::Exit { status: 0 }));
+        m.apply(&ev(7, b"", What::Exit { status: 0, oom_killed: false }));
         m.apply(&ev(7, b"", copy())); // another thread's, sent after the exit
         let s = m.snapshot(Health::default());
         let parent = s.series.iter().find(|(l, _)| l.comm == "redis-server").unwrap();

@@ -9,6 +9,7 @@ use serde::Serialize;
 use crate::{
     aggregate::{ProcRow, RunHistograms},
     counts::{KernelCounters, KernelTotals, Seen},
+    ending::Ending,
     episode::Episode,
     fmt::{fmt_bytes, fmt_ns},
     histogram::{Log2Row, Summary},
@@ -44,7 +45,7 @@ pub fn table(rows: &[ProcRow], top: usize) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:>7} {:>7} {:<w$} {:>6} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9} {:>8} {:>8} {:>7}",
+        "{:>7} {:>7} {:<w$} {:>6} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>6} {:>9} {:>8} {:>8} {:>7} {:>8}",
         "PID",
         "PPID",
         "COMM",
@@ -55,15 +56,17 @@ pub fn table(rows: &[ProcRow], top: usize) -> String {
         "DUPMM_50",
         "COPIES",
         "REUSES",
+        "FAILED",
         "COPIED",
         "COW_P50",
         "COW_P99",
-        "ZEROS"
+        "ZEROS",
+        "ENDED"
     );
     for (r, comm) in rows[..shown].iter().zip(&comms) {
         let _ = writeln!(
             out,
-            "{:>7} {:>7} {:<w$} {:>6} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9} {:>8} {:>8} {:>7}",
+            "{:>7} {:>7} {:<w$} {:>6} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>6} {:>9} {:>8} {:>8} {:>7} {:>8}",
             r.pid,
             r.ppid,
             comm,
@@ -74,10 +77,12 @@ pub fn table(rows: &[ProcRow], top: usize) -> String {
             lat(&r.fork_dup_mmap_ns, |s| s.p50),
             r.cow_copies,
             r.cow_reuses,
+            r.cow_failed,
             fmt_bytes(r.copied_bytes),
             lat(&r.cow_latency_ns, |s| s.p50),
             lat(&r.cow_latency_ns, |s| s.p99),
             r.zero_fills,
+            r.ending.as_ref().map_or_else(|| "-".into(), |e| e.short()),
         );
     }
     if shown < rows.len() {
@@ -101,21 +106,41 @@ pub fn episode_line(ep: &Episode) -> String {
     );
     s += &match ep.fork_latency_ns {
         Some(ns) => format!("fork {}", fmt_ns(ns)),
+        None if ep.fork_cut_off => "fork cut off".into(),
         None => "fork -".into(),
     };
     if let Some(ns) = ep.exec_after_ns {
         s += &format!(", exec after {}", fmt_ns(ns.max(1)));
     }
-    s += &match ep.child_lifetime_ns {
-        Some(ns) => format!(", child lived {}", fmt_ns(ns.max(1))),
-        None => ", child still running".into(),
-    };
-    s += &format!(
-        ", copied {} (parent {} + child {} pages)",
+    let copied = format!(
+        "{} (parent {} + child {} pages)",
         fmt_bytes(ep.copied_bytes),
         ep.parent_copies,
         ep.child_copies
     );
+    s += &match (ep.child_lifetime_ns, &ep.ending) {
+        // The incident a Redis user dreads: the BGSAVE child's copies
+        // outgrew the memory limit.
+        (Some(ns), Some(end)) if end.oom_killed => format!(
+            ", child lived {}, {} after copying {copied}",
+            fmt_ns(ns.max(1)),
+            end.describe(ep.memcg.as_ref())
+        ),
+        (Some(ns), Some(end)) if end.exit_code != Some(0) => {
+            format!(", child lived {}, {}, copied {copied}", fmt_ns(ns.max(1)), end.describe(None))
+        }
+        (Some(ns), _) => format!(", child lived {}, copied {copied}", fmt_ns(ns.max(1))),
+        (None, _) if ep.child_exit_unseen => format!(", child exited (exit not traced), copied {copied}"),
+        (None, _) => format!(", child still running at the end, copied {copied}"),
+    };
+    if ep.parent_oom_killed {
+        // 9: the wait status of SIGKILL, what the OOM killer sends.
+        let oom = Ending::new(9, true);
+        s += &format!(", parent {} while the child lived", oom.describe(ep.memcg.as_ref()));
+    }
+    if ep.cow_failed > 0 {
+        s += &format!(", {} write faults failed", ep.cow_failed);
+    }
     if ep.copied_bytes > 0 {
         s += &format!(
             ", peak {}/s, CoW p50 {} p99 {}",
@@ -175,10 +200,18 @@ pub struct StartRecord<'a> {
     /// Backends `auto` passed over, each "name: why".
     pub rejected: &'a [String],
     pub fork_latency: &'a str,
-    /// Whether forks are split into their `dup_mmap` share.
+    /// Whether forks are split into their address-space copy share.
     pub fork_dup_mmap: bool,
+    /// The kernel function that share is the time inside (`dup_mmap`, or
+    /// `copy_page_range` where `dup_mmap` is inlined), or null.
+    pub fork_share_function: Option<&'a str>,
     pub cow_latency: &'a str,
     pub page_size: u64,
+    /// The traced PIDs (the launched command's in launch mode); `null`
+    /// when tracing the whole system.
+    pub pids: Option<&'a [u32]>,
+    /// Whether their descendants are followed.
+    pub follow: bool,
 }
 
 #[derive(Serialize)]
@@ -187,6 +220,9 @@ pub struct IntervalRecord<'a> {
     pub kind: &'static str,
     pub backend: &'a str,
     pub elapsed_s: f64,
+    /// Local wall-clock time, `HH:MM:SS`, with `-T`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub time: Option<&'a str>,
     pub dropped_events: u64,
     pub processes: &'a [ProcRow],
 }
@@ -198,11 +234,22 @@ pub struct SummaryRecord<'a> {
     pub backend: &'a str,
     pub elapsed_s: f64,
     pub ended_by: &'a str,
+    /// `CLOCK_MONOTONIC` ns at the cut-off: nothing later is counted.
+    pub cut_off_ns: u64,
+    /// Write faults still waiting for their outcome at the cut-off:
+    /// counted neither as copies nor as reuses.
+    pub faults_in_flight_at_end: u64,
     pub dropped_events: u64,
     pub kernel_totals: KernelTotals,
     pub events_received: Seen,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub command_exit_code: Option<i32>,
+    /// The signal that killed the launched command (`SIGTERM`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub command_signal: Option<String>,
+    /// cow-trace sent the command that signal when the run ended.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub command_ended_by_cow_trace: bool,
     pub processes: &'a [ProcRow],
     pub histograms: Histograms,
     pub episodes: &'a [Episode],
@@ -240,10 +287,17 @@ pub struct Start<'a> {
     pub rejected: &'a [String],
     pub fork_latency_means: &'a str,
     pub cow_latency_means: &'a str,
-    pub dup_mmap_split: bool,
+    /// The function that carries the fork's address-space copy share.
+    pub fork_share: Option<&'a str>,
     pub page_size: u64,
     /// What is traced, as the text header names it.
     pub tracing: &'a str,
+    /// See [`StartRecord::pids`].
+    pub pids: Option<&'a [u32]>,
+    pub follow: bool,
+    /// Whether the run ends by itself (`-d`): the banner then does not
+    /// ask for Ctrl-C.
+    pub timed: bool,
 }
 
 pub fn write_start(out: &mut impl io::Write, s: &Start, format: Format) -> io::Result<()> {
@@ -255,22 +309,31 @@ pub fn write_start(out: &mut impl io::Write, s: &Start, format: Format) -> io::R
                 reason: s.reason,
                 rejected: s.rejected,
                 fork_latency: s.fork_latency_means,
-                fork_dup_mmap: s.dup_mmap_split,
+                fork_dup_mmap: s.fork_share.is_some(),
+                fork_share_function: s.fork_share,
                 cow_latency: s.cow_latency_means,
                 page_size: s.page_size,
+                pids: s.pids,
+                follow: s.follow,
             };
             writeln!(out, "{}", json_line(&rec))?;
         }
         Format::Text { .. } => {
             writeln!(out, "cow-trace: backend {}: {}", s.backend, s.reason)?;
+            let share = s.fork_share.map(|f| format!(" (DUPMM: its {f} share)")).unwrap_or_default();
             writeln!(
                 out,
-                "cow-trace: fork latency = {}{}; CoW latency = {}",
-                s.fork_latency_means,
-                if s.dup_mmap_split { " (DUPMM: its dup_mmap share)" } else { "" },
-                s.cow_latency_means
+                "cow-trace: fork latency = {}{share}; CoW latency = {}",
+                s.fork_latency_means, s.cow_latency_means
             )?;
-            writeln!(out, "cow-trace: tracing {}; Ctrl-C to end\n", s.tracing)?;
+            if s.fork_share.is_none() && s.backend != "tracepoint" {
+                writeln!(
+                    out,
+                    "cow-trace: no address-space copy share (DUPMM) on this kernel: dup_mmap and copy_page_range are both inlined"
+                )?;
+            }
+            let end = if s.timed { "" } else { "; Ctrl-C to end" };
+            writeln!(out, "cow-trace: tracing {}{end}\n", s.tracing)?;
         }
     }
     out.flush()
@@ -294,6 +357,7 @@ pub fn write_interval(
     dropped: u64,
     rows: &[ProcRow],
     format: Format,
+    time: Option<&str>,
 ) -> io::Result<()> {
     match format {
         Format::Json => {
@@ -301,18 +365,69 @@ pub fn write_interval(
                 kind: "interval",
                 backend,
                 elapsed_s,
+                time,
                 dropped_events: dropped,
                 processes: rows,
             };
             writeln!(out, "{}", json_line(&rec))?;
         }
         Format::Text { top, .. } => {
-            writeln!(out, "[{elapsed_s:.0}s] dropped events: {dropped}")?;
+            let time = time.map(|t| format!("{t} ")).unwrap_or_default();
+            writeln!(out, "{time}[{elapsed_s:.0}s] dropped events: {dropped}")?;
             write!(out, "{}", table(rows, top))?;
             writeln!(out)?;
         }
     }
     out.flush()
+}
+
+/// `-c/--comm`: the report limited to processes of one name. Applied to
+/// what is printed, not in the kernel: names change after the fork (Redis
+/// renames its child, exec renames it), and the episodes and the run's end
+/// need every traced process's events. The kernel totals count them all.
+#[derive(Clone, Debug, Default)]
+pub struct CommFilter(pub Option<String>);
+
+impl CommFilter {
+    pub fn rows(&self, rows: Vec<ProcRow>) -> Vec<ProcRow> {
+        match &self.0 {
+            Some(c) => rows.into_iter().filter(|r| &r.comm == c).collect(),
+            None => rows,
+        }
+    }
+
+    /// Episodes whose parent or child has the name.
+    pub fn episodes(&self, eps: Vec<Episode>) -> Vec<Episode> {
+        match &self.0 {
+            Some(c) => eps.into_iter().filter(|e| &e.parent_comm == c || &e.child_comm == c).collect(),
+            None => eps,
+        }
+    }
+}
+
+/// How a launched command ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CommandEnd {
+    /// The shell convention: exit status, or 128 + signal number.
+    pub exit_code: i32,
+    /// The signal that killed it, if one did.
+    pub signal: Option<i32>,
+    /// cow-trace ended it, at the end of a run ended by `-d` or a signal.
+    pub ended_by_cow_trace: bool,
+}
+
+impl CommandEnd {
+    /// `exited with status 3`, `killed by SIGTERM (sent by cow-trace ...)`.
+    pub fn describe(&self) -> String {
+        let how = match self.signal {
+            Some(sig) => format!("killed by {}", crate::fmt::signal_name(sig)),
+            None => format!("exited with status {}", self.exit_code),
+        };
+        match self.ended_by_cow_trace {
+            true => format!("{how} (ended by cow-trace at the end of the run)"),
+            false => how,
+        }
+    }
 }
 
 /// Everything the final summary reports.
@@ -322,9 +437,11 @@ pub struct RunSummary<'a> {
     pub cow_latency_means: &'a str,
     pub elapsed_s: f64,
     pub ended_by: &'a str,
+    pub cut_off_ns: u64,
+    pub faults_in_flight_at_end: u64,
     pub kernel: KernelCounters,
     pub seen: Seen,
-    pub command_exit_code: Option<i32>,
+    pub command: Option<CommandEnd>,
     pub processes: &'a [ProcRow],
     pub histograms: &'a RunHistograms,
     pub episodes: &'a [Episode],
@@ -339,10 +456,14 @@ pub fn write_summary(out: &mut impl io::Write, s: &RunSummary, format: Format) -
                 backend: s.backend,
                 elapsed_s: s.elapsed_s,
                 ended_by: s.ended_by,
+                cut_off_ns: s.cut_off_ns,
+                faults_in_flight_at_end: s.faults_in_flight_at_end,
                 dropped_events: s.kernel.dropped,
                 kernel_totals: s.kernel.totals,
                 events_received: s.seen,
-                command_exit_code: s.command_exit_code,
+                command_exit_code: s.command.map(|c| c.exit_code),
+                command_signal: s.command.and_then(|c| c.signal).map(crate::fmt::signal_name),
+                command_ended_by_cow_trace: s.command.is_some_and(|c| c.ended_by_cow_trace),
                 processes: s.processes,
                 histograms: Histograms {
                     fork_latency_ns: s.histograms.fork_lat.to_log2(1).nonzero_rows(),
@@ -358,6 +479,13 @@ pub fn write_summary(out: &mut impl io::Write, s: &RunSummary, format: Format) -
         Format::Text { top, divisor, label } => (top, divisor, label),
     };
     writeln!(out, "=== summary: {:.1}s, ended by {} ===", s.elapsed_s, s.ended_by)?;
+    if s.faults_in_flight_at_end > 0 {
+        writeln!(
+            out,
+            "{} write faults were in flight at the end (counted neither as copies nor as reuses)",
+            s.faults_in_flight_at_end
+        )?;
+    }
     write!(out, "{}", table(s.processes, top))?;
     write!(out, "{}", episode_list(s.episodes, top))?;
     let h = s.histograms;
@@ -375,12 +503,9 @@ pub fn write_summary(out: &mut impl io::Write, s: &RunSummary, format: Format) -
     let t = &s.kernel.totals.events;
     writeln!(
         out,
-        "\nkernel totals: {} forks, {} CoW copies, {} reuses, {} zero-fills, {} huge-page faults; dropped events: {}",
-        t.spawns, t.cow_copies, t.cow_reuses, t.zero_fills, t.huge_cows, s.kernel.dropped
+        "\nkernel totals: {} forks, {} CoW copies, {} reuses, {} zero-fills, {} failed, {} huge-page faults; dropped events: {}",
+        t.spawns, t.cow_copies, t.cow_reuses, t.zero_fills, t.cow_failed, t.huge_cows, s.kernel.dropped
     )?;
-    if let Some(code) = s.command_exit_code {
-        writeln!(out, "command exited with status {code}")?;
-    }
     out.flush()
 }
 
@@ -391,7 +516,7 @@ pub fn json_line<T: Serialize>(v: &T) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::episode::RegionBytes;
+    use crate::{ending::MemCgroup, episode::RegionBytes};
 
     fn row(pid: u32, copies: u64) -> ProcRow {
         ProcRow {
@@ -418,10 +543,13 @@ mod tests {
                 p99: 9_000_000,
                 max: 9_000_000,
             },
+            cow_failed: 0,
             huge_cow_faults: 0,
             huge_copied_bytes: 0,
             exited: pid == 3,
             exit_status: None,
+            ending: None,
+            memcg: None,
         }
     }
 
@@ -481,6 +609,7 @@ mod tests {
             kind: "interval",
             backend: "tracepoint",
             elapsed_s: 1.0,
+            time: None,
             dropped_events: 0,
             processes: &rows,
         };
@@ -510,16 +639,57 @@ mod tests {
             child_comm: "redis-server".into(),
             start_ns: child as u64,
             fork_latency_ns: Some(21_000_000),
+            fork_cut_off: false,
             child_lifetime_ns: Some(1_000_000_000),
+            child_exit_unseen: false,
             exec_after_ns: None,
             exit_status: Some(0),
+            ending: Some(Ending::new(0, false)),
+            memcg: None,
+            parent_oom_killed: false,
             parent_copies: copied_pages,
             child_copies: 0,
             copied_bytes: copied_pages * 4096,
+            cow_failed: 0,
             peak_copy_bytes_per_s: copied_pages * 4096,
             cow_latency_ns: Summary::default(),
             top_regions: vec![],
         }
+    }
+
+    #[test]
+    fn an_oom_killed_child_reads_as_such() {
+        let mut ep = episode(10, 0);
+        (ep.child_copies, ep.copied_bytes, ep.cow_failed) = (13_745, 13_745 * 4096, 1);
+        ep.ending = Some(Ending::new(9, true));
+        ep.memcg = Some(MemCgroup { path: "/x".into(), limit_bytes: Some(150 << 20) });
+        let line = episode_line(&ep);
+        assert!(
+            line.contains(
+                "child lived 1.00s, killed by the OOM killer (memory cgroup /x, limit 150.0MiB) after copying \
+                 53.7MiB (parent 0 + child 13745 pages), 1 write faults failed"
+            ),
+            "{line}"
+        );
+        let v: serde_json::Value = serde_json::from_str(&json_line(&ep)).unwrap();
+        assert_eq!((v["oom_killed"].as_bool(), v["exit_signal"].as_str()), (Some(true), Some("SIGKILL")));
+        assert_eq!(
+            (v["memory_cgroup"].as_str(), v["memory_limit_bytes"].as_u64()),
+            (Some("/x"), Some(150 << 20))
+        );
+        assert_eq!(v["cow_failed"], 1);
+        ep.ending = Some(Ending::new(3 << 8, false));
+        assert!(episode_line(&ep).contains("child lived 1.00s, exited with status 3, copied"));
+        ep.ending = Some(Ending::new(0, false));
+        assert!(episode_line(&ep).contains("child lived 1.00s, copied 53.7MiB"));
+        ep.parent_oom_killed = true;
+        assert!(
+            episode_line(&ep).contains(
+                "parent killed by the OOM killer (memory cgroup /x, limit 150.0MiB) while the child lived"
+            ),
+            "{}",
+            episode_line(&ep)
+        );
     }
 
     #[test]
@@ -546,5 +716,22 @@ mod tests {
         assert_eq!(v["kind"], "fork");
         assert_eq!(v["copied_bytes"], 5 * 4096);
         assert_eq!(v["child"], 10);
+    }
+
+    #[test]
+    fn the_comm_filter_keeps_that_name_only() {
+        let mut other = row(3, 1);
+        other.comm = "bash".into();
+        let rows = vec![row(2, 10), other];
+        assert_eq!(CommFilter(None).rows(rows.clone()).len(), 2);
+        let kept = CommFilter(Some("worker".into())).rows(rows);
+        assert_eq!(kept.iter().map(|r| r.pid).collect::<Vec<_>>(), [2]);
+        let mut renamed = episode(11, 1);
+        renamed.parent_comm = "bash".into();
+        renamed.child_comm = "redis-rdb-bgsave".into();
+        let eps = vec![episode(10, 5), renamed];
+        let by_child = CommFilter(Some("redis-rdb-bgsave".into())).episodes(eps.clone());
+        assert_eq!(by_child.iter().map(|e| e.child).collect::<Vec<_>>(), [11]);
+        assert_eq!(CommFilter(Some("redis-server".into())).episodes(eps).len(), 1);
     }
 }

@@ -2,7 +2,11 @@
 //! whole run and the current interval. Kept by `aggregate` while the process
 //! lives and by `retired` after its exit.
 
-use crate::{event::What, histogram::Histogram};
+use crate::{
+    ending::MemCgroup,
+    event::{Replaced, What},
+    histogram::Histogram,
+};
 
 /// Figures for one process over some span (an interval or the whole run).
 #[derive(Clone, Debug, Default)]
@@ -12,6 +16,8 @@ pub struct Stats {
     pub(crate) copies: u64,
     pub(crate) reuses: u64,
     pub(crate) zero_fills: u64,
+    /// Write faults that failed (no memory, SIGBUS, ...).
+    pub(crate) failed: u64,
     pub(crate) cow_lat: Histogram,
     /// The `dup_mmap` share of each fork (kprobe/fentry backends).
     pub(crate) dup_mmap: Histogram,
@@ -25,6 +31,7 @@ impl Stats {
             && self.copies == 0
             && self.reuses == 0
             && self.zero_fills == 0
+            && self.failed == 0
             && self.huge_faults == 0
             && self.fork_lat.count() == 0
     }
@@ -47,6 +54,16 @@ impl Stats {
             }
             What::Reuse(_) => self.reuses += 1,
             What::ZeroFill(_) => self.zero_fills += 1,
+            What::Failed(f) => {
+                self.failed += 1;
+                // The outcome it replaces arrived first (the programs send
+                // it first); in an earlier interval, it stays there.
+                match f.replaces {
+                    Some(Replaced::Copy) => self.copies = self.copies.saturating_sub(1),
+                    Some(Replaced::ZeroFill) => self.zero_fills = self.zero_fills.saturating_sub(1),
+                    None => {}
+                }
+            }
             What::HugeCow { copied_bytes, .. } => {
                 self.huge_faults += 1;
                 self.huge_bytes += copied_bytes;
@@ -61,6 +78,7 @@ impl Stats {
         self.copies += o.copies;
         self.reuses += o.reuses;
         self.zero_fills += o.zero_fills;
+        self.failed += o.failed;
         self.cow_lat.merge(&o.cow_lat);
         self.dup_mmap.merge(&o.dup_mmap);
         self.huge_faults += o.huge_faults;
@@ -99,6 +117,10 @@ pub struct Proc {
     pub(crate) comm: String,
     /// Raw wait-status style exit code once the process has exited.
     pub(crate) exit_code: Option<u32>,
+    /// The OOM killer chose it (known at its exit).
+    pub(crate) oom_killed: bool,
+    /// Its memory cgroup, read at its fork.
+    pub(crate) memcg: Option<MemCgroup>,
     /// Time of the spawn event, when it was seen.
     pub(crate) start_ns: Option<u64>,
     /// Time of the exit event.
@@ -108,6 +130,16 @@ pub struct Proc {
 
 impl Proc {
     pub fn new(pid: u32, ppid: u32, comm: String) -> Self {
-        Self { pid, ppid, comm, exit_code: None, start_ns: None, exit_ns: None, figures: Figures::default() }
+        Self {
+            pid,
+            ppid,
+            comm,
+            exit_code: None,
+            oom_killed: false,
+            memcg: None,
+            start_ns: None,
+            exit_ns: None,
+            figures: Figures::default(),
+        }
     }
 }

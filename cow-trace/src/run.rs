@@ -2,7 +2,7 @@
 //! [`Session`] that drains the ring buffer until the run ends, and its
 //! shutdown and summary.
 
-use std::{collections::HashSet, io::StdoutLock, os::fd::OwnedFd, time::Instant};
+use std::{collections::HashSet, io::Write, os::fd::OwnedFd, time::Instant};
 
 use anyhow::{Context as _, Result};
 use aya::maps::{MapData, RingBuf};
@@ -23,7 +23,7 @@ use crate::{
     backend::{self, KernelFeatures, LoadOptions, Selection, Tracer},
     cli::{Args, Mode},
     exporter::Exporter,
-    kernel, launch, preflight, procfs,
+    kernel, launch, memcg, preflight, procfs,
 };
 
 /// How often the ring buffer is drained when no event woke us.
@@ -37,16 +37,17 @@ const PUBLISH_PERIOD: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Why the run ended.
 enum End {
-    Signal(&'static str),
+    Signal(i32),
     Duration,
     TargetsGone,
+    /// The launched command exited; its raw wait status.
     CommandExited(i32),
 }
 
 impl End {
     fn describe(&self) -> String {
         match self {
-            End::Signal(s) => format!("signal {s}"),
+            End::Signal(s) => format!("signal {}", cow_trace::fmt::signal_name(*s)),
             End::Duration => "duration".into(),
             End::TargetsGone => "targets exited".into(),
             End::CommandExited(_) => "command exited".into(),
@@ -59,6 +60,14 @@ pub fn run(args: Args) -> Result<i32> {
     let mode = args.mode().map_err(anyhow::Error::msg)?;
     let user = args.user.as_deref().map(launch::lookup_user).transpose()?;
     preflight::check_privileges()?;
+    // Refused before anything is loaded, like any other bad input.
+    let out: Box<dyn Write> = match &args.output {
+        Some(path) => Box::new(std::io::BufWriter::new(
+            std::fs::File::create(path)
+                .with_context(|| format!("cannot write the report to {}", path.display()))?,
+        )),
+        None => Box::new(std::io::stdout().lock()),
+    };
     if let Mode::Pids(pids) = &mode {
         for &pid in pids {
             preflight::check_pid(pid)?;
@@ -90,7 +99,7 @@ pub fn run(args: Args) -> Result<i32> {
     let targets = trace_targets(&mode, &mut tracer, gated.as_ref())?;
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     runtime.block_on(async {
-        let session = Session::start(&args, &selection, tracer, targets, gated.as_mut())?;
+        let session = Session::start(&args, &selection, tracer, targets, gated.as_mut(), out)?;
         session.run(&args, &selection).await
     })
 }
@@ -167,7 +176,8 @@ pub struct Session {
     tracer: Tracer,
     ring: AsyncFd<RingBuf<MapData>>,
     tally: Tally,
-    out: StdoutLock<'static>,
+    /// Where the report goes: stdout, or `-o FILE`.
+    out: Box<dyn Write>,
     format: Format,
     sample_every: u32,
     /// A launched command, with the pidfd that says it exited.
@@ -181,6 +191,12 @@ pub struct Session {
     threshold: Option<Threshold>,
     /// `--serve`: the HTTP side, and when it was last given a snapshot.
     exporter: Option<(Exporter, Option<Instant>)>,
+    /// Drops have been reported on stderr.
+    warned_drops: bool,
+    /// `-T`: wall-clock times on interval headers.
+    timestamps: bool,
+    /// `-c`: the process name the report is limited to.
+    comm: output::CommFilter,
 }
 
 /// What wakes the loop up.
@@ -202,6 +218,7 @@ impl Session {
         mut tracer: Tracer,
         targets: Option<HashSet<u32>>,
         gated: Option<&mut launch::Gated>,
+        mut out: Box<dyn Write>,
     ) -> Result<Self> {
         let page_size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as u64;
         let tally = Tally::new(
@@ -211,7 +228,11 @@ impl Session {
             Box::new(procfs::ppid_of),
             Box::new(procfs::comm_of),
         )
-        .with_episodes(Episodes::new(page_size, Box::new(procfs::read_maps)));
+        .with_episodes(Episodes::new(page_size, Box::new(procfs::read_maps)))
+        .with_memcg({
+            let mounts = memcg::Mounts::read();
+            Box::new(move |pid| mounts.of(pid))
+        });
         let tally = match args.serve {
             Some(_) => tally.with_metrics(Metrics::new(
                 page_size,
@@ -244,19 +265,32 @@ impl Session {
             true => Format::Json,
             false => Format::Text { top: args.top, divisor: args.unit.divisor(), label: args.unit.label() },
         };
-        let mut out = std::io::stdout().lock();
+
         let tracing = describe_targets(args, gated.as_deref());
+        let pids: Option<Vec<u32>> = match (&gated, args.pids.is_empty()) {
+            (Some(g), _) => Some(vec![g.pid]),
+            (None, false) => Some(dedup(&args.pids)),
+            (None, true) => None,
+        };
         let start = output::Start {
             backend: sel.kind.name(),
             reason: &sel.reason,
             rejected: &sel.rejected,
             fork_latency_means: sel.fork_latency_means,
             cow_latency_means: sel.cow_latency_means,
-            dup_mmap_split: sel.dup_mmap_split,
+            fork_share: sel.fork_share,
             page_size,
             tracing: &tracing,
+            pids: pids.as_deref(),
+            follow: !args.no_follow,
+            timed: args.duration.is_some(),
         };
-        output::write_start(&mut out, &start, format)?;
+        // The JSON start record is part of the report; the text header is
+        // status, for stderr, so a redirected table is the table alone.
+        match format {
+            Format::Json => output::write_start(&mut out, &start, format)?,
+            Format::Text { .. } => output::write_start(&mut std::io::stderr().lock(), &start, format)?,
+        }
         let child = match gated {
             Some(g) => {
                 let fd = launch::pidfd(g.pid).context("pidfd_open")?;
@@ -282,39 +316,48 @@ impl Session {
                 min_copied_bytes: args.min_episode_copied,
                 min_fork_ns: args.min_episode_fork_ms.saturating_mul(1_000_000),
             }),
+            warned_drops: false,
+            timestamps: args.timestamp,
+            comm: output::CommFilter(args.comm.clone()),
         })
     }
 
     /// Drains until the run ends, then shuts down and writes the summary.
     async fn run(mut self, args: &Args, sel: &Selection) -> Result<i32> {
         let [mut sigint, mut sigterm, mut sighup] = self.signals.take().expect("run once");
-        let stop_at = args.duration.map(|d| tokio::time::Instant::now() + d);
-        let mut interval = args.interval.map(|d| ticker(d, tokio::time::Instant::now() + d));
+        // One origin for both: with `INTERVAL COUNT`, the last interval
+        // ends exactly when the run does.
+        let t0 = tokio::time::Instant::now();
+        let stop_at = args.duration.map(|d| t0 + d);
+        let mut interval = args.interval.map(|d| ticker(d, t0 + d));
         // Fault events do not wake us (see the BPF side): drain on a timer.
         let mut drain_tick = ticker(DRAIN_PERIOD, tokio::time::Instant::now());
         let end = loop {
+            // In this order: an end due at the same instant as an interval
+            // wins, and the shutdown prints that interval as the last.
             let wake = tokio::select! {
+                biased;
+                _ = sigint.recv() => break End::Signal(libc::SIGINT),
+                _ = sigterm.recv() => break End::Signal(libc::SIGTERM),
+                _ = sighup.recv() => break End::Signal(libc::SIGHUP),
+                _ = deadline(stop_at) => break End::Duration,
+                _ = exited(&self.child) => {
+                    let pid = self.child.as_ref().expect("launched").0;
+                    break End::CommandExited(launch::reap(pid));
+                }
+                _ = next_tick(&mut interval) => Wake::Interval,
                 _ = drain_tick.tick() => Wake::DrainTick,
                 guard = self.ring.readable_mut() => {
                     // Cleared before the drain: a wakeup during it is kept.
                     guard?.clear_ready();
                     Wake::Ring
                 }
-                _ = next_tick(&mut interval) => Wake::Interval,
-                _ = sigint.recv() => break End::Signal("SIGINT"),
-                _ = sigterm.recv() => break End::Signal("SIGTERM"),
-                _ = sighup.recv() => break End::Signal("SIGHUP"),
-                _ = deadline(stop_at) => break End::Duration,
-                _ = exited(&self.child) => {
-                    let pid = self.child.as_ref().expect("launched").0;
-                    break End::CommandExited(launch::exit_code(launch::reap(pid)));
-                }
             };
             if let Some(end) = self.step(wake, sel)? {
                 break end;
             }
         };
-        self.shut_down(end, sel).await
+        self.shut_down(end, sel, interval.is_some()).await
     }
 
     /// Handles one wake-up; `Some` when the run is over.
@@ -323,25 +366,45 @@ impl Session {
         self.publish(sel)?;
         let launched = self.child.is_some();
         match wake {
-            Wake::DrainTick if !launched && self.last_sweep.elapsed() >= SWEEP_PERIOD => {
+            Wake::DrainTick if self.last_sweep.elapsed() >= SWEEP_PERIOD => {
+                self.last_sweep = Instant::now();
+                self.warn_of_first_drops()?;
                 // Targets whose exit event was dropped are found by looking
                 // (see Targets::sweep); a launched command has its pidfd.
-                self.last_sweep = Instant::now();
-                let gone = self.tally.sweep_targets(procfs::alive);
+                let gone = if launched { 0 } else { self.tally.sweep_targets(procfs::alive) };
                 if gone > 0 {
                     log::warn!("{gone} traced processes ended without an exit event (dropped?); no longer waiting for them");
                 }
             }
             Wake::Interval => {
                 let dropped = self.tracer.counters()?.dropped;
-                let rows = self.tally.take_interval();
+                let rows = self.comm.rows(self.tally.take_interval());
                 let elapsed = self.start.elapsed().as_secs_f64();
-                output::write_interval(&mut self.out, sel.kind.name(), elapsed, dropped, &rows, self.format)?;
+                let time = self.timestamps.then(local_time);
+                output::write_interval(
+                    &mut self.out,
+                    sel.kind.name(),
+                    elapsed,
+                    dropped,
+                    &rows,
+                    self.format,
+                    time.as_deref(),
+                )?;
                 return Ok(None);
             }
             _ => {}
         }
         Ok((!launched && self.tally.targets_gone()).then_some(End::TargetsGone))
+    }
+
+    /// Says on stderr, once, that events are being lost, as it happens: the
+    /// summary's count comes only at the end.
+    fn warn_of_first_drops(&mut self) -> Result<()> {
+        if !self.warned_drops && self.tracer.counters()?.dropped > 0 {
+            self.warned_drops = true;
+            log::warn!("events are being dropped: the ring buffer is full (try --ring-buffer-size 64M)");
+        }
+        Ok(())
     }
 
     /// Takes every record the ring buffer holds; with `settle`, then lets
@@ -374,6 +437,7 @@ impl Session {
         if let Some(t) = self.threshold {
             finished.retain(|ep| t.matters(ep));
         }
+        let finished = self.comm.episodes(finished);
         output::write_episodes(&mut self.out, &finished, self.format)?;
         Ok(())
     }
@@ -391,7 +455,7 @@ impl Session {
             backend: sel.kind.name().into(),
             events: self.tally.seen().events.total(),
             dropped: self.tracer.counters()?.dropped,
-            dup_mmap_split: sel.dup_mmap_split,
+            dup_mmap_split: sel.fork_share.is_some(),
         };
         exporter.publish(m.snapshot(health));
         Ok(())
@@ -399,12 +463,20 @@ impl Session {
 
     /// Stops the programs, takes everything they left, and writes the
     /// summary; returns the exit code.
-    async fn shut_down(mut self, end: End, sel: &Selection) -> Result<i32> {
+    async fn shut_down(mut self, end: End, sel: &Selection, interval: bool) -> Result<i32> {
+        // One cut-off instant: every program stops accounting at once while
+        // all are still attached, so no outcome is misclassified by hooks
+        // going away one after another (docs/kernel-notes.md, "The end of
+        // a run"). Let any program still running on another CPU finish,
+        // then take everything they committed: the counters read after
+        // this describe exactly the events it could have received.
+        // Children already gone at the cut-off whose exit no event may bring
+        // (`--no-follow`): read before it, so that a child that exits just
+        // after it is still said to run at the end.
+        let gone: Vec<u32> = self.tally.episodes().map(Episodes::running_children).unwrap_or_default();
+        let gone: Vec<u32> = gone.into_iter().filter(|&c| !procfs::alive(c)).collect();
+        let cut_off_ns = self.tracer.cut_off()?;
         let elapsed = self.start.elapsed().as_secs_f64();
-        // Stop the programs, let any still running on another CPU finish,
-        // then take everything they committed: the counters read after this
-        // drain describe exactly the events it could have received.
-        self.tracer.detach();
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         self.drain();
         // Fault outcomes the programs batched but never sent: each CPU's are
@@ -412,42 +484,109 @@ impl Session {
         for (ts, r) in self.tracer.unsent_faults()? {
             self.tally.apply_unsent(ts, &r, self.sample_every);
         }
+        let forks_cut_off = self.tracer.forks_in_flight()?;
         if let Some(eps) = self.tally.episodes_mut() {
+            eps.cut_off_forks(&forks_cut_off);
             eps.finish_closing();
+            eps.mark_unseen_exits(|c| !gone.contains(&c));
         }
         self.print_episodes()?;
+        let faults_in_flight_at_end = self.tracer.faults_in_flight()?;
+        if interval {
+            // The last, partial interval: the intervals add up to the summary.
+            let dropped = self.tracer.counters()?.dropped;
+            let rows = self.comm.rows(self.tally.take_interval());
+            let time = self.timestamps.then(local_time);
+            output::write_interval(
+                &mut self.out,
+                sel.kind.name(),
+                elapsed,
+                dropped,
+                &rows,
+                self.format,
+                time.as_deref(),
+            )?;
+        }
         let kernel = self.tracer.counters()?;
-        let Session { tracer, ring, tally, mut out, format, threshold, .. } = self;
+        let command = match (&end, self.child.take()) {
+            (End::CommandExited(status), _) => Some(launch::command_end(*status, false)),
+            (End::Signal(sig), Some((pid, fd))) => Some(end_command(pid, *sig, fd).await),
+            (End::Duration, Some((pid, fd))) => Some(end_command(pid, libc::SIGTERM, fd).await),
+            _ => None,
+        };
+        let Session { tracer, ring, tally, mut out, format, comm, threshold, .. } = self;
         // Detach everything before printing: the summary is the last word.
         drop(ring);
         drop(tracer);
         let all_episodes = tally.episodes().map(Episodes::all).unwrap_or_default();
         let episodes_total = all_episodes.len() as u64 + tally.episodes().map_or(0, Episodes::dropped);
-        let command_exit_code = match end {
-            End::CommandExited(code) => Some(code),
-            _ => None,
-        };
         let summary = output::RunSummary {
             backend: sel.kind.name(),
             fork_latency_means: sel.fork_latency_means,
             cow_latency_means: sel.cow_latency_means,
             elapsed_s: elapsed,
             ended_by: &end.describe(),
+            cut_off_ns,
+            faults_in_flight_at_end,
             kernel,
             seen: tally.seen(),
-            command_exit_code,
-            processes: &tally.totals(),
+            command,
+            processes: &comm.rows(tally.totals()),
             histograms: tally.histograms(),
-            episodes: &match threshold {
+            episodes: &comm.episodes(match threshold {
                 Some(t) => t.rank(all_episodes),
                 None => all_episodes,
-            },
+            }),
             episodes_total,
         };
         output::write_summary(&mut out, &summary, format)?;
         warn_about_losses(&kernel);
-        Ok(command_exit_code.unwrap_or(0))
+        if let Some(c) = command {
+            eprintln!("cow-trace: command {}", c.describe());
+        }
+        // A command that ended on its own passes its status on; one that
+        // cow-trace ended did what the user asked.
+        Ok(command.filter(|c| !c.ended_by_cow_trace).map_or(0, |c| c.exit_code))
     }
+}
+
+/// How long a launched command has, after the signal that ends it with the
+/// run, before it is killed (like `timeout -k`; README, "Launch mode").
+const COMMAND_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Ends a launched command still running when the run ends: `sig` (the
+/// signal cow-trace received, SIGTERM after `-d`), then SIGKILL after
+/// `COMMAND_GRACE`. A command started as root must not outlive its tracer.
+async fn end_command(pid: u32, sig: i32, exited: AsyncFd<OwnedFd>) -> output::CommandEnd {
+    // SAFETY: our own unreaped child: its PID cannot have been reused.
+    unsafe { libc::kill(pid as libc::pid_t, sig) };
+    if tokio::time::timeout(COMMAND_GRACE, exited.readable()).await.is_err() {
+        log::warn!(
+            "the command did not end within {COMMAND_GRACE:?} of {}; killing it",
+            cow_trace::fmt::signal_name(sig)
+        );
+        // SAFETY: as above.
+        unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+    }
+    launch::command_end(launch::reap(pid), true)
+}
+
+/// The local time of day, `HH:MM:SS`.
+fn local_time() -> String {
+    // SAFETY: time and localtime_r fill the structures given.
+    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+    unsafe {
+        let t = libc::time(std::ptr::null_mut());
+        libc::localtime_r(&t, &mut tm);
+    }
+    format!("{:02}:{:02}:{:02}", tm.tm_hour, tm.tm_min, tm.tm_sec)
+}
+
+fn dedup(pids: &[u32]) -> Vec<u32> {
+    let mut v = pids.to_vec();
+    v.sort_unstable();
+    v.dedup();
+    v
 }
 
 /// What the text header says is traced.
@@ -455,7 +594,7 @@ fn describe_targets(args: &Args, gated: Option<&launch::Gated>) -> String {
     let what = match (gated, args.pids.is_empty()) {
         (Some(g), _) => format!("command {} (PID {})", for_terminal(&g.program), g.pid),
         (None, false) => {
-            format!("PID {}", args.pids.iter().map(u32::to_string).collect::<Vec<_>>().join(", "))
+            format!("PID {}", dedup(&args.pids).iter().map(u32::to_string).collect::<Vec<_>>().join(", "))
         }
         (None, true) => "all processes".into(),
     };

@@ -2,15 +2,16 @@
 //! the per-process figures, the run's end condition and the fork episodes,
 //! with the count of what arrived.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use cow_trace_common::FaultRecord;
 
 use crate::{
     aggregate::{Aggregator, ProcRow, RunHistograms},
     counts::Seen,
+    ending::MemCgroup,
     episode::Episodes,
-    event::{self, Event},
+    event::{self, Event, What},
     metrics::Metrics,
     targets::Targets,
 };
@@ -23,6 +24,11 @@ pub struct Tally {
     /// The exporter's per-label counts, fed the same events when enabled.
     metrics: Option<Metrics>,
     seen: Seen,
+    /// Reads a live process's memory cgroup (from /proc in the real tool).
+    memcg_of: Option<Box<dyn Fn(u32) -> Option<MemCgroup>>>,
+    /// Each forking parent's memory cgroup, read at its first fork: a child
+    /// starts in its parent's.
+    parent_memcg: HashMap<u32, Option<MemCgroup>>,
 }
 
 impl Tally {
@@ -43,7 +49,14 @@ impl Tally {
             episodes: None,
             metrics: None,
             seen: Seen::default(),
+            memcg_of: None,
+            parent_memcg: HashMap::new(),
         }
+    }
+
+    pub fn with_memcg(mut self, memcg_of: Box<dyn Fn(u32) -> Option<MemCgroup>>) -> Self {
+        self.memcg_of = Some(memcg_of);
+        self
     }
 
     pub fn with_episodes(mut self, episodes: Episodes) -> Self {
@@ -97,6 +110,29 @@ impl Tally {
         }
         self.processes.apply(e);
         self.targets.apply(e);
+        self.note_memcg(e);
+    }
+
+    /// A child's memory cgroup is its parent's at the fork, read once per
+    /// parent while it lives (the spawn wakes the reader).
+    fn note_memcg(&mut self, e: &Event) {
+        let Some(read) = self.memcg_of.as_ref() else { return };
+        match e.what {
+            What::Spawn { child, .. } => {
+                let cg =
+                    self.parent_memcg.entry(e.pid).or_insert_with(|| read(e.pid).or_else(|| read(child)));
+                if let Some(cg) = cg.clone() {
+                    self.processes.set_memcg(child, cg.clone());
+                    if let Some(eps) = self.episodes.as_mut() {
+                        eps.set_memcg(child, cg);
+                    }
+                }
+            }
+            What::Exit { .. } => {
+                self.parent_memcg.remove(&e.pid);
+            }
+            _ => {}
+        }
     }
 
     pub fn seen(&self) -> Seen {
@@ -178,6 +214,46 @@ mod tests {
         let p100: Vec<_> = rows.iter().filter(|r| r.pid == 100).collect();
         assert_eq!(p100.len(), 2);
         assert_eq!(p100.iter().filter(|r| !r.exited).map(|r| r.cow_copies).sum::<u64>(), 1);
+    }
+
+    #[test]
+    fn an_oom_killed_child_ends_so_and_its_failed_fault_is_no_copy() {
+        let cg = MemCgroup { path: "/x".into(), limit_bytes: Some(150 << 20) };
+        let read = cg.clone();
+        let eps = Episodes::new(4096, Box::new(|_| None));
+        let mut a = Tally::new(4096, None, true, Box::new(|_| 1), Box::new(|_| None))
+            .with_episodes(eps)
+            .with_memcg(Box::new(move |_| Some(read.clone())));
+        let at = |mut e: Wire, ts: u64| {
+            e.ts_ns = ts;
+            e
+        };
+        a.feed(&at(ev(EventKind::Spawn, 1, 2, 0, "w"), 10));
+        for ts in [20, 30] {
+            a.feed(&at(ev(EventKind::CowCopy, 2, 0, 500, "w"), ts));
+        }
+        // The tracepoint backend's take-back of the last copy, then a failure
+        // that replaced nothing (kprobe/fentry), then the OOM kill.
+        let failed =
+            |replaces: EventKind| Wire { other: replaces as u32, ..ev(EventKind::CowFailed, 2, 0, 0, "") };
+        a.feed(&at(failed(EventKind::CowCopy), 31));
+        a.feed(&at(Wire { other: 0, ..failed(EventKind::CowCopy) }, 32));
+        a.feed(&at(
+            Wire { flags: cow_trace_common::FLAG_OOM_VICTIM, ..ev(EventKind::Exit, 2, 9, 0, "w") },
+            40,
+        ));
+        let child = a.totals().into_iter().find(|r| r.pid == 2).unwrap();
+        assert_eq!((child.cow_copies, child.cow_reuses, child.cow_failed), (1, 0, 2));
+        assert_eq!(
+            child.ending.as_ref().map(|e| (e.oom_killed, e.exit_signal.as_deref())),
+            Some((true, Some("SIGKILL")))
+        );
+        assert_eq!(child.memcg.as_ref(), Some(&cg));
+        let ep = a.episodes_mut().unwrap();
+        ep.finish_closing();
+        let done = ep.take_finished();
+        assert_eq!((done[0].child_copies, done[0].cow_failed, done[0].memcg.as_ref()), (1, 2, Some(&cg)));
+        assert!(done[0].ending.as_ref().is_some_and(|e| e.oom_killed));
     }
 
     #[test]

@@ -54,12 +54,13 @@ fn malformed_arguments_are_refused_by_the_parser() {
 #[test]
 fn conflicting_options_are_refused() {
     // These are checked before privileges, so they hold for any user.
-    assert!(one_line_error(&["-p", "1", "--", "true"]).contains("use either -p PID or -- COMMAND, not both"));
-    assert!(one_line_error(&["--no-follow"]).contains("--no-follow needs -p PID or a command"));
-    assert!(one_line_error(&["--", ""]).contains("the command after `--` is empty"));
+    // Usage errors, like the parser's: exit 2.
+    assert!(usage_error(&["-p", "1", "--", "true"]).contains("use either -p PID or -- COMMAND, not both"));
+    assert!(usage_error(&["--no-follow"]).contains("--no-follow needs -p PID or a command"));
+    assert!(usage_error(&["--", ""]).contains("the command after `--` is empty"));
     // Not the whole system: a user who typed `--` meant to launch something.
-    assert!(one_line_error(&["--"]).contains("nothing follows `--`"));
-    assert!(one_line_error(&["--json", "--"]).contains("nothing follows `--`"));
+    assert!(usage_error(&["--"]).contains("nothing follows `--`"));
+    assert!(usage_error(&["--json", "--"]).contains("nothing follows `--`"));
     let e = one_line_error(&["-u", "no-such-user-xyz", "--", "true"]);
     assert!(e.ends_with("no such user: no-such-user-xyz (see `getent passwd`)"), "{e}");
 }
@@ -171,4 +172,35 @@ fn capabilities_without_root_are_enough_and_a_closed_tracefs_is_named() {
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
     let summary = Run::from_output(0, r.status, stdout.to_string(), String::new());
     assert_eq!(summary.summary()["ended_by"], "duration");
+}
+
+#[test]
+fn an_unwritable_report_file_is_refused_before_loading() {
+    if !need_root("an_unwritable_report_file_is_refused_before_loading") {
+        return;
+    }
+    let e = one_line_error(&["-o", "/nonexistent-dir/report.json", "-p", "1"]);
+    assert!(e.contains("cannot write the report to /nonexistent-dir/report.json"), "{e}");
+}
+
+#[test]
+fn the_report_goes_to_the_output_file_and_the_commands_own_output_stays_apart() {
+    if !need_root("the_report_goes_to_the_output_file_and_the_commands_own_output_stays_apart") {
+        return;
+    }
+    let file = std::env::temp_dir().join(format!("cow-trace-report-{}.json", std::process::id()));
+    let r = run(
+        &["--json", "-o", file.to_str().unwrap(), "--", "sh", "-c", "echo from-the-command"],
+        Duration::from_secs(60),
+    );
+    assert!(r.status.success(), "{}", r.stderr);
+    assert_eq!(r.stdout, "from-the-command\n");
+    let report = std::fs::read_to_string(&file).unwrap();
+    std::fs::remove_file(&file).unwrap();
+    let types: Vec<String> = report
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("only JSON records")["type"].to_string())
+        .collect();
+    assert_eq!(types.first().map(String::as_str), Some("\"start\""), "{report}");
+    assert_eq!(types.last().map(String::as_str), Some("\"summary\""), "{report}");
 }

@@ -36,6 +36,23 @@ fn launch_mode_counts_the_pages_the_workload_wrote() {
 }
 
 #[test]
+fn copies_made_in_kernel_mode_are_counted_in_the_process_that_made_the_call() {
+    if !need_root("copies_made_in_kernel_mode_are_counted_in_the_process_that_made_the_call") {
+        return;
+    }
+    let mut args = vec!["--json".to_string()];
+    args.extend(launch_workload(&KERNEL_WRITES));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let r = run(&args, Duration::from_secs(120));
+    assert!(r.status.success(), "{}\n{}", r.stdout, r.stderr);
+    assert_eq!(r.records[0]["backend"], "tracepoint");
+    // The child's pread(2) copies count as its own (the kernel's write
+    // fault in copy_to_user); its /proc/self/mem writes take no fault and
+    // are not seen here: the check expects K + R copies, not K + R + W.
+    assert_ground_truth(r.summary(), r.workload(), &KERNEL_WRITES, Timing::Sampled);
+}
+
+#[test]
 fn pid_mode_attaches_to_a_running_process_and_follows_its_child() {
     if !need_root("pid_mode_attaches_to_a_running_process_and_follows_its_child") {
         return;
@@ -126,9 +143,12 @@ fn launched_command_exit_status_is_reported_and_returned() {
     }
     let r = run(&["--", "sh", "-c", "exit 3"], Duration::from_secs(60));
     assert_eq!(r.status.code(), Some(3), "{}", r.stderr);
-    assert!(r.stdout.contains("command exited with status 3"), "{}", r.stdout);
-    assert!(r.stdout.starts_with("cow-trace: backend tracepoint: "), "{}", r.stdout);
+    // Status lines on stderr, the report alone on stdout.
+    assert!(r.stderr.contains("cow-trace: command exited with status 3"), "{}", r.stderr);
+    assert!(r.stderr.contains("cow-trace: backend tracepoint: "), "{}", r.stderr);
+    assert!(r.stderr.contains("cow-trace: tracing command sh (PID "), "{}", r.stderr);
     assert!(r.stdout.contains("=== summary"));
+    assert!(!r.stdout.contains("cow-trace:"), "{}", r.stdout);
 }
 
 #[test]

@@ -44,8 +44,8 @@ enum Cli {
     Setup,
     /// Boot a kernel under QEMU with cow-trace inside and run CMD there.
     Vm {
-        /// Kernel to boot: a vmlinuz or a Debian kernel .deb. Default:
-        /// Debian's current linux-image-amd64, downloaded and cached.
+        /// Kernel to boot: 6.1 or 6.12 (Debian's), a vmlinuz or a Debian
+        /// kernel .deb. Default: Debian's 6.1, downloaded and cached.
         #[arg(long)]
         kernel: Option<PathBuf>,
         /// Copy FILE into the command's working directory (repeatable).
@@ -62,10 +62,13 @@ enum Cli {
         #[arg(last = true)]
         command: Vec<String>,
     },
-    /// Run the ground-truth workload under every backend in the VM kernel.
+    /// Run the ground-truth workload and Redis under every backend in the
+    /// VM kernels: each of the matrix (Debian's 6.1 and 6.12) by default.
     VmTest {
+        /// Kernel to test: 6.1 or 6.12 (Debian's), a vmlinuz or a Debian
+        /// kernel .deb (repeatable).
         #[arg(long)]
-        kernel: Option<PathBuf>,
+        kernel: Vec<PathBuf>,
         #[arg(long, value_name = "SECS", default_value_t = 900)]
         timeout: u64,
     },
@@ -175,12 +178,7 @@ fn real_main() -> Result<()> {
         }
         Cli::VmTest { kernel, timeout } => {
             setup::ensure_toolchain()?;
-            let opts = vm::VmOptions {
-                kernel,
-                timeout: std::time::Duration::from_secs(timeout),
-                ..Default::default()
-            };
-            let t = vm::vm_test(&opts)?;
+            let t = vm::vm_test_matrix(&kernel, std::time::Duration::from_secs(timeout))?;
             if t.failed > 0 {
                 bail!("vm-test: {} failed", t.failed);
             }
@@ -238,10 +236,8 @@ fn real_main() -> Result<()> {
             let tests = run_tests(&mut cmd)?;
             tally.passed += tests.passed;
             tally.failed += tests.failed;
-            // The same workload on a kernel with kprobes and BPF trampolines.
-            let vm_opts =
-                vm::VmOptions { timeout: std::time::Duration::from_secs(900), ..Default::default() };
-            match vm::vm_test(&vm_opts) {
+            // The same workload on kernels with kprobes and BPF trampolines.
+            match vm::vm_test_matrix(&[], std::time::Duration::from_secs(900)) {
                 Ok(t) => {
                     tally.passed += t.passed;
                     tally.failed += t.failed;

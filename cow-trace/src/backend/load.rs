@@ -4,7 +4,7 @@ use std::path::Path;
 
 use anyhow::{anyhow, Context as _, Result};
 use aya::{
-    maps::{HashMap, MapData, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
     programs::{FEntry, FExit, KProbe, RawTracePoint, TracePoint},
     Ebpf, EbpfLoader,
 };
@@ -12,7 +12,7 @@ use cow_trace::counts::KernelCounters;
 use cow_trace_common::{
     counter,
     hooks::{Attach, Hook},
-    Config, FaultBatch, FaultRecord, TRACED_ROOT,
+    Config, FaultBatch, FaultRecord, PendingFault, TRACED_ROOT,
 };
 
 use super::BackendKind;
@@ -124,26 +124,49 @@ impl Tracer {
         Ok(())
     }
 
-    /// Detaches and unloads every program, keeping the maps: after this the
-    /// counters and the ring buffer stop moving, so a final drain and the
-    /// counters describe the same set of events.
-    pub fn detach(&mut self) {
-        use aya::programs::Program;
-        for (name, prog) in self.ebpf.programs_mut() {
-            let result = match prog {
-                Program::RawTracePoint(p) => p.unload(),
-                Program::TracePoint(p) => p.unload(),
-                Program::BtfTracePoint(p) => p.unload(),
-                Program::KProbe(p) => p.unload(),
-                Program::FEntry(p) => p.unload(),
-                Program::FExit(p) => p.unload(),
-                _ => Ok(()),
-            };
-            // Programs this kernel had no hook for were never loaded.
-            if let Err(e) = result {
-                log::debug!("unloading {name}: {e}");
+    /// Ends the run's accounting at one instant: every program checks the
+    /// `CUTOFF` value first, so all stop classifying at once, while all are
+    /// still attached. Returns the cut-off time (`CLOCK_MONOTONIC` ns, the
+    /// programs' clock), read after the write: every event the programs
+    /// accounted is older.
+    pub fn cut_off(&mut self) -> Result<u64> {
+        let mut cut: Array<_, u64> =
+            Array::try_from(self.ebpf.map_mut("CUTOFF").context("CUTOFF map missing")?)?;
+        cut.set(0, 1, 0).context("cannot cut the run off")?;
+        Ok(monotonic_ns())
+    }
+
+    /// Write faults the programs opened and never resolved before the
+    /// cut-off: neither copies nor reuses. Only meaningful after `cut_off`
+    /// (and a pause for programs still running on other CPUs).
+    pub fn faults_in_flight(&self) -> Result<u64> {
+        if let Some(map) = self.ebpf.map("PENDING") {
+            // The tracepoint backend: one slot per thread, open while its
+            // tid is set. The kernel-function backends leave this table
+            // empty.
+            let pending: Array<_, PendingFault> = Array::try_from(map)?;
+            let mut n = 0;
+            for slot in pending.iter() {
+                n += (slot?.tid != 0) as u64;
+            }
+            if n > 0 {
+                return Ok(n);
             }
         }
+        // The kernel-function backends: faults entered and not returned.
+        let faults: HashMap<_, u32, [u64; 4]> =
+            HashMap::try_from(self.ebpf.map("FAULTS").context("FAULTS map missing")?)?;
+        Ok(faults.keys().filter(Result::is_ok).count() as u64)
+    }
+
+    /// The children of forks whose syscall had not returned by the
+    /// cut-off (tracepoint backend; the kernel-function backends time
+    /// `copy_process`, which returns before the child is announced).
+    pub fn forks_in_flight(&self) -> Result<Vec<u32>> {
+        let forks: HashMap<_, u32, [u64; 2]> =
+            HashMap::try_from(self.ebpf.map("FORKS").context("FORKS map missing")?)?;
+        // `ForkStart { ts, child: u32, _pad }`: the child in the low half.
+        Ok(forks.iter().filter_map(Result::ok).map(|(_, v)| v[1] as u32).filter(|&c| c != 0).collect())
     }
 
     pub fn take_ring(&mut self) -> Result<RingBuf<MapData>> {
@@ -187,6 +210,14 @@ impl Tracer {
     }
 }
 
+/// `CLOCK_MONOTONIC`, the clock of `bpf_ktime_get_ns`, in ns.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: a valid timespec to fill.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
 /// The load-time settings of `kind`'s programs.
 fn config(
     kind: BackendKind,
@@ -219,6 +250,7 @@ fn config(
         task_signal: off.task_signal,
         task_exit_code: off.task_exit_code,
         signal_live: off.signal_live,
+        signal_oom_mm: off.signal_oom_mm,
         sys_exit_ret,
         self_tgid: std::process::id(),
         empty: opts.empty_programs as u32,

@@ -35,8 +35,16 @@ pub struct Selection {
     /// What the latencies mean on this backend.
     pub fork_latency_means: &'static str,
     pub cow_latency_means: &'static str,
-    /// Whether fork latency is split into its `dup_mmap` share.
-    pub dup_mmap_split: bool,
+    /// The function whose time inside a fork is its address-space (page
+    /// table) copy on this kernel, if any is hooked.
+    pub fork_share: Option<&'static str>,
+}
+
+/// The hooked function that carries the fork's address-space copy:
+/// `dup_mmap`, or where it is inlined (6.12) `copy_page_range`, summed over
+/// the fork's VMAs.
+pub fn fork_share(funcs: &[&'static str]) -> Option<&'static str> {
+    ["dup_mmap", "copy_page_range"].into_iter().find(|f| funcs.contains(f))
 }
 
 /// Loads the first backend of `choice` the kernel accepts. With `auto`,
@@ -64,7 +72,7 @@ pub fn choose(
                     reason: reason(choice, kind, &rejected),
                     fork_latency_means: kind.fork_latency_means(),
                     cow_latency_means: kind.cow_latency_means(),
-                    dup_mmap_split: funcs.contains(&"dup_mmap"),
+                    fork_share: fork_share(&funcs),
                     rejected,
                 };
                 return Ok((sel, tracer));
@@ -188,10 +196,14 @@ impl KernelFeatures {
                 return Err(format!("{SKIP_HOOKS_ENV} names {f}, which this backend cannot do without"));
             }
         }
-        Ok(targets(|h| h.used_by(kind.bit()) && h.hooks_function())
+        let funcs: Vec<_> = targets(|h| h.used_by(kind.bit()) && h.hooks_function())
             .into_iter()
             .filter(|f| have.contains(f) && !skipped(f))
-            .collect())
+            .collect();
+        // copy_page_range runs inside dup_mmap: timing both would count
+        // the page-table copy twice.
+        let whole = funcs.contains(&"dup_mmap");
+        Ok(funcs.into_iter().filter(|f| !(whole && *f == "copy_page_range")).collect())
     }
 
     /// Every hook `kind` attaches here: its tracepoints the kernel has, and
@@ -278,6 +290,24 @@ mod tests {
         // Optional functions are just left out.
         let f = KernelFeatures { btf_funcs: ALL.to_vec(), ..no_kprobes() };
         assert_eq!(f.check(BackendKind::Fentry).unwrap(), ALL.to_vec());
+    }
+
+    #[test]
+    fn copy_page_range_carries_the_share_only_where_dup_mmap_is_inlined() {
+        let with = |funcs: &[&'static str]| KernelFeatures { btf_funcs: funcs.to_vec(), ..no_kprobes() };
+        // 6.1: both exist; copy_page_range runs inside dup_mmap, so only
+        // dup_mmap is timed.
+        let f = with(&["copy_process", "do_wp_page", "dup_mmap", "copy_page_range"]);
+        let funcs = f.check(BackendKind::Fentry).unwrap();
+        assert_eq!(funcs, vec!["copy_process", "do_wp_page", "dup_mmap"]);
+        assert_eq!(fork_share(&funcs), Some("dup_mmap"));
+        // 6.12: dup_mmap inlined.
+        let f = with(&["copy_process", "do_wp_page", "copy_page_range"]);
+        let funcs = f.check(BackendKind::Fentry).unwrap();
+        assert_eq!(fork_share(&funcs), Some("copy_page_range"));
+        // Neither: no share, and the backend still runs.
+        let funcs = with(&["copy_process", "do_wp_page"]).check(BackendKind::Fentry).unwrap();
+        assert_eq!(fork_share(&funcs), None);
     }
 
     #[test]

@@ -13,6 +13,14 @@
 //! that was never written: each read maps the shared zero page, each write
 //! then takes a write-protect fault that needs a zeroed page, not a copy.
 //!
+//! `--child-reads R` makes the child also `pread(2)` R pages of a file
+//! (written before the fork) into R other pages of the shared mapping: the
+//! kernel writes them in `copy_to_user`, a write fault taken in kernel mode
+//! that copies each page. `--child-mem-writes W` makes it write W more
+//! pages through /proc/self/mem, which the kernel does through
+//! `get_user_pages` with no page fault at all, copying each page. Those
+//! pages follow the parent's: `pages` must hold K + M + R + W.
+//!
 //! `--fork-storm N` instead forks N children one after the other, each of
 //! which exits at once: the cost of fork itself, for benchmarks.
 //!
@@ -40,6 +48,12 @@
 //! milliseconds longer. Meanwhile /proc shows the process as a zombie (its
 //! main thread's state), though it has not exited.
 //!
+//! `--until-file PATH` repeats rounds until PATH exists (instead of
+//! `--rounds`): a load that goes on across the end of a trace, for as long
+//! as the test needs. `--write-log DIR` makes each child note the time
+//! (`CLOCK_MONOTONIC`, the tracer's clock) right after each of its page
+//! writes, and the parent save them in `DIR/<child pid>` (little-endian
+//! u64s, one per write): how many pages a child had written by any instant.
 //! `--child-cpu N` moves the child to CPU N right after the fork.
 //! `--child-spin-ms MS` makes the child, after its writes, busy-loop MS
 //! milliseconds in user space (no syscall, so no reason to leave its CPU)
@@ -49,6 +63,13 @@
 //! spinning process is never switched out: tests use this to hold fault
 //! outcomes in a tracer's per-CPU batch.
 //!
+//! `--child-exit CODE` makes each child exit with CODE, `--child-signal SIG`
+//! makes it kill itself with signal number SIG, after its writes. A child
+//! that dies before telling the parent it is done (e.g. killed by the OOM
+//! killer) ends the round early; the report's `statuses` give each child's
+//! raw wait status. `--child-oom-score-adj N` (0 to 1000) makes each child
+//! the OOM killer's first choice, as Redis does for its BGSAVE child.
+//!
 //! With `--go-file PATH` it prints `ready PID` and waits for PATH to exist
 //! before forking, so a tracer can attach to a running process first.
 //! It ends by printing one JSON line with what it did, and the ids it ran
@@ -57,8 +78,8 @@
 use std::{io::Write as _, path::PathBuf, ptr, time::Duration};
 
 const USAGE: &str = "usage: cow-workload [--pages N] [--child-writes K] [--parent-writes M] \
-                     [--zero-fills Z] [--rounds R] [--seconds S] [--pause-ms P] [--fork-storm N] [--huge] [--reuse-pid] [--main-exits-first MS] [--child-cpu N] [--child-spin-ms MS] \
-                     [--parent-spin-ms MS] [--go-file PATH]";
+                     [--zero-fills Z] [--child-reads R] [--child-mem-writes W] [--rounds R] [--seconds S] [--pause-ms P] [--fork-storm N] [--huge] [--reuse-pid] [--main-exits-first MS] [--child-cpu N] [--child-spin-ms MS] \
+                     [--parent-spin-ms MS] [--child-exit CODE] [--child-signal SIG] [--child-oom-score-adj N] [--go-file PATH] [--until-file PATH] [--write-log DIR]";
 
 struct Opts {
     pages: usize,
@@ -66,6 +87,8 @@ struct Opts {
     parent_writes: usize,
     rounds: usize,
     zero_fills: usize,
+    child_reads: usize,
+    child_mem_writes: usize,
     fork_storm: usize,
     seconds: u64,
     pause_ms: u64,
@@ -75,7 +98,12 @@ struct Opts {
     child_cpu: Option<usize>,
     child_spin_ms: u64,
     parent_spin_ms: u64,
+    child_exit: i32,
+    child_signal: i32,
+    child_oom_score_adj: i32,
     go_file: Option<PathBuf>,
+    until_file: Option<PathBuf>,
+    write_log: Option<PathBuf>,
 }
 
 fn parse() -> Result<Opts, String> {
@@ -85,6 +113,8 @@ fn parse() -> Result<Opts, String> {
         parent_writes: 500,
         rounds: 1,
         zero_fills: 0,
+        child_reads: 0,
+        child_mem_writes: 0,
         fork_storm: 0,
         seconds: 0,
         pause_ms: 0,
@@ -94,7 +124,12 @@ fn parse() -> Result<Opts, String> {
         child_cpu: None,
         child_spin_ms: 0,
         parent_spin_ms: 0,
+        child_exit: 0,
+        child_signal: 0,
+        child_oom_score_adj: 0,
         go_file: None,
+        until_file: None,
+        write_log: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -106,21 +141,31 @@ fn parse() -> Result<Opts, String> {
             "--parent-writes" => o.parent_writes = num(val()?)?,
             "--rounds" => o.rounds = num(val()?)?,
             "--zero-fills" => o.zero_fills = num(val()?)?,
+            "--child-reads" => o.child_reads = num(val()?)?,
+            "--child-mem-writes" => o.child_mem_writes = num(val()?)?,
             "--fork-storm" => o.fork_storm = num(val()?)?,
             "--seconds" => o.seconds = num(val()?)? as u64,
             "--pause-ms" => o.pause_ms = num(val()?)? as u64,
             "--go-file" => o.go_file = Some(PathBuf::from(val()?)),
+            "--until-file" => o.until_file = Some(PathBuf::from(val()?)),
+            "--write-log" => o.write_log = Some(PathBuf::from(val()?)),
             "--huge" => o.huge = true,
             "--reuse-pid" => o.reuse_pid = true,
             "--main-exits-first" => o.main_exits_first_ms = num(val()?)? as u64,
             "--child-cpu" => o.child_cpu = Some(num(val()?)?),
             "--child-spin-ms" => o.child_spin_ms = num(val()?)? as u64,
             "--parent-spin-ms" => o.parent_spin_ms = num(val()?)? as u64,
+            "--child-exit" => o.child_exit = num(val()?)? as i32,
+            "--child-signal" => o.child_signal = num(val()?)? as i32,
+            "--child-oom-score-adj" => o.child_oom_score_adj = num(val()?)? as i32,
             _ => return Err(USAGE.to_string()),
         }
     }
-    if o.child_writes + o.parent_writes > o.pages {
-        return Err("--child-writes + --parent-writes must not exceed --pages".into());
+    if o.child_writes + o.parent_writes + o.child_reads + o.child_mem_writes > o.pages {
+        return Err(
+            "--child-writes + --parent-writes + --child-reads + --child-mem-writes must not exceed --pages"
+                .into(),
+        );
     }
     Ok(o)
 }
@@ -139,6 +184,50 @@ fn check(rc: libc::c_int, what: &str) {
         eprintln!("cow-workload: {what}: {}", std::io::Error::last_os_error());
         std::process::exit(1);
     }
+}
+
+/// `CLOCK_MONOTONIC` in ns, through the vDSO (no syscall).
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: a valid timespec to fill.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// `write_pages`, noting in `log` (one slot per page) the time right
+/// after each write.
+fn write_pages_logged(base: *mut u8, page: usize, n: usize, value: u8, log: *mut u64) {
+    for i in 0..n {
+        // SAFETY: inside the mapping and the log; volatile so every write
+        // happens, in order.
+        unsafe {
+            ptr::write_volatile(base.add(i * page), value);
+            ptr::write_volatile(log.add(i), monotonic_ns());
+        }
+    }
+}
+
+/// A mapping shared with the children, written before any fork: their
+/// writes to it are not copy-on-write and take no fault.
+fn shared_log(slots: usize) -> *mut u64 {
+    let len = (slots.max(1) * 8).next_multiple_of(4096);
+    // SAFETY: plain shared anonymous mapping.
+    let p = unsafe {
+        libc::mmap(
+            ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        check(-1, "mmap");
+    }
+    // SAFETY: inside the mapping.
+    unsafe { ptr::write_bytes(p.cast::<u8>(), 0, len) };
+    p.cast()
 }
 
 /// Touches one byte of each page in `range`: one write fault per page.
@@ -182,6 +271,54 @@ fn map(pages: usize, page: usize, huge: bool) -> *mut u8 {
 }
 
 /// Anonymous memory the kernel backs with huge pages, in KiB.
+/// A file of `pages` pages, written now (so in the page cache) and already
+/// unlinked, for the child's reads.
+fn source_file(pages: usize, page: usize) -> std::fs::File {
+    let path = std::env::temp_dir().join(format!("cow-workload-{}", std::process::id()));
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .unwrap_or_else(|e| die(&format!("cannot create {}: {e}", path.display())));
+    let _ = std::fs::remove_file(&path);
+    let chunk = vec![7u8; page];
+    for _ in 0..pages {
+        f.write_all(&chunk).unwrap_or_else(|e| die(&format!("cannot write {}: {e}", path.display())));
+    }
+    f
+}
+
+fn die(msg: &str) -> ! {
+    eprintln!("cow-workload: {msg}");
+    std::process::exit(1);
+}
+
+/// Reads `len` bytes of `fd` from offset 0 into `dst`, in as many calls as
+/// it takes: each page is written by the kernel.
+fn pread_all(fd: libc::c_int, dst: *mut u8, len: usize) {
+    let mut done = 0;
+    while done < len {
+        // SAFETY: `dst..dst + len` lies inside the workload's mapping.
+        let n = unsafe { libc::pread(fd, dst.add(done).cast(), len - done, done as libc::off_t) };
+        if n <= 0 {
+            die(&format!("pread: {}", std::io::Error::last_os_error()));
+        }
+        done += n as usize;
+    }
+}
+
+/// Writes `len` bytes at `dst` in this process through /proc/self/mem.
+fn mem_write(dst: *mut u8, len: usize) {
+    use std::os::unix::fs::FileExt as _;
+    let mem = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/proc/self/mem")
+        .unwrap_or_else(|e| die(&format!("cannot open /proc/self/mem: {e}")));
+    let data = vec![9u8; len];
+    mem.write_all_at(&data, dst as u64).unwrap_or_else(|e| die(&format!("/proc/self/mem: {e}")));
+}
+
 fn anon_huge_kb() -> u64 {
     let text = std::fs::read_to_string("/proc/self/smaps_rollup").unwrap_or_default();
     text.lines()
@@ -226,6 +363,7 @@ fn main() {
     write_pages(base, page, 0..o.pages, 1);
     let huge_kb = anon_huge_kb();
 
+    let source = (o.child_reads > 0).then(|| source_file(o.child_reads, page));
     let me = std::process::id();
     if let Some(go) = &o.go_file {
         println!("ready {me}");
@@ -263,10 +401,14 @@ fn main() {
     }
 
     let start = std::time::Instant::now();
-    let mut children = Vec::new();
-    let rounds = if o.seconds > 0 { usize::MAX } else { o.rounds };
+    let (mut children, mut statuses) = (Vec::new(), Vec::new());
+    let rounds = if o.seconds > 0 || o.until_file.is_some() { usize::MAX } else { o.rounds };
+    let log = o.write_log.as_ref().map(|_| shared_log(o.child_writes));
     for round in 0..rounds {
         if o.seconds > 0 && start.elapsed() >= Duration::from_secs(o.seconds) {
+            break;
+        }
+        if o.until_file.as_ref().is_some_and(|f| f.exists()) {
             break;
         }
         if round > 0 && o.pause_ms > 0 {
@@ -293,6 +435,17 @@ fn main() {
         check(pid, "fork");
         if pid == 0 {
             unsafe {
+                // Only the parent holds the write end of `exit`: a parent that dies
+                // early (killed at a traced run's end) ends the child's wait.
+                libc::close(exit[1]);
+                libc::close(done[0]);
+                if o.child_oom_score_adj != 0 {
+                    let adj = o.child_oom_score_adj.to_string();
+                    if let Err(e) = std::fs::write("/proc/self/oom_score_adj", adj) {
+                        eprintln!("cow-workload: --child-oom-score-adj: {e}");
+                        libc::_exit(1);
+                    }
+                }
                 if let Some(cpu) = o.child_cpu {
                     let mut set: libc::cpu_set_t = std::mem::zeroed();
                     libc::CPU_SET(cpu, &mut set);
@@ -301,15 +454,32 @@ fn main() {
                         "sched_setaffinity",
                     );
                 }
-                write_pages(base, page, 0..o.child_writes, value);
+                match log {
+                    Some(log) => write_pages_logged(base, page, o.child_writes, value, log),
+                    None => write_pages(base, page, 0..o.child_writes, value),
+                }
+                let after = o.child_writes + o.parent_writes;
+                if let Some(f) = &source {
+                    use std::os::fd::AsRawFd as _;
+                    pread_all(f.as_raw_fd(), base.add(after * page), o.child_reads * page);
+                }
+                if o.child_mem_writes > 0 {
+                    mem_write(base.add((after + o.child_reads) * page), o.child_mem_writes * page);
+                }
                 spin(o.child_spin_ms);
                 let b = 0u8;
                 libc::write(done[1], (&b as *const u8).cast(), 1);
                 let mut r = 0u8;
                 libc::read(exit[0], (&mut r as *mut u8).cast(), 1);
-                libc::_exit(0);
+                if o.child_signal > 0 {
+                    libc::kill(libc::getpid(), o.child_signal);
+                }
+                libc::_exit(o.child_exit);
             }
         }
+        // Only the child holds the write end now: a child that dies early
+        // ends the read below with end of file.
+        unsafe { libc::close(done[1]) };
         let mut b = 0u8;
         unsafe { libc::read(done[0], (&mut b as *mut u8).cast(), 1) };
         // The child still lives and shares these pages: each write copies.
@@ -319,15 +489,24 @@ fn main() {
             spin(o.parent_spin_ms);
             let mut status = 0;
             libc::waitpid(pid, &mut status, 0);
-            for fd in done.into_iter().chain(exit) {
+            statuses.push(status);
+            for fd in [done[0], exit[0], exit[1]] {
                 libc::close(fd);
+            }
+        }
+        if let (Some(dir), Some(log)) = (&o.write_log, log) {
+            // SAFETY: the child is reaped; the log holds its writes' times.
+            let times = unsafe { std::slice::from_raw_parts(log.cast::<u8>(), o.child_writes * 8) };
+            if let Err(e) = std::fs::write(dir.join(pid.to_string()), times) {
+                eprintln!("cow-workload: --write-log: {e}");
+                std::process::exit(1);
             }
         }
         children.push(pid);
     }
     let [uids, gids, groups] = ["Uid:", "Gid:", "Groups:"].map(status_ids);
     println!(
-        "{{\"pid\":{me},\"children\":{children:?},\"pages\":{},\"child_writes\":{},\"parent_writes\":{},\"rounds\":{},\"zero_fills\":{},\"page_size\":{page},\"huge\":{},\"anon_huge_kb\":{huge_kb},\"elapsed_ns\":{},\"uids\":{uids:?},\"gids\":{gids:?},\"groups\":{groups:?}}}",
-        o.pages, o.child_writes, o.parent_writes, children.len(), o.zero_fills, o.huge, start.elapsed().as_nanos()
+        "{{\"pid\":{me},\"children\":{children:?},\"statuses\":{statuses:?},\"pages\":{},\"child_writes\":{},\"parent_writes\":{},\"rounds\":{},\"zero_fills\":{},\"child_reads\":{},\"child_mem_writes\":{},\"page_size\":{page},\"huge\":{},\"anon_huge_kb\":{huge_kb},\"elapsed_ns\":{},\"uids\":{uids:?},\"gids\":{gids:?},\"groups\":{groups:?}}}",
+        o.pages, o.child_writes, o.parent_writes, children.len(), o.zero_fills, o.child_reads, o.child_mem_writes, o.huge, start.elapsed().as_nanos()
     );
 }

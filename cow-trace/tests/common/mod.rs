@@ -13,7 +13,7 @@ use std::{
 
 use serde_json::Value;
 #[allow(unused_imports)]
-pub use workload::{Spec, Timing, SLACK, STANDARD, WITH_ZERO_FILLS};
+pub use workload::{Spec, Timing, KERNEL_WRITES, SLACK, STANDARD, WITH_ZERO_FILLS};
 
 pub const COW_TRACE: &str = env!("CARGO_BIN_EXE_cow-trace");
 pub const WORKLOAD: &str = env!("CARGO_BIN_EXE_cow-workload");
@@ -157,9 +157,22 @@ pub fn run_command(cmd: &mut Command, limit: Duration) -> Run {
 /// A cow-trace started in the background, stopped by the test.
 pub struct Background {
     pub child: Child,
-    lines: std::sync::mpsc::Receiver<String>,
+    /// Output lines as they come: `(from stderr, line)`.
+    lines: std::sync::mpsc::Receiver<(bool, String)>,
     collected: Vec<String>,
-    err: Option<std::thread::JoinHandle<String>>,
+    collected_err: Vec<String>,
+}
+
+/// Sends each line of `r` to `tx`, tagged with `err`.
+fn forward(r: impl Read + Send + 'static, err: bool, tx: std::sync::mpsc::Sender<(bool, String)>) {
+    std::thread::spawn(move || {
+        for line in BufReader::new(r).lines() {
+            let Ok(line) = line else { break };
+            if tx.send((err, line)).is_err() {
+                break;
+            }
+        }
+    });
 }
 
 impl Background {
@@ -170,27 +183,34 @@ impl Background {
     /// Starts `cmd` (cow-trace, or a wrapper that execs it).
     pub fn start_command(cmd: &mut Command) -> Self {
         let mut child = spawn_piped(cmd);
-        let out = child.stdout.take().unwrap();
-        let err = child.stderr.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines() {
-                if tx.send(line.unwrap()).is_err() {
-                    break;
-                }
-            }
-        });
-        let err = slurp(err);
-        Background { child, lines: rx, collected: Vec::new(), err: Some(err) }
+        forward(child.stdout.take().unwrap(), false, tx.clone());
+        forward(child.stderr.take().unwrap(), true, tx);
+        Background { child, lines: rx, collected: Vec::new(), collected_err: Vec::new() }
     }
 
-    /// Waits for the first stdout line, printed once the probes are attached.
+    /// Waits until the probes are attached: the JSON start record on
+    /// stdout, or the text header's `tracing` line on stderr.
     pub fn wait_attached(&mut self) {
-        let line = self.lines.recv_timeout(Duration::from_secs(60)).unwrap_or_else(|_| {
-            let _ = self.child.kill();
-            panic!("cow-trace printed nothing: {}", self.err.take().unwrap().join().unwrap())
-        });
-        self.collected.push(line);
+        loop {
+            match self.lines.recv_timeout(Duration::from_secs(60)) {
+                Ok((false, line)) => {
+                    self.collected.push(line);
+                    return;
+                }
+                Ok((true, line)) => {
+                    let attached = line.starts_with("cow-trace: tracing ");
+                    self.collected_err.push(line);
+                    if attached {
+                        return;
+                    }
+                }
+                Err(_) => {
+                    let _ = self.child.kill();
+                    panic!("cow-trace printed nothing: {}", self.collected_err.join("\n"));
+                }
+            }
+        }
     }
 
     pub fn signal(&self, sig: i32) {
@@ -199,10 +219,13 @@ impl Background {
 
     pub fn finish(mut self, limit: Duration) -> Run {
         let status = wait_timeout(&mut self.child, limit);
-        while let Ok(l) = self.lines.recv_timeout(Duration::from_secs(5)) {
-            self.collected.push(l);
+        while let Ok((err, l)) = self.lines.recv_timeout(Duration::from_secs(5)) {
+            match err {
+                true => self.collected_err.push(l),
+                false => self.collected.push(l),
+            }
         }
-        let stderr = self.err.take().unwrap().join().unwrap();
+        let stderr = self.collected_err.join("\n") + "\n";
         Run::from_output(self.child.id(), status, self.collected.join("\n") + "\n", stderr)
     }
 }
