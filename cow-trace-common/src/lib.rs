@@ -310,9 +310,17 @@ pub struct Config {
     /// of a task's time slice, time one fault in this many (1: every
     /// fault). Each clock read costs about as much as the rest of the hook.
     pub sample_every: u32,
+    /// `--cgroup`: 0 when off; else one more than the deepest level of the
+    /// cgroups in `CGROUPS`, whose processes (and their descendants') alone
+    /// are traced.
+    pub cgroup_levels: u32,
     /// `offsetof(struct signal_struct, oom_mm)`; 0 when the kernel has none.
     pub signal_oom_mm: u32,
 }
+
+/// Deepest cgroup v2 level `--cgroup` can name (the kernel's own default
+/// limit on depth is far above what services use).
+pub const MAX_CGROUP_LEVELS: u32 = 32;
 
 /// Write faults a task takes after being scheduled in that are all timed,
 /// before sampling starts: a task that faults now and then has every fault
@@ -335,7 +343,7 @@ mod user {
 // Layout checks: a change that introduces padding fails to compile.
 const _: () = assert!(core::mem::size_of::<Event>() == 64);
 const _: () = assert!(core::mem::size_of::<PendingFault>() == 32);
-const _: () = assert!(core::mem::size_of::<Config>() == 60);
+const _: () = assert!(core::mem::size_of::<Config>() == 64);
 const _: () = assert!(core::mem::size_of::<FaultRecord>() == 16);
 const _: () = assert!(core::mem::size_of::<FaultBatch>() == FAULT_BATCH_HEADER + FAULT_BATCH_LEN * 16 + 16);
 

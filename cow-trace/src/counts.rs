@@ -41,6 +41,18 @@ impl EventCounts {
         *self.slot(kind) += 1;
     }
 
+    /// Events of every kind.
+    pub fn total(&self) -> u64 {
+        self.spawns
+            + self.fork_latencies
+            + self.cow_copies
+            + self.cow_reuses
+            + self.zero_fills
+            + self.huge_cows
+            + self.exits
+            + self.execs
+    }
+
     /// From the kernel's counter array, where each kind counts at the index
     /// of its value.
     pub fn from_kernel(counters: &[u64]) -> Self {

@@ -7,7 +7,8 @@ use std::{collections::HashSet, io::Write, os::fd::OwnedFd, time::Instant};
 use anyhow::{Context as _, Result};
 use aya::maps::{MapData, RingBuf};
 use cow_trace::{
-    episode::Episodes,
+    episode::{Episodes, Threshold},
+    metrics::{Health, Metrics},
     output::{self, Format},
     sanitize::for_terminal,
     tally::Tally,
@@ -21,6 +22,7 @@ use tokio::{
 use crate::{
     backend::{self, KernelFeatures, LoadOptions, Selection, Tracer},
     cli::{Args, Mode},
+    exporter::Exporter,
     kernel, launch, memcg, preflight, procfs,
 };
 
@@ -29,6 +31,9 @@ const DRAIN_PERIOD: std::time::Duration = std::time::Duration::from_millis(25);
 
 /// How often targets are checked for an exit the ring buffer did not bring.
 const SWEEP_PERIOD: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// How often `--serve` publishes a new snapshot for scrapes.
+const PUBLISH_PERIOD: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Why the run ended.
 enum End {
@@ -68,6 +73,7 @@ pub fn run(args: Args) -> Result<i32> {
             preflight::check_pid(pid)?;
         }
     }
+    let cgroups = preflight::resolve_cgroups(&args.cgroups)?;
     // Everything needed from BTF is read here, and the parsed BTF freed
     // before aya parses its own copy for loading: halves peak memory.
     let btf = kernel::load_vmlinux_btf()?;
@@ -81,6 +87,7 @@ pub fn run(args: Args) -> Result<i32> {
         ring_buffer_size: args.ring_buffer_size,
         empty_programs: args.bench_empty_programs,
         sample_every: args.sample_every,
+        cgroups,
     };
     // A command that cannot run is refused before anything is loaded; it
     // waits at its gate until it is in the traced set.
@@ -180,6 +187,10 @@ pub struct Session {
     signals: Option<[Signal; 3]>,
     start: Instant,
     last_sweep: Instant,
+    /// Whole-system runs: which episodes are shown (others are counted).
+    threshold: Option<Threshold>,
+    /// `--serve`: the HTTP side, and when it was last given a snapshot.
+    exporter: Option<(Exporter, Option<Instant>)>,
     /// Drops have been reported on stderr.
     warned_drops: bool,
     /// `-T`: wall-clock times on interval headers.
@@ -222,6 +233,19 @@ impl Session {
             let mounts = memcg::Mounts::read();
             Box::new(move |pid| mounts.of(pid))
         });
+        let tally = match args.serve {
+            Some(_) => tally.with_metrics(Metrics::new(
+                page_size,
+                args.series_cap as usize,
+                Box::new(procfs::cgroup_of),
+                Box::new(procfs::comm_of),
+            )),
+            None => tally,
+        };
+        let exporter = args.serve.map(Exporter::start).transpose()?;
+        if let Some(e) = &exporter {
+            eprintln!("cow-trace: serving metrics at http://{}/metrics", e.addr);
+        }
         let ring = watch(tracer.take_ring()?)?;
         if let Some(logger) = tracer.logger.take() {
             let mut logger = watch(logger)?;
@@ -287,6 +311,11 @@ impl Session {
             signals,
             start: now,
             last_sweep: now,
+            exporter: exporter.map(|e| (e, None)),
+            threshold: (args.pids.is_empty() && args.command.is_empty()).then_some(Threshold {
+                min_copied_bytes: args.min_episode_copied,
+                min_fork_ns: args.min_episode_fork_ms.saturating_mul(1_000_000),
+            }),
             warned_drops: false,
             timestamps: args.timestamp,
             comm: output::CommFilter(args.comm.clone()),
@@ -334,6 +363,7 @@ impl Session {
     /// Handles one wake-up; `Some` when the run is over.
     fn step(&mut self, wake: Wake, sel: &Selection) -> Result<Option<End>> {
         self.drain_and_settle(matches!(wake, Wake::DrainTick))?;
+        self.publish(sel)?;
         let launched = self.child.is_some();
         match wake {
             Wake::DrainTick if self.last_sweep.elapsed() >= SWEEP_PERIOD => {
@@ -400,7 +430,34 @@ impl Session {
 
     fn print_episodes(&mut self) -> Result<()> {
         let Some(eps) = self.tally.episodes_mut() else { return Ok(()) };
-        output::write_episodes(&mut self.out, &self.comm.episodes(eps.take_finished()), self.format)?;
+        let mut finished = eps.take_finished();
+        if let Some(m) = self.tally.metrics_mut() {
+            finished.iter().for_each(|ep| m.episode(ep));
+        }
+        if let Some(t) = self.threshold {
+            finished.retain(|ep| t.matters(ep));
+        }
+        let finished = self.comm.episodes(finished);
+        output::write_episodes(&mut self.out, &finished, self.format)?;
+        Ok(())
+    }
+
+    /// `--serve`: hands scrapes a new snapshot, at most once a period.
+    fn publish(&mut self, sel: &Selection) -> Result<()> {
+        let (Some((exporter, last)), Some(m)) = (self.exporter.as_mut(), self.tally.metrics()) else {
+            return Ok(());
+        };
+        if last.is_some_and(|t| t.elapsed() < PUBLISH_PERIOD) {
+            return Ok(());
+        }
+        *last = Some(Instant::now());
+        let health = Health {
+            backend: sel.kind.name().into(),
+            events: self.tally.seen().events.total(),
+            dropped: self.tracer.counters()?.dropped,
+            dup_mmap_split: sel.fork_share.is_some(),
+        };
+        exporter.publish(m.snapshot(health));
         Ok(())
     }
 
@@ -457,10 +514,12 @@ impl Session {
             (End::Duration, Some((pid, fd))) => Some(end_command(pid, libc::SIGTERM, fd).await),
             _ => None,
         };
-        let Session { tracer, ring, tally, mut out, format, comm, .. } = self;
+        let Session { tracer, ring, tally, mut out, format, comm, threshold, .. } = self;
         // Detach everything before printing: the summary is the last word.
         drop(ring);
         drop(tracer);
+        let all_episodes = tally.episodes().map(Episodes::all).unwrap_or_default();
+        let episodes_total = all_episodes.len() as u64 + tally.episodes().map_or(0, Episodes::dropped);
         let summary = output::RunSummary {
             backend: sel.kind.name(),
             fork_latency_means: sel.fork_latency_means,
@@ -474,7 +533,11 @@ impl Session {
             command,
             processes: &comm.rows(tally.totals()),
             histograms: tally.histograms(),
-            episodes: &comm.episodes(tally.episodes().map(Episodes::all).unwrap_or_default()),
+            episodes: &comm.episodes(match threshold {
+                Some(t) => t.rank(all_episodes),
+                None => all_episodes,
+            }),
+            episodes_total,
         };
         output::write_summary(&mut out, &summary, format)?;
         warn_about_losses(&kernel);
@@ -537,7 +600,10 @@ fn describe_targets(args: &Args, gated: Option<&launch::Gated>) -> String {
     };
     let follow =
         if args.no_follow || args.pids.is_empty() && gated.is_none() { "" } else { " and descendants" };
-    format!("{what}{follow}")
+    let cgroups = args.cgroups.iter().map(|c| c.display().to_string()).collect::<Vec<_>>();
+    let within =
+        if cgroups.is_empty() { String::new() } else { format!(" in cgroup {}", cgroups.join(", ")) };
+    format!("{what}{follow}{within}")
 }
 
 fn warn_about_losses(k: &cow_trace::counts::KernelCounters) {

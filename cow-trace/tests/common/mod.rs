@@ -230,6 +230,16 @@ impl Background {
     }
 }
 
+/// A test that fails before `finish` must not leave its tracer running.
+impl Drop for Background {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 /// The process row for `pid` in a summary or interval record.
 pub fn row(record: &Value, pid: u64) -> Option<&Value> {
     record["processes"].as_array()?.iter().find(|p| p["pid"] == pid)
