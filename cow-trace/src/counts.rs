@@ -48,6 +48,7 @@ impl EventCounts {
             + self.cow_copies
             + self.cow_reuses
             + self.zero_fills
+            + self.cow_failed
             + self.huge_cows
             + self.exits
             + self.execs
@@ -110,6 +111,15 @@ impl KernelCounters {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_total_counts_every_kind() {
+        let mut c = EventCounts::default();
+        let kinds = (1..16).filter_map(EventKind::from_u32).collect::<Vec<_>>();
+        assert!(kinds.contains(&EventKind::CowFailed), "{kinds:?}");
+        kinds.iter().for_each(|&k| c.count(k));
+        assert_eq!(c.total(), kinds.len() as u64);
+    }
 
     #[test]
     fn kernel_counters_decode_by_index() {

@@ -195,8 +195,10 @@ pub struct Episodes {
     /// Finished episodes no longer kept for the summary.
     dropped: u64,
     /// Fork latencies that came before their fork's spawn event, by child
-    /// PID: the kprobe and fentry backends time `copy_process`, which
-    /// returns before the kernel fires `sched_process_fork`.
+    /// PID. The backends send a fork's latency after its spawn today (the
+    /// kprobe and fentry ones hold it until `sched_process_fork` counts the
+    /// fork); the ring buffer still orders records by commit, not by time,
+    /// so either order is accepted.
     early_latency: HashMap<u32, EarlyLatency>,
     /// Calls to `settle` so far.
     settles: u64,

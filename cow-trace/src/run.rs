@@ -100,7 +100,15 @@ pub fn run(args: Args) -> Result<i32> {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     runtime.block_on(async {
         let session = Session::start(&args, &selection, tracer, targets, gated.as_mut(), out)?;
-        session.run(&args, &selection).await
+        // A run that fails part-way (a closed pipe, a full disk) skips the
+        // shutdown that ends the command: end it here, by a pidfd of its own
+        // so that a command already reaped is never mistaken for another.
+        let command = session.command_pidfd()?;
+        let result = session.run(&args, &selection).await;
+        if let (Err(_), Some((pid, fd))) = (&result, command) {
+            launch::end_abandoned(pid, fd, COMMAND_GRACE);
+        }
+        result
     })
 }
 
@@ -358,6 +366,13 @@ impl Session {
             }
         };
         self.shut_down(end, sel, interval.is_some()).await
+    }
+
+    /// A second pidfd of the launched command, if any, that outlives the
+    /// session.
+    fn command_pidfd(&self) -> Result<Option<(u32, OwnedFd)>> {
+        let Some((pid, fd)) = &self.child else { return Ok(None) };
+        Ok(Some((*pid, fd.get_ref().try_clone().context("dup of the command's pidfd")?)))
     }
 
     /// Handles one wake-up; `Some` when the run is over.

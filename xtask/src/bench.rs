@@ -125,7 +125,8 @@ fn start(tracer: Tracer) -> Result<Option<Running>> {
         Tracer::Untraced => return Ok(None),
         Tracer::CowTrace | Tracer::Floor | Tracer::Exporter => {
             let mut c = Command::new(root.join("target/release/cow-trace"));
-            c.args(["--json", "-d", "86400"]);
+            // The backend the labels name, whatever `auto` would pick.
+            c.args(["--json", "-d", "86400", "--backend", "tracepoint"]);
             if tracer == Tracer::Floor {
                 c.arg("--bench-empty-programs");
             }

@@ -437,7 +437,17 @@ pub fn rss_kib(pid: u32) -> (u64, u64) {
 /// what was dropped, kind by kind summed.
 pub fn assert_totals_add_up(summary: &Value) {
     let (kt, seen) = (&summary["kernel_totals"], &summary["events_received"]);
-    let kinds = ["spawns", "fork_latencies", "cow_copies", "cow_reuses", "zero_fills", "exits", "execs"];
+    let kinds = [
+        "spawns",
+        "fork_latencies",
+        "cow_copies",
+        "cow_reuses",
+        "zero_fills",
+        "cow_failed",
+        "huge_cows",
+        "exits",
+        "execs",
+    ];
     let lost: u64 = kinds
         .iter()
         .map(|k| {
