@@ -375,6 +375,23 @@ impl Session {
         Ok(Some((*pid, fd.get_ref().try_clone().context("dup of the command's pidfd")?)))
     }
 
+    /// Writes the interval since the last one, ending `elapsed_s` into the run.
+    fn write_interval(&mut self, sel: &Selection, elapsed_s: f64) -> Result<()> {
+        let dropped = self.tracer.counters()?.dropped;
+        let rows = self.comm.rows(self.tally.take_interval());
+        let time = self.timestamps.then(local_time);
+        output::write_interval(
+            &mut self.out,
+            sel.kind.name(),
+            elapsed_s,
+            dropped,
+            &rows,
+            self.format,
+            time.as_deref(),
+        )?;
+        Ok(())
+    }
+
     /// Handles one wake-up; `Some` when the run is over.
     fn step(&mut self, wake: Wake, sel: &Selection) -> Result<Option<End>> {
         self.drain_and_settle(matches!(wake, Wake::DrainTick))?;
@@ -392,19 +409,7 @@ impl Session {
                 }
             }
             Wake::Interval => {
-                let dropped = self.tracer.counters()?.dropped;
-                let rows = self.comm.rows(self.tally.take_interval());
-                let elapsed = self.start.elapsed().as_secs_f64();
-                let time = self.timestamps.then(local_time);
-                output::write_interval(
-                    &mut self.out,
-                    sel.kind.name(),
-                    elapsed,
-                    dropped,
-                    &rows,
-                    self.format,
-                    time.as_deref(),
-                )?;
+                self.write_interval(sel, self.start.elapsed().as_secs_f64())?;
                 return Ok(None);
             }
             _ => {}
@@ -509,18 +514,7 @@ impl Session {
         let faults_in_flight_at_end = self.tracer.faults_in_flight()?;
         if interval {
             // The last, partial interval: the intervals add up to the summary.
-            let dropped = self.tracer.counters()?.dropped;
-            let rows = self.comm.rows(self.tally.take_interval());
-            let time = self.timestamps.then(local_time);
-            output::write_interval(
-                &mut self.out,
-                sel.kind.name(),
-                elapsed,
-                dropped,
-                &rows,
-                self.format,
-                time.as_deref(),
-            )?;
+            self.write_interval(sel, elapsed)?;
         }
         let kernel = self.tracer.counters()?;
         let command = match (&end, self.child.take()) {
