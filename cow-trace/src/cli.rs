@@ -345,6 +345,11 @@ fn parse_sample_every(s: &str) -> Result<u32, String> {
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
+    size_with_suffix(s, "0, 512K or 1M")
+}
+
+/// Bytes, with an optional K, M or G suffix; `examples` for the error.
+fn size_with_suffix(s: &str, examples: &str) -> Result<u64, String> {
     let t = s.trim();
     let (num, mult) = match t.char_indices().last() {
         Some((i, 'k' | 'K')) => (&t[..i], 1u64 << 10),
@@ -353,21 +358,12 @@ fn parse_size(s: &str) -> Result<u64, String> {
         _ => (t, 1),
     };
     let n: u64 =
-        num.parse().map_err(|_| format!("'{s}' is not a size: expected bytes such as 0, 512K or 1M"))?;
+        num.parse().map_err(|_| format!("'{s}' is not a size: expected bytes such as {examples}"))?;
     Ok(n.saturating_mul(mult))
 }
 
 pub fn parse_ring_size(s: &str) -> Result<u32, String> {
-    let t = s.trim();
-    let (num, mult) = match t.char_indices().last() {
-        Some((i, 'k' | 'K')) => (&t[..i], 1u64 << 10),
-        Some((i, 'm' | 'M')) => (&t[..i], 1u64 << 20),
-        Some((i, 'g' | 'G')) => (&t[..i], 1u64 << 30),
-        _ => (t, 1),
-    };
-    let n: u64 =
-        num.parse().map_err(|_| format!("'{s}' is not a size: expected bytes such as 65536, 64K or 8M"))?;
-    let bytes = n.saturating_mul(mult);
+    let bytes = size_with_suffix(s, "65536, 64K or 8M")?;
     // The kernel wants a power-of-two multiple of the page size; keep the
     // upper end sane (the ring buffer is locked kernel memory).
     if !bytes.is_power_of_two() || !(4096..=1 << 30).contains(&bytes) {
