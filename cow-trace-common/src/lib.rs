@@ -329,6 +329,10 @@ pub struct Config {
     /// of a task's time slice, time one fault in this many (1: every
     /// fault). Each clock read costs about as much as the rest of the hook.
     pub sample_every: u32,
+    /// `--cgroup`: 0 when off; else one more than the deepest level of the
+    /// cgroups in `CGROUPS`, whose processes (and their descendants') alone
+    /// are traced.
+    pub cgroup_levels: u32,
     /// `offsetof(struct signal_struct, oom_mm)`; 0 when the kernel has none.
     pub signal_oom_mm: u32,
     /// `offsetof(struct pt_regs, ip)`: the user instruction pointer of a
@@ -343,6 +347,10 @@ pub struct Config {
     /// mode (kprobe/fentry backends; 0: unknown, every fault is user).
     pub fault_flag_user: u32,
 }
+
+/// Deepest cgroup v2 level `--cgroup` can name (the kernel's own default
+/// limit on depth is far above what services use).
+pub const MAX_CGROUP_LEVELS: u32 = 32;
 
 /// Write faults a task takes after being scheduled in that are all timed,
 /// before sampling starts: a task that faults now and then has every fault
@@ -365,7 +373,7 @@ mod user {
 // Layout checks: a change that introduces padding fails to compile.
 const _: () = assert!(core::mem::size_of::<Event>() == 72);
 const _: () = assert!(core::mem::size_of::<PendingFault>() == 40);
-const _: () = assert!(core::mem::size_of::<Config>() == 76);
+const _: () = assert!(core::mem::size_of::<Config>() == 80);
 const _: () = assert!(core::mem::size_of::<FaultRecord>() == 24);
 const _: () = assert!(core::mem::size_of::<FaultBatch>() == FAULT_BATCH_HEADER + FAULT_BATCH_LEN * 24 + 16);
 

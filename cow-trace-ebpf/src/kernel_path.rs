@@ -20,7 +20,7 @@ use cow_trace_common::{counter, vm_fault};
 use crate::{
     emit::{emit, Detail, Outcome},
     shared::{
-        bump, current_ids, current_syscall, current_user_ip, cut_off, is_traced, now, read_at, setting, Ids,
+        bump, current_ids, current_syscall, current_user_ip, is_traced, now, off, read_at, setting, Ids,
         GFP_MOVABLE, GFP_ZERO,
     },
 };
@@ -73,7 +73,7 @@ const KERNEL_MODE: u32 = 16;
 const MAX_ERRNO: u64 = 4095;
 
 pub fn clone_enter() {
-    if cut_off() {
+    if off() {
         return;
     }
     let Ids { tgid, tid } = current_ids();
@@ -89,7 +89,7 @@ pub fn clone_enter() {
 /// timed only if it is counted (docs/kernel-notes.md, "One definition of a
 /// fork").
 pub fn clone_exit(task: u64) {
-    if cut_off() {
+    if off() {
         return;
     }
     let tid = current_ids().tid;
@@ -137,7 +137,7 @@ fn child_process(task: *const u8) -> Result<u32, i32> {
 }
 
 pub fn dup_enter() {
-    if cut_off() {
+    if off() {
         return;
     }
     if let Some(c) = CLONES.get_ptr_mut(current_ids().tid) {
@@ -147,7 +147,7 @@ pub fn dup_enter() {
 }
 
 pub fn dup_exit() {
-    if cut_off() {
+    if off() {
         return;
     }
     if let Some(c) = CLONES.get_ptr_mut(current_ids().tid) {
@@ -163,7 +163,7 @@ pub fn dup_exit() {
 
 /// `vmf`: the `struct vm_fault *` of `do_wp_page` / `do_huge_pmd_wp_page`.
 pub fn fault_enter(vmf: *const u8, huge: bool) {
-    if cut_off() {
+    if off() {
         return;
     }
     let Ids { tgid, tid } = current_ids();
@@ -190,7 +190,7 @@ pub fn fault_enter(vmf: *const u8, huge: bool) {
 }
 
 pub fn wp_copy_enter() {
-    if cut_off() {
+    if off() {
         return;
     }
     if let Some(f) = FAULTS.get_ptr_mut(current_ids().tid) {
@@ -201,7 +201,7 @@ pub fn wp_copy_enter() {
 
 /// `ret`: the `vm_fault_t` the fault handler returned.
 pub fn fault_exit(ret: u32) {
-    if cut_off() {
+    if off() {
         return;
     }
     let tid = current_ids().tid;
@@ -242,7 +242,7 @@ pub fn fault_exit(ret: u32) {
 /// Notes the user pages a fault in flight allocates.
 #[raw_tracepoint(tracepoint = "mm_page_alloc")]
 pub fn mm_page_alloc_wp(ctx: RawTracePointContext) -> i32 {
-    if cut_off() {
+    if off() {
         return 0;
     }
     // TP_PROTO(struct page *page, unsigned int order, gfp_t gfp_flags, int migratetype)

@@ -5,12 +5,12 @@
 use aya_ebpf::{
     helpers::{
         bpf_get_current_pid_tgid, bpf_get_current_task_btf, bpf_ktime_get_ns, bpf_probe_read_kernel,
-        bpf_task_pt_regs,
+        bpf_task_pt_regs, generated::bpf_get_current_ancestor_cgroup_id,
     },
     macros::map,
     maps::{Array, HashMap, PerCpuArray},
 };
-use cow_trace_common::{counter, Config};
+use cow_trace_common::{counter, Config, MAX_CGROUP_LEVELS};
 
 /// Written by the loader before the object is loaded (read-only after).
 #[unsafe(no_mangle)]
@@ -29,6 +29,7 @@ pub(crate) static CONFIG: Config = Config {
     sample_every: 1,
     vmf_address: 0,
     wp_copy_hooked: 0,
+    cgroup_levels: 0,
     regs_ip: 0,
     regs_orig_ax: 0,
     vmf_flags: 0,
@@ -39,6 +40,11 @@ pub(crate) static CONFIG: Config = Config {
 /// Traced thread-group ids (unused when `trace_all`).
 #[map]
 pub(crate) static TRACED: HashMap<u32, u8> = HashMap::with_max_entries(65536, 0);
+
+/// `--cgroup`: ids (inode numbers) of the cgroups v2 whose processes are
+/// traced, with their descendants'.
+#[map]
+static CGROUPS: HashMap<u64, u8> = HashMap::with_max_entries(64, 0);
 
 /// The end of the run: non-zero once userspace has cut the run off. Every
 /// program checks it first, so all of them stop accounting at one instant,
@@ -103,7 +109,28 @@ pub(crate) fn off() -> bool {
 #[inline(always)]
 pub(crate) fn is_traced(tgid: u32) -> bool {
     // SAFETY: lookup result is only tested for presence.
-    tgid != setting!(self_tgid) && (setting!(trace_all) != 0 || unsafe { TRACED.get(tgid).is_some() })
+    tgid != setting!(self_tgid)
+        && (setting!(trace_all) != 0 || unsafe { TRACED.get(tgid).is_some() })
+        && (setting!(cgroup_levels) == 0 || in_cgroups())
+}
+
+/// Whether the current task's cgroup v2, or one of its ancestors, is one of
+/// `CGROUPS`: checked level by level from the root, as deep as asked.
+#[inline(always)]
+fn in_cgroups() -> bool {
+    let levels = setting!(cgroup_levels);
+    for level in 0..MAX_CGROUP_LEVELS {
+        if level >= levels {
+            break;
+        }
+        // SAFETY: helper has no preconditions; 0 means deeper than the task.
+        let id = unsafe { bpf_get_current_ancestor_cgroup_id(level as i32) };
+        // SAFETY: lookup result is only tested for presence.
+        if id == 0 || unsafe { CGROUPS.get(id).is_some() } {
+            return id != 0;
+        }
+    }
+    false
 }
 
 /// Adds `n` to counter `idx` (`counter::*`) on this CPU.

@@ -208,6 +208,13 @@ pub fn mm_page_alloc(ctx: RawTracePointContext) -> i32 {
     // preemption off.
     unsafe {
         if (*p).tid != tid {
+            // Another user page for a thread whose copy was sent: that
+            // copy's charge went through (a failed one kills the thread
+            // before it allocates again), so no later signal fails it,
+            // even within the same syscall (a kernel-mode fault).
+            if (*p).sent_tid == tid {
+                (*p).sent_tid = 0;
+            }
             return 0;
         }
         (*p).tid = 0;

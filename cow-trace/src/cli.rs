@@ -1,6 +1,6 @@
 //! Command-line interface.
 
-use std::{ffi::OsString, time::Duration};
+use std::{ffi::OsString, net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Parser, ValueEnum};
 
@@ -8,6 +8,9 @@ use clap::{Parser, ValueEnum};
 pub const PID_MAX_LIMIT: u32 = 4_194_304;
 const MAX_INTERVAL_SECS: u64 = 86_400;
 const MAX_DURATION_SECS: u64 = 30 * 86_400;
+/// Where `--serve` listens when given no address: loopback only. The
+/// exporter port range 9100-9999 is fully allocated to other exporters.
+pub const DEFAULT_SERVE: &str = "127.0.0.1:19808";
 
 const EXAMPLES: &str = "\
 EXAMPLES:
@@ -20,6 +23,8 @@ EXAMPLES:
     cow-trace -d 10                    # every process on the system for 10 seconds
     cow-trace -- python3 job.py        # run a command and trace it and its descendants
     cow-trace -u app -- ./job.sh       # the same, the command run as user app (ids and groups)
+    cow-trace --serve                  # Prometheus exporter on 127.0.0.1:19808/metrics until SIGTERM
+    cow-trace --cgroup system.slice/redis-server.service   # one service (and its sub-cgroups) only
 
 A fork is counted in the process that called fork/clone; copy-on-write faults in
 the process that took them (the child's copies are the child's). Fork latency is
@@ -84,6 +89,31 @@ pub struct Args {
     /// fault's tracing. Counts of copies and reuses are always exact.
     #[arg(long, value_name = "N", default_value_t = 16, value_parser = parse_sample_every, allow_negative_numbers = true)]
     pub sample_every: u32,
+
+    /// Serve Prometheus/OpenMetrics metrics at http://ADDR/metrics (and
+    /// /health) until SIGTERM or SIGINT; ADDR defaults to 127.0.0.1:19808.
+    #[arg(long, value_name = "ADDR", num_args = 0..=1, default_missing_value = DEFAULT_SERVE)]
+    pub serve: Option<SocketAddr>,
+
+    /// Most (comm, cgroup) label sets exported; processes beyond go to one
+    /// `other` series (counted in cow_trace_series_folded_total).
+    #[arg(long, value_name = "N", default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub series_cap: u32,
+
+    /// Trace only the processes of this cgroup v2 and its descendants
+    /// (repeatable; a path under the cgroup2 mount, or relative to it).
+    /// Filtered in the kernel.
+    #[arg(long = "cgroup", value_name = "PATH")]
+    pub cgroups: Vec<PathBuf>,
+
+    /// Whole-system runs: show an episode (live and in the summary) only if
+    /// it copied at least this much (suffixes K, M, G; 0 shows all)...
+    #[arg(long, value_name = "BYTES", default_value = "1M", value_parser = parse_size)]
+    pub min_episode_copied: u64,
+
+    /// ...or its fork held the parent at least this many milliseconds.
+    #[arg(long, value_name = "MS", default_value_t = 10)]
+    pub min_episode_fork_ms: u64,
 
     /// Benchmark aid: attach the same hooks with programs that return at
     /// once (the overhead floor). Reports nothing.
@@ -315,7 +345,12 @@ fn parse_sample_every(s: &str) -> Result<u32, String> {
     }
 }
 
-pub fn parse_ring_size(s: &str) -> Result<u32, String> {
+fn parse_size(s: &str) -> Result<u64, String> {
+    size_with_suffix(s, "0, 512K or 1M")
+}
+
+/// Bytes, with an optional K, M or G suffix; `examples` for the error.
+fn size_with_suffix(s: &str, examples: &str) -> Result<u64, String> {
     let t = s.trim();
     let (num, mult) = match t.char_indices().last() {
         Some((i, 'k' | 'K')) => (&t[..i], 1u64 << 10),
@@ -324,8 +359,12 @@ pub fn parse_ring_size(s: &str) -> Result<u32, String> {
         _ => (t, 1),
     };
     let n: u64 =
-        num.parse().map_err(|_| format!("'{s}' is not a size: expected bytes such as 65536, 64K or 8M"))?;
-    let bytes = n.saturating_mul(mult);
+        num.parse().map_err(|_| format!("'{s}' is not a size: expected bytes such as {examples}"))?;
+    Ok(n.saturating_mul(mult))
+}
+
+pub fn parse_ring_size(s: &str) -> Result<u32, String> {
+    let bytes = size_with_suffix(s, "65536, 64K or 8M")?;
     // The kernel wants a power-of-two multiple of the page size; keep the
     // upper end sane (the ring buffer is locked kernel memory).
     if !bytes.is_power_of_two() || !(4096..=1 << 30).contains(&bytes) {
@@ -431,6 +470,25 @@ mod tests {
         assert_eq!((a.json, a.no_follow, a.top), (false, false, 20));
         assert_eq!(a.backend, BackendChoice::Auto);
         assert_eq!(a.unit, Unit::Us);
+        assert_eq!((a.serve, a.series_cap), (None, 500));
+        assert_eq!((a.min_episode_copied, a.min_episode_fork_ms), (1 << 20, 10));
+        let a = parse(&["--min-episode-copied", "0", "--min-episode-fork-ms", "50"]).unwrap();
+        assert_eq!((a.min_episode_copied, a.min_episode_fork_ms), (0, 50));
+        assert_eq!(parse(&["--min-episode-copied", "64K"]).unwrap().min_episode_copied, 64 << 10);
+        assert!(parse(&["--min-episode-copied", "lots"]).is_err());
+    }
+
+    #[test]
+    fn serve_defaults_to_loopback_and_takes_an_address() {
+        let a = parse(&["--serve"]).unwrap();
+        assert_eq!(a.serve, Some(DEFAULT_SERVE.parse().unwrap()));
+        assert!(a.serve.unwrap().ip().is_loopback());
+        let a = parse(&["--serve", "0.0.0.0:9000", "-p", "1"]).unwrap();
+        assert_eq!(a.serve, Some("0.0.0.0:9000".parse().unwrap()));
+        let a = parse(&["--serve", "--", "sleep", "1"]).unwrap();
+        assert_eq!(a.mode().unwrap(), Mode::Launch(vec!["sleep".into(), "1".into()]));
+        assert!(parse(&["--serve", "localhost"]).is_err());
+        assert!(parse(&["--series-cap", "0"]).is_err());
     }
 
     #[test]

@@ -41,6 +41,19 @@ impl EventCounts {
         *self.slot(kind) += 1;
     }
 
+    /// Events of every kind.
+    pub fn total(&self) -> u64 {
+        self.spawns
+            + self.fork_latencies
+            + self.cow_copies
+            + self.cow_reuses
+            + self.zero_fills
+            + self.cow_failed
+            + self.huge_cows
+            + self.exits
+            + self.execs
+    }
+
     /// From the kernel's counter array, where each kind counts at the index
     /// of its value.
     pub fn from_kernel(counters: &[u64]) -> Self {
@@ -98,6 +111,15 @@ impl KernelCounters {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_total_counts_every_kind() {
+        let mut c = EventCounts::default();
+        let kinds = (1..16).filter_map(EventKind::from_u32).collect::<Vec<_>>();
+        assert!(kinds.contains(&EventKind::CowFailed), "{kinds:?}");
+        kinds.iter().for_each(|&k| c.count(k));
+        assert_eq!(c.total(), kinds.len() as u64);
+    }
 
     #[test]
     fn kernel_counters_decode_by_index() {

@@ -3,7 +3,7 @@
 
 use serde::Serialize;
 
-use crate::fmt::fmt_bytes;
+use crate::{fmt::fmt_bytes, sanitize::for_terminal};
 
 /// The memory cgroup whose limit applied to a process: its own, or the
 /// nearest ancestor with a limit (cgroup v1 `memory.limit_in_bytes`, v2
@@ -44,15 +44,18 @@ impl Ending {
         Self { exit_code, exit_signal, oom_killed }
     }
 
-    /// In words, e.g. "killed by the OOM killer (memory cgroup /x, limit
-    /// 150.0MiB)", "killed by SIGTERM", "exited with status 3".
+    /// In words, for a terminal, e.g. "killed by the OOM killer (memory
+    /// cgroup /x, limit 150.0MiB)", "killed by SIGTERM", "exited with status
+    /// 3". A cgroup's name is chosen by whoever may create it: sanitised.
     pub fn describe(&self, memcg: Option<&MemCgroup>) -> String {
         if self.oom_killed {
             let within = match memcg {
                 Some(MemCgroup { path, limit_bytes: Some(l) }) => {
-                    format!(" (memory cgroup {path}, limit {})", fmt_bytes(*l))
+                    format!(" (memory cgroup {}, limit {})", for_terminal(path), fmt_bytes(*l))
                 }
-                Some(MemCgroup { path, limit_bytes: None }) => format!(" (memory cgroup {path}, no limit)"),
+                Some(MemCgroup { path, limit_bytes: None }) => {
+                    format!(" (memory cgroup {}, no limit)", for_terminal(path))
+                }
                 None => String::new(),
             };
             return format!("killed by the OOM killer{within}");
@@ -145,6 +148,12 @@ mod tests {
         let cg = MemCgroup { path: "/x".into(), limit_bytes: Some(150 << 20) };
         assert_eq!(oom.describe(Some(&cg)), "killed by the OOM killer (memory cgroup /x, limit 150.0MiB)");
         assert_eq!(oom.describe(None), "killed by the OOM killer");
+        // A delegated cgroup's name is anyone's text: never raw on a terminal.
+        let hostile = MemCgroup { path: "/a\x1b[2J\nb".into(), limit_bytes: None };
+        assert_eq!(
+            oom.describe(Some(&hostile)),
+            "killed by the OOM killer (memory cgroup /a\\x1b[2J\\nb, no limit)"
+        );
         assert_eq!(oom.short(), "OOM-kill");
         let v = serde_json::to_value(&oom).unwrap();
         assert_eq!((v["exit_signal"].as_str(), v["oom_killed"].as_bool()), (Some("SIGKILL"), Some(true)));

@@ -110,6 +110,32 @@ pub struct Episode {
     pub top_data: Vec<Target>,
 }
 
+/// Which episodes a whole-system run shows, live and in its summary: on a
+/// busy host most forks are a shell starting a command, and cost little.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Threshold {
+    /// Episodes that copied at least this much are shown...
+    pub min_copied_bytes: u64,
+    /// ...and those whose fork held the parent at least this long.
+    pub min_fork_ns: u64,
+}
+
+impl Threshold {
+    pub fn matters(&self, ep: &Episode) -> bool {
+        ep.copied_bytes >= self.min_copied_bytes
+            || ep.fork_latency_ns.is_some_and(|ns| ns >= self.min_fork_ns)
+    }
+
+    /// The episodes that matter, most copied first (then slowest fork).
+    pub fn rank(&self, mut eps: Vec<Episode>) -> Vec<Episode> {
+        eps.retain(|e| self.matters(e));
+        eps.sort_by_key(|e| {
+            std::cmp::Reverse((e.copied_bytes, e.fork_latency_ns, std::cmp::Reverse(e.start_ns)))
+        });
+        eps
+    }
+}
+
 #[derive(Clone)]
 struct Open {
     parent: u32,
@@ -184,8 +210,10 @@ pub struct Episodes {
     /// Finished episodes no longer kept for the summary.
     dropped: u64,
     /// Fork latencies that came before their fork's spawn event, by child
-    /// PID: the kprobe and fentry backends time `copy_process`, which
-    /// returns before the kernel fires `sched_process_fork`.
+    /// PID. The backends send a fork's latency after its spawn today (the
+    /// kprobe and fentry ones hold it until `sched_process_fork` counts the
+    /// fork); the ring buffer still orders records by commit, not by time,
+    /// so either order is accepted.
     early_latency: HashMap<u32, EarlyLatency>,
     /// Calls to `settle` so far.
     settles: u64,
@@ -1070,6 +1098,48 @@ mod tests {
         assert!(v["fork_latency_ns"].is_null());
         assert_eq!(v["exit_status"], 0);
         assert!(v.get("exec_after_ns").is_none());
+    }
+
+    #[test]
+    fn the_threshold_keeps_costly_episodes_ranked_by_copies() {
+        let ep = |copied_bytes, fork_ns: Option<u64>, start_ns| Episode {
+            kind: "fork",
+            parent: 1,
+            parent_comm: "sh".into(),
+            child: start_ns as u32,
+            child_comm: "sh".into(),
+            start_ns,
+            fork_latency_ns: fork_ns,
+            fork_cut_off: false,
+            child_lifetime_ns: Some(1),
+            child_exit_unseen: false,
+            exec_after_ns: None,
+            exit_status: Some(0),
+            ending: None,
+            memcg: None,
+            parent_oom_killed: false,
+            parent_copies: 0,
+            child_copies: 0,
+            copied_bytes,
+            cow_failed: 0,
+            peak_copy_bytes_per_s: 0,
+            top_writers: Vec::new(),
+            top_data: Vec::new(),
+            cow_latency_ns: Default::default(),
+            top_regions: Vec::new(),
+        };
+        let t = Threshold { min_copied_bytes: 1 << 20, min_fork_ns: 10_000_000 };
+        let eps = vec![
+            ep(40 << 10, Some(200_000), 1), // a shell's fork+exec: hidden
+            ep(2 << 20, Some(200_000), 2),  // copied enough
+            ep(0, Some(30_000_000), 3),     // froze its parent
+            ep(64 << 20, None, 4),          // kernel-made, copied most
+            ep(1 << 20, Some(1), 5),        // exactly the threshold
+        ];
+        let ranked: Vec<u64> = t.rank(eps.clone()).iter().map(|e| e.start_ns).collect();
+        assert_eq!(ranked, [4, 2, 5, 3]);
+        let all = Threshold { min_copied_bytes: 0, min_fork_ns: 0 };
+        assert_eq!(all.rank(eps).len(), 5, "0 shows every episode");
     }
 
     #[test]

@@ -113,7 +113,7 @@ pub fn spawn_gated(argv: &[OsString], user: Option<&Identity>) -> Result<Gated> 
 
     let (gate_r, gate_w) = pipe()?;
     let (err_r, err_w) = pipe()?;
-    // SAFETY: the child only calls async-signal-safe functions (read, execv,
+    // SAFETY: the child only calls async-signal-safe functions (read, signal, execv,
     // write, _exit) on memory prepared before the fork.
     let pid = unsafe { libc::fork() };
     if pid < 0 {
@@ -128,6 +128,9 @@ pub fn spawn_gated(argv: &[OsString], user: Option<&Identity>) -> Result<Gated> 
             if libc::read(gate_r.as_raw_fd(), (&mut b as *mut u8).cast(), 1) != 1 {
                 libc::_exit(127);
             }
+            // The Rust runtime ignores SIGPIPE, and an exec keeps ignored
+            // signals ignored: give the command the default a shell would.
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
             // Groups first, then the gid, then the uid: each needs the
             // privilege the next one drops. Failing any is reported, not run.
             let dropped = match user {
@@ -216,6 +219,25 @@ pub fn exit_code(status: i32) -> i32 {
     } else {
         1
     }
+}
+
+/// Ends a command whose run failed before its shutdown: SIGTERM, SIGKILL
+/// after `grace`, then reaps it. Signals go through `pidfd`, so a command
+/// that already ended (and whose PID may be reused) is left alone.
+pub fn end_abandoned(pid: u32, pidfd: OwnedFd, grace: std::time::Duration) {
+    let signal = |sig: i32| {
+        // SAFETY: pidfd_send_signal with a valid pidfd and no siginfo.
+        unsafe { libc::syscall(libc::SYS_pidfd_send_signal, pidfd.as_raw_fd(), sig, 0usize, 0u32) == 0 }
+    };
+    if !signal(libc::SIGTERM) {
+        return; // already gone
+    }
+    let mut pfd = libc::pollfd { fd: pidfd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    // SAFETY: one valid pollfd; a pidfd polls readable once the process exits.
+    if unsafe { libc::poll(&mut pfd, 1, grace.as_millis() as i32) } <= 0 {
+        signal(libc::SIGKILL);
+    }
+    reap(pid);
 }
 
 /// How the command ended, from its raw wait status.

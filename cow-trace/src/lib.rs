@@ -6,17 +6,20 @@
 //! Dependencies point one way, down this list: `tally` feeds `aggregate`
 //! (with `retired`, both keeping `process` records), `targets` and
 //! `episode`, which read `event`; `output` renders what they produce with
-//! `fmt` and `sanitize`. `histogram`, `regions`, `counts`, `sanitize` and
-//! `fmt` are leaves.
+//! `fmt` and `sanitize`; `metrics` counts the same events per label set
+//! for the exporter. `histogram`, `regions`, `counts`, `cgroup`, `sanitize`
+//! and `fmt` are leaves.
 
 pub mod aggregate;
 pub mod attribution;
+pub mod cgroup;
 pub mod counts;
 pub mod ending;
 pub mod episode;
 pub mod event;
 pub mod fmt;
 pub mod histogram;
+pub mod metrics;
 pub mod output;
 pub mod process;
 pub mod regions;

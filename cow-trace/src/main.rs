@@ -4,6 +4,7 @@
 
 mod backend;
 mod cli;
+mod exporter;
 mod kernel;
 mod launch;
 mod memcg;

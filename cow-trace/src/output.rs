@@ -289,6 +289,9 @@ pub struct SummaryRecord<'a> {
     pub processes: &'a [ProcRow],
     pub histograms: Histograms,
     pub episodes: &'a [Episode],
+    /// Every episode of the run, also those not listed (below the
+    /// whole-system threshold, or beyond the bound on those kept).
+    pub episodes_total: u64,
 }
 
 /// `{"type":"episode", ...}`: one fork episode, printed when its child exits.
@@ -478,6 +481,7 @@ pub struct RunSummary<'a> {
     pub processes: &'a [ProcRow],
     pub histograms: &'a RunHistograms,
     pub episodes: &'a [Episode],
+    pub episodes_total: u64,
 }
 
 pub fn write_summary(out: &mut impl io::Write, s: &RunSummary, format: Format) -> io::Result<()> {
@@ -503,6 +507,7 @@ pub fn write_summary(out: &mut impl io::Write, s: &RunSummary, format: Format) -
                     fork_dup_mmap_ns: s.histograms.dup_mmap.to_log2(1).nonzero_rows(),
                 },
                 episodes: s.episodes,
+                episodes_total: s.episodes_total,
             };
             writeln!(out, "{}", json_line(&rec))?;
             return out.flush();

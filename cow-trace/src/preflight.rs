@@ -74,6 +74,38 @@ pub fn check_pid(pid: u32) -> Result<ProcInfo> {
     Ok(info)
 }
 
+/// The cgroups `--cgroup` names, as the kernel identifies them.
+pub fn resolve_cgroups(args: &[std::path::PathBuf]) -> Result<Vec<crate::backend::CgroupId>> {
+    use std::os::unix::fs::MetadataExt;
+    if args.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo")?;
+    let Some(mount) = cow_trace::cgroup::v2_mount(&mountinfo) else {
+        bail!("--cgroup needs the cgroup v2 hierarchy, and none is mounted (mount -t cgroup2 none /sys/fs/cgroup)");
+    };
+    let mount = std::path::Path::new(&mount);
+    args.iter()
+        .map(|arg| {
+            let Some((dir, level)) = cow_trace::cgroup::locate(mount, arg) else {
+                bail!("--cgroup {}: not a path under the cgroup v2 mount {}", arg.display(), mount.display());
+            };
+            let meta = fs::metadata(&dir).ok().filter(|m| m.is_dir()).ok_or_else(|| {
+                anyhow::anyhow!(
+                    "--cgroup {}: no such cgroup ({} does not exist; paths are relative to {} or absolute under it)",
+                    arg.display(),
+                    dir.display(),
+                    mount.display()
+                )
+            })?;
+            if level >= cow_trace_common::MAX_CGROUP_LEVELS {
+                bail!("--cgroup {}: deeper than {} levels", arg.display(), cow_trace_common::MAX_CGROUP_LEVELS);
+            }
+            Ok(crate::backend::CgroupId { id: meta.ino(), level })
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

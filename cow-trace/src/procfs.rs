@@ -52,6 +52,11 @@ pub fn comm_of(pid: u32) -> Option<String> {
     Some(lossless(comm.strip_suffix(b"\n").unwrap_or(&comm)).into_owned())
 }
 
+/// Cgroup v2 path of a live process, as a metric label.
+pub fn cgroup_of(pid: u32) -> Option<String> {
+    cow_trace::cgroup::parse_proc_cgroup(&fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?)
+}
+
 pub fn alive(pid: u32) -> bool {
     // SAFETY: signal 0 only checks for existence.
     let rc = unsafe { libc::kill(pid as libc::pid_t, 0) };

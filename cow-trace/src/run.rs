@@ -7,7 +7,8 @@ use std::{collections::HashSet, io::Write, os::fd::OwnedFd, time::Instant};
 use anyhow::{Context as _, Result};
 use aya::maps::{MapData, RingBuf};
 use cow_trace::{
-    episode::Episodes,
+    episode::{Episodes, Threshold},
+    metrics::{Health, Metrics},
     output::{self, Format},
     sanitize::for_terminal,
     tally::Tally,
@@ -21,6 +22,7 @@ use tokio::{
 use crate::{
     backend::{self, KernelFeatures, LoadOptions, Selection, Tracer},
     cli::{Args, Mode},
+    exporter::Exporter,
     kernel, launch, memcg, preflight, procfs,
 };
 
@@ -29,6 +31,9 @@ const DRAIN_PERIOD: std::time::Duration = std::time::Duration::from_millis(25);
 
 /// How often targets are checked for an exit the ring buffer did not bring.
 const SWEEP_PERIOD: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// How often `--serve` publishes a new snapshot for scrapes.
+const PUBLISH_PERIOD: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Why the run ended.
 enum End {
@@ -68,6 +73,7 @@ pub fn run(args: Args) -> Result<i32> {
             preflight::check_pid(pid)?;
         }
     }
+    let cgroups = preflight::resolve_cgroups(&args.cgroups)?;
     // Everything needed from BTF is read here, and the parsed BTF freed
     // before aya parses its own copy for loading: halves peak memory.
     let btf = kernel::load_vmlinux_btf()?;
@@ -81,6 +87,7 @@ pub fn run(args: Args) -> Result<i32> {
         ring_buffer_size: args.ring_buffer_size,
         empty_programs: args.bench_empty_programs,
         sample_every: args.sample_every,
+        cgroups,
     };
     // A command that cannot run is refused before anything is loaded; it
     // waits at its gate until it is in the traced set.
@@ -93,7 +100,15 @@ pub fn run(args: Args) -> Result<i32> {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     runtime.block_on(async {
         let session = Session::start(&args, &selection, tracer, targets, gated.as_mut(), out)?;
-        session.run(&args, &selection).await
+        // A run that fails part-way (a closed pipe, a full disk) skips the
+        // shutdown that ends the command: end it here, by a pidfd of its own
+        // so that a command already reaped is never mistaken for another.
+        let command = session.command_pidfd()?;
+        let result = session.run(&args, &selection).await;
+        if let (Err(_), Some((pid, fd))) = (&result, command) {
+            launch::end_abandoned(pid, fd, COMMAND_GRACE);
+        }
+        result
     })
 }
 
@@ -180,6 +195,10 @@ pub struct Session {
     signals: Option<[Signal; 3]>,
     start: Instant,
     last_sweep: Instant,
+    /// Whole-system runs: which episodes are shown (others are counted).
+    threshold: Option<Threshold>,
+    /// `--serve`: the HTTP side, and when it was last given a snapshot.
+    exporter: Option<(Exporter, Option<Instant>)>,
     /// Drops have been reported on stderr.
     warned_drops: bool,
     /// `-T`: wall-clock times on interval headers.
@@ -222,6 +241,19 @@ impl Session {
             let mounts = memcg::Mounts::read();
             Box::new(move |pid| mounts.of(pid))
         });
+        let tally = match args.serve {
+            Some(_) => tally.with_metrics(Metrics::new(
+                page_size,
+                args.series_cap as usize,
+                Box::new(procfs::cgroup_of),
+                Box::new(procfs::comm_of),
+            )),
+            None => tally,
+        };
+        let exporter = args.serve.map(Exporter::start).transpose()?;
+        if let Some(e) = &exporter {
+            eprintln!("cow-trace: serving metrics at http://{}/metrics", e.addr);
+        }
         let ring = watch(tracer.take_ring()?)?;
         if let Some(logger) = tracer.logger.take() {
             let mut logger = watch(logger)?;
@@ -287,6 +319,11 @@ impl Session {
             signals,
             start: now,
             last_sweep: now,
+            exporter: exporter.map(|e| (e, None)),
+            threshold: (args.pids.is_empty() && args.command.is_empty()).then_some(Threshold {
+                min_copied_bytes: args.min_episode_copied,
+                min_fork_ns: args.min_episode_fork_ms.saturating_mul(1_000_000),
+            }),
             warned_drops: false,
             timestamps: args.timestamp,
             comm: output::CommFilter(args.comm.clone()),
@@ -331,9 +368,34 @@ impl Session {
         self.shut_down(end, sel, interval.is_some()).await
     }
 
+    /// A second pidfd of the launched command, if any, that outlives the
+    /// session.
+    fn command_pidfd(&self) -> Result<Option<(u32, OwnedFd)>> {
+        let Some((pid, fd)) = &self.child else { return Ok(None) };
+        Ok(Some((*pid, fd.get_ref().try_clone().context("dup of the command's pidfd")?)))
+    }
+
+    /// Writes the interval since the last one, ending `elapsed_s` into the run.
+    fn write_interval(&mut self, sel: &Selection, elapsed_s: f64) -> Result<()> {
+        let dropped = self.tracer.counters()?.dropped;
+        let rows = self.comm.rows(self.tally.take_interval());
+        let time = self.timestamps.then(local_time);
+        output::write_interval(
+            &mut self.out,
+            sel.kind.name(),
+            elapsed_s,
+            dropped,
+            &rows,
+            self.format,
+            time.as_deref(),
+        )?;
+        Ok(())
+    }
+
     /// Handles one wake-up; `Some` when the run is over.
     fn step(&mut self, wake: Wake, sel: &Selection) -> Result<Option<End>> {
         self.drain_and_settle(matches!(wake, Wake::DrainTick))?;
+        self.publish(sel)?;
         let launched = self.child.is_some();
         match wake {
             Wake::DrainTick if self.last_sweep.elapsed() >= SWEEP_PERIOD => {
@@ -347,19 +409,7 @@ impl Session {
                 }
             }
             Wake::Interval => {
-                let dropped = self.tracer.counters()?.dropped;
-                let rows = self.comm.rows(self.tally.take_interval());
-                let elapsed = self.start.elapsed().as_secs_f64();
-                let time = self.timestamps.then(local_time);
-                output::write_interval(
-                    &mut self.out,
-                    sel.kind.name(),
-                    elapsed,
-                    dropped,
-                    &rows,
-                    self.format,
-                    time.as_deref(),
-                )?;
+                self.write_interval(sel, self.start.elapsed().as_secs_f64())?;
                 return Ok(None);
             }
             _ => {}
@@ -400,7 +450,34 @@ impl Session {
 
     fn print_episodes(&mut self) -> Result<()> {
         let Some(eps) = self.tally.episodes_mut() else { return Ok(()) };
-        output::write_episodes(&mut self.out, &self.comm.episodes(eps.take_finished()), self.format)?;
+        let mut finished = eps.take_finished();
+        if let Some(m) = self.tally.metrics_mut() {
+            finished.iter().for_each(|ep| m.episode(ep));
+        }
+        if let Some(t) = self.threshold {
+            finished.retain(|ep| t.matters(ep));
+        }
+        let finished = self.comm.episodes(finished);
+        output::write_episodes(&mut self.out, &finished, self.format)?;
+        Ok(())
+    }
+
+    /// `--serve`: hands scrapes a new snapshot, at most once a period.
+    fn publish(&mut self, sel: &Selection) -> Result<()> {
+        let (Some((exporter, last)), Some(m)) = (self.exporter.as_mut(), self.tally.metrics()) else {
+            return Ok(());
+        };
+        if last.is_some_and(|t| t.elapsed() < PUBLISH_PERIOD) {
+            return Ok(());
+        }
+        *last = Some(Instant::now());
+        let health = Health {
+            backend: sel.kind.name().into(),
+            events: self.tally.seen().events.total(),
+            dropped: self.tracer.counters()?.dropped,
+            dup_mmap_split: sel.fork_share.is_some(),
+        };
+        exporter.publish(m.snapshot(health));
         Ok(())
     }
 
@@ -437,18 +514,7 @@ impl Session {
         let faults_in_flight_at_end = self.tracer.faults_in_flight()?;
         if interval {
             // The last, partial interval: the intervals add up to the summary.
-            let dropped = self.tracer.counters()?.dropped;
-            let rows = self.comm.rows(self.tally.take_interval());
-            let time = self.timestamps.then(local_time);
-            output::write_interval(
-                &mut self.out,
-                sel.kind.name(),
-                elapsed,
-                dropped,
-                &rows,
-                self.format,
-                time.as_deref(),
-            )?;
+            self.write_interval(sel, elapsed)?;
         }
         let kernel = self.tracer.counters()?;
         let command = match (&end, self.child.take()) {
@@ -457,10 +523,12 @@ impl Session {
             (End::Duration, Some((pid, fd))) => Some(end_command(pid, libc::SIGTERM, fd).await),
             _ => None,
         };
-        let Session { tracer, ring, tally, mut out, format, comm, .. } = self;
+        let Session { tracer, ring, tally, mut out, format, comm, threshold, .. } = self;
         // Detach everything before printing: the summary is the last word.
         drop(ring);
         drop(tracer);
+        let all_episodes = tally.episodes().map(Episodes::all).unwrap_or_default();
+        let episodes_total = all_episodes.len() as u64 + tally.episodes().map_or(0, Episodes::dropped);
         let summary = output::RunSummary {
             backend: sel.kind.name(),
             fork_latency_means: sel.fork_latency_means,
@@ -474,7 +542,11 @@ impl Session {
             command,
             processes: &comm.rows(tally.totals()),
             histograms: tally.histograms(),
-            episodes: &comm.episodes(tally.episodes().map(Episodes::all).unwrap_or_default()),
+            episodes: &comm.episodes(match threshold {
+                Some(t) => t.rank(all_episodes),
+                None => all_episodes,
+            }),
+            episodes_total,
         };
         output::write_summary(&mut out, &summary, format)?;
         warn_about_losses(&kernel);
@@ -537,7 +609,10 @@ fn describe_targets(args: &Args, gated: Option<&launch::Gated>) -> String {
     };
     let follow =
         if args.no_follow || args.pids.is_empty() && gated.is_none() { "" } else { " and descendants" };
-    format!("{what}{follow}")
+    let cgroups = args.cgroups.iter().map(|c| c.display().to_string()).collect::<Vec<_>>();
+    let within =
+        if cgroups.is_empty() { String::new() } else { format!(" in cgroup {}", cgroups.join(", ")) };
+    format!("{what}{follow}{within}")
 }
 
 fn warn_about_losses(k: &cow_trace::counts::KernelCounters) {

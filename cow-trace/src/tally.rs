@@ -12,6 +12,7 @@ use crate::{
     ending::MemCgroup,
     episode::Episodes,
     event::{self, Event, What},
+    metrics::Metrics,
     targets::Targets,
 };
 
@@ -20,6 +21,8 @@ pub struct Tally {
     targets: Targets,
     /// Fork episodes, fed the same events when enabled.
     episodes: Option<Episodes>,
+    /// The exporter's per-label counts, fed the same events when enabled.
+    metrics: Option<Metrics>,
     seen: Seen,
     /// Reads a live process's memory cgroup (from /proc in the real tool).
     memcg_of: Option<Box<dyn Fn(u32) -> Option<MemCgroup>>>,
@@ -44,6 +47,7 @@ impl Tally {
             processes: Aggregator::new(page_size, ppid_of, comm_of),
             targets: Targets::new(targets, follow),
             episodes: None,
+            metrics: None,
             seen: Seen::default(),
             memcg_of: None,
             parent_memcg: HashMap::new(),
@@ -58,6 +62,19 @@ impl Tally {
     pub fn with_episodes(mut self, episodes: Episodes) -> Self {
         self.episodes = Some(episodes);
         self
+    }
+
+    pub fn with_metrics(mut self, metrics: Metrics) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    pub fn metrics(&self) -> Option<&Metrics> {
+        self.metrics.as_ref()
+    }
+
+    pub fn metrics_mut(&mut self) -> Option<&mut Metrics> {
+        self.metrics.as_mut()
     }
 
     #[cfg(test)]
@@ -87,6 +104,9 @@ impl Tally {
         self.seen.events.count(e.kind());
         if let Some(eps) = self.episodes.as_mut() {
             eps.apply(e);
+        }
+        if let Some(m) = self.metrics.as_mut() {
+            m.apply(e);
         }
         self.processes.apply(e);
         self.targets.apply(e);

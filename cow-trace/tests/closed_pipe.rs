@@ -51,3 +51,35 @@ fn a_closed_pipe_ends_the_run_quietly_and_detaches_everything() {
     assert!(!stderr.contains("error") && !stderr.contains("pipe"), "not quiet: {stderr}");
     assert_released(&held, "closed pipe");
 }
+
+#[test]
+fn a_closed_pipe_ends_the_launched_command_too() {
+    if !need_root("a_closed_pipe_ends_the_launched_command_too") {
+        return;
+    }
+    // `cow-trace --json -i 1 -- sleep 600 | head -2`: the run fails on its
+    // next write, and the command it started must not run on, untraced.
+    let mut child = cow_trace()
+        .args(["--json", "-i", "1", "--", "sleep", "600"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start cow-trace");
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut start = String::new();
+    out.read_line(&mut start).unwrap();
+    let start: serde_json::Value = serde_json::from_str(&start).expect("start record");
+    let sleep = u(&start["pids"][0]);
+    // The first interval comes a second after the command was let go.
+    let mut interval = String::new();
+    out.read_line(&mut interval).unwrap();
+    assert!(std::fs::read_to_string(format!("/proc/{sleep}/cmdline")).unwrap().starts_with("sleep"));
+    drop(out);
+    let status = wait_timeout(&mut child, Duration::from_secs(60));
+    assert_eq!(status.code(), Some(0));
+    // Ended and reaped: no process (not even a zombie) left under its PID
+    // that is still the command.
+    let left = std::fs::read_to_string(format!("/proc/{sleep}/cmdline")).unwrap_or_default();
+    assert!(!left.starts_with("sleep"), "the launched command outlived its run: {left:?}");
+}

@@ -88,3 +88,43 @@ fn table_mode_prints_one_line_per_episode() {
     assert!(live.iter().all(|l| l.contains("-> true[") && l.contains("exec after")), "{live:?}");
     assert!(r.stdout.contains("\nfork episodes ("), "{}", r.stdout);
 }
+
+#[test]
+fn a_busy_host_shows_only_the_episodes_that_matter() {
+    if !need_root("a_busy_host_shows_only_the_episodes_that_matter") {
+        return;
+    }
+    const COMMANDS: u64 = 300;
+    // The default copy threshold (1 MiB) decides; a fork's time depends on
+    // the machine's load (a preempted fork is slow), so that threshold is
+    // set out of reach.
+    let mut bg = Background::start(&["--json", "--min-episode-fork-ms", "1000000"]);
+    bg.wait_attached();
+    // A shell running short commands: each a cheap fork+exec.
+    let mut sh = std::process::Command::new("sh")
+        .args(["-c", &format!("i=0; while [ $i -lt {COMMANDS} ]; do /bin/true; i=$((i+1)); done")])
+        .spawn()
+        .unwrap();
+    let sh_pid = sh.id() as u64;
+    assert!(wait_timeout(&mut sh, Duration::from_secs(120)).success());
+    // The workload's fork copies K + M pages (16 MiB): above the 1 MiB default.
+    let wl = HeldWorkload::start(&STANDARD);
+    wl.go();
+    let report = wl.finish();
+    std::thread::sleep(Duration::from_secs(2));
+    bg.signal(libc::SIGTERM);
+    let r = bg.finish(Duration::from_secs(60));
+    assert!(r.status.success(), "{}", r.stderr);
+    let live: Vec<&Value> = r.records.iter().filter(|v| v["type"] == "episode").collect();
+    let shown: Vec<_> = live.iter().filter(|e| e["parent"] == sh_pid).collect();
+    assert!(shown.is_empty(), "a shell's command was shown: {shown:?}");
+    assert!(live.iter().any(|e| e["parent"] == report["pid"]), "the workload's fork was not shown");
+    let s = r.summary();
+    let listed = s["episodes"].as_array().unwrap();
+    assert!(listed.iter().all(|e| e["parent"] != sh_pid));
+    assert!(listed.iter().any(|e| e["parent"] == report["pid"]));
+    assert!(listed.windows(2).all(|w| u(&w[0]["copied_bytes"]) >= u(&w[1]["copied_bytes"])), "not ranked");
+    // Counted all the same.
+    assert!(u(&s["episodes_total"]) > COMMANDS, "{}", s["episodes_total"]);
+    assert!(u(&s["episodes_total"]) >= listed.len() as u64);
+}

@@ -8,7 +8,8 @@
 //!   (THP off), repeated for several rounds: one CoW copy per 4 KiB page.
 //! - fork storm: thousands of fork + immediate exit + wait.
 //!
-//! Tracers: cow-trace system-wide; the floor (the same hooks with programs
+//! Tracers: cow-trace system-wide; the same as a Prometheus exporter
+//! (`--serve`, scraped every second, as a fleet runs it); the floor (the same hooks with programs
 //! that return at once); bpftrace running the same copy/reuse logic on
 //! classic tracepoints. The timings are the workload's own (`elapsed_ns`),
 //! so tracer start-up and shutdown are not in them. Medians and ratios to
@@ -16,9 +17,13 @@
 
 use std::{
     fmt::Write as _,
-    io::{BufRead as _, BufReader},
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::TcpStream,
     process::{Child, Command, Stdio},
-    sync::mpsc,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        mpsc, Arc,
+    },
     time::Duration,
 };
 
@@ -54,6 +59,7 @@ END { clear(@pending); clear(@fork_start); clear(@reuses); clear(@copies); clear
 enum Tracer {
     Untraced,
     CowTrace,
+    Exporter,
     Floor,
     Bpftrace,
 }
@@ -63,6 +69,7 @@ impl Tracer {
         match self {
             Tracer::Untraced => "untraced",
             Tracer::CowTrace => "cow-trace (tracepoint)",
+            Tracer::Exporter => "cow-trace --serve, scraped",
             Tracer::Floor => "floor: empty programs",
             Tracer::Bpftrace => "bpftrace, same logic",
         }
@@ -78,17 +85,53 @@ struct Storm {
 struct Running {
     child: Child,
     lines: mpsc::Receiver<String>,
+    /// The exporter's scraper: set the flag to stop it; it returns how many
+    /// scrapes succeeded.
+    scraper: Option<(Arc<AtomicBool>, std::thread::JoinHandle<u64>)>,
+}
+
+/// Scrapes `http://127.0.0.1:port/metrics` at once, then every second, as
+/// Prometheus would, until told to stop.
+fn scrape_every_second(port: u16) -> (Arc<AtomicBool>, std::thread::JoinHandle<u64>) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    let handle = std::thread::spawn(move || {
+        let mut ok = 0;
+        while !flag.load(Ordering::Relaxed) {
+            let scrape = || -> std::io::Result<bool> {
+                let mut s = TcpStream::connect(("127.0.0.1", port))?;
+                s.write_all(b"GET /metrics HTTP/1.0\r\nAccept: application/openmetrics-text\r\n\r\n")?;
+                let mut body = String::new();
+                s.read_to_string(&mut body)?;
+                Ok(body.starts_with("HTTP/1.1 200"))
+            };
+            ok += scrape().unwrap_or(false) as u64;
+            for _ in 0..10 {
+                if flag.load(Ordering::Relaxed) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        ok
+    });
+    (stop, handle)
 }
 
 fn start(tracer: Tracer) -> Result<Option<Running>> {
     let root = workspace_root();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
     let mut cmd = match tracer {
         Tracer::Untraced => return Ok(None),
-        Tracer::CowTrace | Tracer::Floor => {
+        Tracer::CowTrace | Tracer::Floor | Tracer::Exporter => {
             let mut c = Command::new(root.join("target/release/cow-trace"));
-            c.args(["--json", "-d", "86400"]);
+            // The backend the labels name, whatever `auto` would pick.
+            c.args(["--json", "-d", "86400", "--backend", "tracepoint"]);
             if tracer == Tracer::Floor {
                 c.arg("--bench-empty-programs");
+            }
+            if tracer == Tracer::Exporter {
+                c.args(["--serve", &format!("127.0.0.1:{port}")]);
             }
             c
         }
@@ -122,7 +165,8 @@ fn start(tracer: Tracer) -> Result<Option<Running>> {
         std::thread::sleep(Duration::from_millis(500));
     }
     drop(first);
-    Ok(Some(Running { child, lines: rx }))
+    let scraper = (tracer == Tracer::Exporter).then(|| scrape_every_second(port));
+    Ok(Some(Running { child, lines: rx, scraper }))
 }
 
 fn peak_rss_kib(pid: u32) -> Option<u64> {
@@ -135,6 +179,13 @@ fn peak_rss_kib(pid: u32) -> Option<u64> {
 
 /// Stops the tracer; returns (peak RSS KiB, dropped events) where known.
 fn stop(mut r: Running) -> Result<(Option<u64>, Option<u64>)> {
+    if let Some((flag, handle)) = r.scraper.take() {
+        flag.store(true, Ordering::Relaxed);
+        let scrapes = handle.join().map_err(|_| anyhow!("scraper panicked"))?;
+        if scrapes == 0 {
+            bail!("the exporter answered no scrape");
+        }
+    }
     let rss = peak_rss_kib(r.child.id());
     // SAFETY: signalling our own child.
     unsafe { libc::kill(r.child.id() as i32, libc::SIGINT) };
@@ -188,7 +239,7 @@ pub fn bench(repeats: usize, rounds: usize, forks: usize) -> Result<()> {
     // The peer runs the same logic: a comparison the benchmark owes its
     // reader, so it is installed like everything else, not skipped.
     crate::setup::ensure_packages(&[("bpftrace", "bpftrace"), ("bpftool", "bpftool")])?;
-    let tracers = [Tracer::Untraced, Tracer::CowTrace, Tracer::Floor, Tracer::Bpftrace];
+    let tracers = [Tracer::Untraced, Tracer::CowTrace, Tracer::Exporter, Tracer::Floor, Tracer::Bpftrace];
     let pages = 50 * 1024 * 1024 / 4096;
     let storms = [
         Storm {
@@ -277,7 +328,7 @@ pub fn bench(repeats: usize, rounds: usize, forks: usize) -> Result<()> {
             let rss_s =
                 if *t == Tracer::Untraced { "-".to_string() } else { format!("{} MiB", rss[i] / 1024) };
             let drop_s = match t {
-                Tracer::CowTrace => drops[i].to_string(),
+                Tracer::CowTrace | Tracer::Exporter => drops[i].to_string(),
                 _ => "-".into(),
             };
             let _ = writeln!(

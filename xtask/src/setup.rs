@@ -147,6 +147,9 @@ const TEST_COMMANDS: &[(&str, &str)] = &[
     ("redis-server", "redis-server"),
     ("redis-cli", "redis-tools"),
     ("redis-benchmark", "redis-tools"),
+    // The exporter tests: a real Prometheus scrapes cow-trace --serve.
+    ("prometheus", "prometheus"),
+    ("promtool", "prometheus"),
 ];
 
 /// Where `cmd` is on PATH.

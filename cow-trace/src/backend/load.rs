@@ -48,6 +48,16 @@ pub struct LoadOptions {
     pub ring_buffer_size: u32,
     pub empty_programs: bool,
     pub sample_every: u32,
+    /// `--cgroup`: the cgroups' ids and the deepest level among them.
+    pub cgroups: Vec<CgroupId>,
+}
+
+/// A cgroup v2 to trace: its id (the directory's inode number) and depth
+/// (0 for the root).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CgroupId {
+    pub id: u64,
+    pub level: u32,
 }
 
 fn raise_memlock() {
@@ -91,6 +101,13 @@ impl Tracer {
             BackendKind::Fentry => Some(aya::Btf::from_sys_fs().context("cannot read the kernel's BTF")?),
             _ => None,
         };
+        if !opts.cgroups.is_empty() {
+            let mut map: HashMap<_, u64, u8> =
+                HashMap::try_from(ebpf.map_mut("CGROUPS").context("CGROUPS map missing")?)?;
+            for c in &opts.cgroups {
+                map.insert(c.id, 1, 0).context("cannot fill the cgroup filter")?;
+            }
+        }
         for hook in plan {
             attach(&mut ebpf, hook, btf.as_ref())?;
         }
@@ -242,6 +259,7 @@ fn config(
         sample_every: opts.sample_every,
         vmf_address,
         wp_copy_hooked: funcs.contains(&"wp_page_copy") as u32,
+        cgroup_levels: opts.cgroups.iter().map(|c| c.level + 1).max().unwrap_or(0),
         regs_ip: offsets.regs_ip,
         regs_orig_ax: offsets.regs_orig_ax,
         vmf_flags: offsets.vmf_user_flag.map_or(0, |(off, _)| off),

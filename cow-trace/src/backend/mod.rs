@@ -5,7 +5,7 @@
 mod load;
 mod select;
 
-pub use load::{LoadOptions, Tracer};
+pub use load::{CgroupId, LoadOptions, Tracer};
 pub use select::{choose, KernelFeatures, Selection};
 
 use cow_trace_common::hooks::{backends, Hook, HOOKS};

@@ -55,6 +55,8 @@
 //! writes, and the parent save them in `DIR/<child pid>` (little-endian
 //! u64s, one per write): how many pages a child had written by any instant.
 //! `--child-cpu N` moves the child to CPU N right after the fork.
+//! `--child-write-pause-ms MS` makes the child sleep MS milliseconds half-way
+//! through its writes (a run's end then lands mid-way by construction).
 //! `--child-spin-ms MS` makes the child, after its writes, busy-loop MS
 //! milliseconds in user space (no syscall, so no reason to leave its CPU)
 //! before telling the parent it is done; `--parent-spin-ms MS` does the same
@@ -78,7 +80,7 @@
 use std::{io::Write as _, path::PathBuf, ptr, time::Duration};
 
 const USAGE: &str = "usage: cow-workload [--pages N] [--child-writes K] [--parent-writes M] \
-                     [--zero-fills Z] [--child-reads R] [--child-mem-writes W] [--rounds R] [--seconds S] [--pause-ms P] [--fork-storm N] [--huge] [--reuse-pid] [--main-exits-first MS] [--child-cpu N] [--child-spin-ms MS] \
+                     [--zero-fills Z] [--child-reads R] [--child-mem-writes W] [--rounds R] [--seconds S] [--pause-ms P] [--fork-storm N] [--huge] [--reuse-pid] [--main-exits-first MS] [--child-cpu N] [--child-spin-ms MS] [--child-write-pause-ms MS] \
                      [--parent-spin-ms MS] [--child-exit CODE] [--child-signal SIG] [--child-oom-score-adj N] [--go-file PATH] [--until-file PATH] [--write-log DIR]";
 
 struct Opts {
@@ -97,6 +99,7 @@ struct Opts {
     main_exits_first_ms: u64,
     child_cpu: Option<usize>,
     child_spin_ms: u64,
+    child_write_pause_ms: u64,
     parent_spin_ms: u64,
     child_exit: i32,
     child_signal: i32,
@@ -123,6 +126,7 @@ fn parse() -> Result<Opts, String> {
         main_exits_first_ms: 0,
         child_cpu: None,
         child_spin_ms: 0,
+        child_write_pause_ms: 0,
         parent_spin_ms: 0,
         child_exit: 0,
         child_signal: 0,
@@ -154,6 +158,7 @@ fn parse() -> Result<Opts, String> {
             "--main-exits-first" => o.main_exits_first_ms = num(val()?)? as u64,
             "--child-cpu" => o.child_cpu = Some(num(val()?)?),
             "--child-spin-ms" => o.child_spin_ms = num(val()?)? as u64,
+            "--child-write-pause-ms" => o.child_write_pause_ms = num(val()?)? as u64,
             "--parent-spin-ms" => o.parent_spin_ms = num(val()?)? as u64,
             "--child-exit" => o.child_exit = num(val()?)? as i32,
             "--child-signal" => o.child_signal = num(val()?)? as i32,
@@ -196,8 +201,8 @@ fn monotonic_ns() -> u64 {
 
 /// `write_pages`, noting in `log` (one slot per page) the time right
 /// after each write.
-fn write_pages_logged(base: *mut u8, page: usize, n: usize, value: u8, log: *mut u64) {
-    for i in 0..n {
+fn write_pages_logged(base: *mut u8, page: usize, range: std::ops::Range<usize>, value: u8, log: *mut u64) {
+    for i in range {
         // SAFETY: inside the mapping and the log; volatile so every write
         // happens, in order.
         unsafe {
@@ -454,9 +459,17 @@ fn main() {
                         "sched_setaffinity",
                     );
                 }
-                match log {
-                    Some(log) => write_pages_logged(base, page, o.child_writes, value, log),
-                    None => write_pages(base, page, 0..o.child_writes, value),
+                // Half the writes, an optional pause, the other half: a run
+                // ended meanwhile is cut in the middle of the child's writes.
+                let half = o.child_writes / 2;
+                for (i, range) in [0..half, half..o.child_writes].into_iter().enumerate() {
+                    if i == 1 && o.child_write_pause_ms > 0 {
+                        std::thread::sleep(Duration::from_millis(o.child_write_pause_ms));
+                    }
+                    match log {
+                        Some(log) => write_pages_logged(base, page, range, value, log),
+                        None => write_pages(base, page, range, value),
+                    }
                 }
                 let after = o.child_writes + o.parent_writes;
                 if let Some(f) = &source {

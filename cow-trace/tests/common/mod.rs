@@ -230,6 +230,16 @@ impl Background {
     }
 }
 
+/// A test that fails before `finish` must not leave its tracer running.
+impl Drop for Background {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 /// The process row for `pid` in a summary or interval record.
 pub fn row(record: &Value, pid: u64) -> Option<&Value> {
     record["processes"].as_array()?.iter().find(|p| p["pid"] == pid)
@@ -427,7 +437,17 @@ pub fn rss_kib(pid: u32) -> (u64, u64) {
 /// what was dropped, kind by kind summed.
 pub fn assert_totals_add_up(summary: &Value) {
     let (kt, seen) = (&summary["kernel_totals"], &summary["events_received"]);
-    let kinds = ["spawns", "fork_latencies", "cow_copies", "cow_reuses", "zero_fills", "exits", "execs"];
+    let kinds = [
+        "spawns",
+        "fork_latencies",
+        "cow_copies",
+        "cow_reuses",
+        "zero_fills",
+        "cow_failed",
+        "huge_cows",
+        "exits",
+        "execs",
+    ];
     let lost: u64 = kinds
         .iter()
         .map(|k| {
