@@ -346,6 +346,44 @@ pub struct Config {
     /// `FAULT_FLAG_USER` from the kernel's BTF: the fault came from user
     /// mode (kprobe/fentry backends; 0: unknown, every fault is user).
     pub fault_flag_user: u32,
+    /// `--stacks`: 1 to count the user stack of every copy (see
+    /// [`StackKey`]); 0 leaves the stack maps untouched and empty.
+    pub stacks: u32,
+}
+
+/// `--stacks`: the key of the count of copies by user stack. `image` tells
+/// apart the programs one PID ran: the time (`bpf_ktime_get_ns`) of the
+/// fork or exec that started its current address space, the same as that
+/// Spawn or Exec event's `ts_ns`; 0 for a process that existed before the
+/// run and has not exec'd since.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct StackKey {
+    pub image: u64,
+    pub tgid: u32,
+    /// An id in the stack-trace map, or one of [`stack_lost`].
+    pub stack_id: u32,
+}
+
+/// `StackKey::stack_id` of copies whose stack could not be kept, by why,
+/// and the per-CPU `STACK_LOST` counters.
+pub mod stack_lost {
+    /// Stack ids `>=` this are not ids but reasons.
+    pub const FIRST: u32 = 0xffff_fff0;
+    /// The stack hashed to a bucket that holds another stack (the
+    /// stack-trace map does not replace one it has handed out).
+    pub const COLLISION: u32 = 0xffff_fff0;
+    /// The walk failed (no user stack to read, no memory).
+    pub const FAILED: u32 = 0xffff_fff1;
+    /// No stack was taken for the copy's fault.
+    pub const NOT_TAKEN: u32 = 0xffff_fff2;
+    /// Index in `STACK_LOST`: copies not counted because the count map was
+    /// full.
+    pub const COUNTS_FULL: u32 = 0;
+    /// Index in `STACK_LOST`: processes whose image could not be recorded
+    /// (the image map was full); their stacks are counted under image 0.
+    pub const IMAGES_FULL: u32 = 1;
+    pub const COUNT: u32 = 4;
 }
 
 /// Deepest cgroup v2 level `--cgroup` can name (the kernel's own default
@@ -368,13 +406,15 @@ mod user {
     unsafe impl aya::Pod for super::Config {}
     unsafe impl aya::Pod for super::FaultBatch {}
     unsafe impl aya::Pod for super::PendingFault {}
+    unsafe impl aya::Pod for super::StackKey {}
 }
 
 // Layout checks: a change that introduces padding fails to compile.
 const _: () = assert!(core::mem::size_of::<Event>() == 72);
 const _: () = assert!(core::mem::size_of::<PendingFault>() == 40);
-const _: () = assert!(core::mem::size_of::<Config>() == 80);
+const _: () = assert!(core::mem::size_of::<Config>() == 84);
 const _: () = assert!(core::mem::size_of::<FaultRecord>() == 24);
+const _: () = assert!(core::mem::size_of::<StackKey>() == 16);
 const _: () = assert!(core::mem::size_of::<FaultBatch>() == FAULT_BATCH_HEADER + FAULT_BATCH_LEN * 24 + 16);
 
 #[cfg(test)]

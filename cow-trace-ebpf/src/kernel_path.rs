@@ -23,6 +23,7 @@ use crate::{
         bump, current_ids, current_syscall, current_user_ip, is_traced, now, off, read_at, setting, Ids,
         GFP_MOVABLE, GFP_ZERO,
     },
+    stacks,
 };
 
 /// `copy_process` calls in flight in traced threads, keyed by thread id.
@@ -236,6 +237,9 @@ pub fn fault_exit(ret: u32) {
         Outcome::Copy
     };
     let kernel = seen & KERNEL_MODE != 0;
+    if matches!(outcome, Outcome::Copy) {
+        stacks::count(tgid, tid, 1);
+    }
     emit(ids, t, Detail::Fault { outcome, latency_ns, addr, ip, kernel });
 }
 
@@ -259,6 +263,10 @@ pub fn mm_page_alloc_wp(ctx: RawTracePointContext) -> i32 {
                 (*f).seen |= SEEN_ALLOC;
                 if gfp & GFP_ZERO != 0 {
                     (*f).seen |= SEEN_ZERO;
+                } else {
+                    // The page a copy would go to: the only faults whose
+                    // stack can count.
+                    stacks::take(&ctx, current_ids().tid);
                 }
             }
         }

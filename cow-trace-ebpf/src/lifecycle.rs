@@ -20,6 +20,7 @@ use crate::{
     emit::{emit, Detail},
     kernel_path,
     shared::{bump, current_ids, is_traced, now, off, read_at, setting, Ids, TRACED},
+    stacks,
     tracepoint::settle_pending,
 };
 
@@ -68,7 +69,9 @@ fn try_fork(ctx: &RawTracePointContext) -> Result<(), i32> {
         unsafe { (*f).child = child };
         in_syscall = true;
     }
-    emit(ids, now(), Detail::Spawn { child, in_syscall });
+    let t = now();
+    stacks::new_image(child, t);
+    emit(ids, t, Detail::Spawn { child, in_syscall });
     // The kernel-function backends' time of this fork, after its count.
     kernel_path::fork_seen(ids, child);
     count_window_event();
@@ -110,6 +113,7 @@ fn try_exit() -> Result<(), i32> {
     if setting!(trace_all) == 0 {
         let _ = TRACED.remove(ids.tgid);
     }
+    stacks::gone(ids.tgid);
     emit(ids, now(), Detail::Exit { code, oom });
     count_window_event();
     Ok(())
@@ -125,7 +129,9 @@ pub fn sched_process_exec(_ctx: RawTracePointContext) -> i32 {
     let ids = current_ids();
     if is_traced(ids.tgid) {
         flush_batch();
-        emit(ids, now(), Detail::Exec);
+        let t = now();
+        stacks::new_image(ids.tgid, t);
+        emit(ids, t, Detail::Exec);
         count_window_event();
     }
     0

@@ -4,6 +4,7 @@
 //! Modules, each depending only on those listed before it:
 //! - `shared`: load-time settings (`CONFIG`), the traced set, counters, ids.
 //! - `emit`: the event ring buffer and the typed events written to it.
+//! - `stacks`: `--stacks`, copies counted by user stack in the kernel.
 //! - `batch`: per-CPU batches of fault outcomes and the rules for sending them.
 //! - `tracepoint`: the tracepoint backend's fault classification.
 //! - `lifecycle`: forks, execs and exits (every backend), fork syscalls.
@@ -35,6 +36,8 @@ mod kprobe;
 mod lifecycle;
 #[cfg(target_arch = "bpf")]
 mod shared;
+#[cfg(target_arch = "bpf")]
+mod stacks;
 #[cfg(target_arch = "bpf")]
 mod tracepoint;
 

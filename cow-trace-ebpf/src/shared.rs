@@ -35,6 +35,7 @@ pub(crate) static CONFIG: Config = Config {
     vmf_flags: 0,
     fault_flag_user: 0,
     signal_oom_mm: 0,
+    stacks: 0,
 };
 
 /// Traced thread-group ids (unused when `trace_all`).

@@ -25,6 +25,7 @@ use crate::{
         bump, current_ids, current_syscall, is_traced, now, off, read_at, regs_ip, setting, Ids, GFP_MOVABLE,
         GFP_ZERO,
     },
+    stacks,
 };
 
 /// Write faults waiting for their outcome: a direct-mapped table indexed by
@@ -230,6 +231,10 @@ pub fn mm_page_alloc(ctx: RawTracePointContext) -> i32 {
             }
         };
         batch_fault(b, outcome, (*p).tgid, latency, (*p).addr, (*p).ip, clock);
+        if matches!(outcome, Outcome::Copy) {
+            stacks::take(&ctx, tid);
+            stacks::count((*p).tgid, tid, 1);
+        }
         (*p).sent_tid = tid;
         (*p).sent_kind = outcome.kind() as u32;
     }
@@ -278,6 +283,9 @@ pub fn signal_generate(ctx: RawTracePointContext) -> i32 {
             (*p).sent_tid = 0;
             // The outcome it replaces reaches userspace first.
             flush_batch();
+            if (*p).sent_kind == Outcome::Copy.kind() as u32 {
+                stacks::count(tgid, tid, u64::MAX);
+            }
             (*p).sent_kind
         };
         emit(ids, now(), Detail::Failed { latency_ns: 0, addr, replaces, vm_fault: 0 });

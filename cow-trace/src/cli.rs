@@ -25,6 +25,7 @@ EXAMPLES:
     cow-trace -u app -- ./job.sh       # the same, the command run as user app (ids and groups)
     cow-trace --serve                  # Prometheus exporter on 127.0.0.1:19808/metrics until SIGTERM
     cow-trace --cgroup system.slice/redis-server.service   # one service (and its sub-cgroups) only
+    cow-trace -p 1234 --flamegraph cow.svg   # a flame graph of the stacks that copied (implies --stacks)
 
 A fork is counted in the process that called fork/clone; copy-on-write faults in
 the process that took them (the child's copies are the child's). Fork latency is
@@ -131,6 +132,22 @@ pub struct Args {
     #[arg(short = 'o', long, value_name = "FILE")]
     pub output: Option<std::path::PathBuf>,
 
+    /// Count the user stack (frame pointers) of every copy, in the kernel,
+    /// and list the stacks that copied most in the summary (JSON: `stacks`).
+    /// Off by default: each copy then costs a stack walk.
+    #[arg(long)]
+    pub stacks: bool,
+
+    /// Write the copies' stacks to FILE as folded stacks (`comm;outer;...;inner
+    /// copies`, the flame-graph tools' input). Implies --stacks.
+    #[arg(long, value_name = "FILE")]
+    pub folded: Option<PathBuf>,
+
+    /// Write a copy-on-write flame graph (SVG) of the copies' stacks to FILE.
+    /// Implies --stacks.
+    #[arg(long, value_name = "FILE")]
+    pub flamegraph: Option<PathBuf>,
+
     /// Print a wall-clock time (HH:MM:SS) on each interval's header (JSON:
     /// `time`), as bcc's tools do.
     #[arg(short = 'T', long = "timestamp")]
@@ -171,6 +188,12 @@ pub enum ArgsError {
 }
 
 impl Args {
+    /// Whether copies' stacks are counted: `--stacks`, or a file to
+    /// write them to.
+    pub fn stacks_on(&self) -> bool {
+        self.stacks || self.folded.is_some() || self.flamegraph.is_some()
+    }
+
     /// Parses `argv` (program name first). Usage errors come back as one
     /// line naming the problem, like every other error of the tool; clap's
     /// own rendering spans several (a blank line, a usage block, a tip).

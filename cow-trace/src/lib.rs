@@ -25,6 +25,7 @@ pub mod process;
 pub mod regions;
 pub mod retired;
 pub mod sanitize;
+pub mod stacks;
 pub mod symbolize;
 pub mod tally;
 pub mod targets;

@@ -14,6 +14,7 @@ use crate::{
     fmt::{fmt_bytes, fmt_ns},
     histogram::{Log2Row, Summary},
     sanitize::{for_terminal, width},
+    stacks::{Lost, NoFramePointers, Stack, StackReport},
 };
 
 fn lat(s: &Summary, f: fn(&Summary) -> u64) -> String {
@@ -292,6 +293,8 @@ pub struct SummaryRecord<'a> {
     /// Every episode of the run, also those not listed (below the
     /// whole-system threshold, or beyond the bound on those kept).
     pub episodes_total: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stacks: Option<StacksRecord<'a>>,
 }
 
 /// `{"type":"episode", ...}`: one fork episode, printed when its child exits.
@@ -482,6 +485,63 @@ pub struct RunSummary<'a> {
     pub histograms: &'a RunHistograms,
     pub episodes: &'a [Episode],
     pub episodes_total: u64,
+    /// `--stacks`: the copies' stacks, named.
+    pub stacks: Option<&'a StackReport>,
+    /// Stacks listed (`--top`; 0: all).
+    pub stacks_top: usize,
+}
+
+/// `--stacks` in the JSON summary: the `top` stacks (all with 0), and
+/// what is known of those missing.
+#[derive(Serialize)]
+pub struct StacksRecord<'a> {
+    /// Copies counted by stack.
+    pub copies: u64,
+    /// Distinct (process name, stack) pairs.
+    pub distinct: usize,
+    pub lost: Lost,
+    pub no_frame_pointers: &'a [NoFramePointers],
+    pub stacks: &'a [Stack],
+}
+
+impl<'a> StacksRecord<'a> {
+    pub fn new(r: &'a StackReport, top: usize) -> Self {
+        let n = if top == 0 { r.stacks.len() } else { top.min(r.stacks.len()) };
+        Self {
+            copies: r.copies,
+            distinct: r.stacks.len(),
+            lost: r.lost,
+            no_frame_pointers: &r.no_frame_pointers,
+            stacks: &r.stacks[..n],
+        }
+    }
+}
+
+/// The text summary's stacks: the `top` with most copies, one folded line
+/// each (names escaped as in the folded file).
+fn stack_lines(r: &StackReport, top: usize) -> String {
+    let n = if top == 0 { r.stacks.len() } else { top.min(r.stacks.len()) };
+    let mut s = format!("\nCoW stacks ({n} of {} distinct, {} copies):\n", r.stacks.len(), r.copies);
+    for st in &r.stacks[..n] {
+        let mut line = crate::stacks::folded_frame(&st.comm);
+        for f in &st.frames {
+            line.push(';');
+            line.push_str(&crate::stacks::folded_frame(f));
+        }
+        s += &format!("{:>9}  {line}\n", st.copies);
+    }
+    if r.lost.total() > 0 {
+        let l = r.lost;
+        s += &format!(
+            "stacks lost: {} copies ({} map collisions, {} walks failed, {} not taken, {} not counted: count map full)\n",
+            l.total(),
+            l.collision,
+            l.walk_failed,
+            l.not_taken,
+            l.counts_full
+        );
+    }
+    s
 }
 
 pub fn write_summary(out: &mut impl io::Write, s: &RunSummary, format: Format) -> io::Result<()> {
@@ -508,6 +568,7 @@ pub fn write_summary(out: &mut impl io::Write, s: &RunSummary, format: Format) -
                 },
                 episodes: s.episodes,
                 episodes_total: s.episodes_total,
+                stacks: s.stacks.map(|r| StacksRecord::new(r, s.stacks_top)),
             };
             writeln!(out, "{}", json_line(&rec))?;
             return out.flush();
@@ -524,6 +585,9 @@ pub fn write_summary(out: &mut impl io::Write, s: &RunSummary, format: Format) -
     }
     write!(out, "{}", table(s.processes, top))?;
     write!(out, "{}", episode_list(s.episodes, top))?;
+    if let Some(r) = s.stacks {
+        write!(out, "{}", stack_lines(r, top))?;
+    }
     let h = s.histograms;
     let histograms = [
         (&h.fork_lat, format!("fork latency ({})", s.fork_latency_means)),

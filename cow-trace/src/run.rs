@@ -2,7 +2,7 @@
 //! [`Session`] that drains the ring buffer until the run ends, and its
 //! shutdown and summary.
 
-use std::{collections::HashSet, io::Write, os::fd::OwnedFd, time::Instant};
+use std::{collections::HashSet, io::Write, os::fd::OwnedFd, path::PathBuf, time::Instant};
 
 use anyhow::{Context as _, Result};
 use aya::maps::{MapData, RingBuf};
@@ -11,6 +11,8 @@ use cow_trace::{
     metrics::{Health, Metrics},
     output::{self, Format},
     sanitize::for_terminal,
+    stacks::{Layouts, StackReport},
+    symbolize::Symbolizer,
     tally::Tally,
 };
 use tokio::{
@@ -68,6 +70,7 @@ pub fn run(args: Args) -> Result<i32> {
         )),
         None => Box::new(std::io::stdout().lock()),
     };
+    let stack_files = StackFiles::create(&args)?;
     if let Mode::Pids(pids) = &mode {
         for &pid in pids {
             preflight::check_pid(pid)?;
@@ -88,6 +91,7 @@ pub fn run(args: Args) -> Result<i32> {
         empty_programs: args.bench_empty_programs,
         sample_every: args.sample_every,
         cgroups,
+        stacks: args.stacks_on(),
     };
     // A command that cannot run is refused before anything is loaded; it
     // waits at its gate until it is in the traced set.
@@ -99,7 +103,7 @@ pub fn run(args: Args) -> Result<i32> {
     let targets = trace_targets(&mode, &mut tracer, gated.as_ref())?;
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     runtime.block_on(async {
-        let session = Session::start(&args, &selection, tracer, targets, gated.as_mut(), out)?;
+        let session = Session::start(&args, &selection, tracer, targets, gated.as_mut(), out, stack_files)?;
         // A run that fails part-way (a closed pipe, a full disk) skips the
         // shutdown that ends the command: end it here, by a pidfd of its own
         // so that a command already reaped is never mistaken for another.
@@ -110,6 +114,75 @@ pub fn run(args: Args) -> Result<i32> {
         }
         result
     })
+}
+
+/// `--folded` and `--flamegraph`: opened before anything is loaded, so an
+/// unwritable path is refused like any other bad input.
+struct StackFiles {
+    folded: Option<(PathBuf, std::fs::File)>,
+    flamegraph: Option<(PathBuf, std::fs::File)>,
+}
+
+impl StackFiles {
+    fn create(args: &Args) -> Result<Option<Self>> {
+        if !args.stacks_on() {
+            return Ok(None);
+        }
+        let open = |p: &Option<PathBuf>, what: &str| -> Result<Option<(PathBuf, std::fs::File)>> {
+            p.as_ref()
+                .map(|p| {
+                    let f = std::fs::File::create(p)
+                        .with_context(|| format!("cannot write the {what} to {}", p.display()))?;
+                    Ok((p.clone(), f))
+                })
+                .transpose()
+        };
+        Ok(Some(Self {
+            folded: open(&args.folded, "folded stacks")?,
+            flamegraph: open(&args.flamegraph, "flame graph")?,
+        }))
+    }
+
+    /// Writes the files; says on stderr what the stacks lack.
+    fn write(self, r: &StackReport) -> Result<()> {
+        if let Some((path, f)) = self.folded {
+            let mut w = std::io::BufWriter::new(f);
+            r.write_folded(&mut w)
+                .and_then(|()| w.flush())
+                .with_context(|| format!("cannot write the folded stacks to {}", path.display()))?;
+        }
+        if let Some((path, f)) = self.flamegraph {
+            let mut w = std::io::BufWriter::new(f);
+            r.write_flamegraph(&mut w)
+                .and_then(|()| Ok(w.flush()?))
+                .with_context(|| format!("cannot write the flame graph to {}", path.display()))?;
+        }
+        for m in &r.no_frame_pointers {
+            let fns: Vec<String> = m.functions.iter().take(3).map(|f| for_terminal(f).into_owned()).collect();
+            let more = if m.functions.len() > 3 {
+                format!(" and {} more", m.functions.len() - 3)
+            } else {
+                String::new()
+            };
+            eprintln!(
+                "cow-trace: stacks: no frame pointers in {} ({}{more}): stacks through them miss their callers or stop there (build it with -fno-omit-frame-pointer)",
+                for_terminal(&m.module),
+                fns.join(", ")
+            );
+        }
+        let l = r.lost;
+        if l.total() > 0 {
+            eprintln!(
+                "cow-trace: stacks: {} copies without their stack ({} stack-map collisions, {} walks failed, {} not taken, {} not counted: count map full)",
+                l.total(),
+                l.collision,
+                l.walk_failed,
+                l.not_taken,
+                l.counts_full
+            );
+        }
+        Ok(())
+    }
 }
 
 /// Puts the targets in the kernel's traced set; returns the processes whose
@@ -205,6 +278,9 @@ pub struct Session {
     timestamps: bool,
     /// `-c`: the process name the report is limited to.
     comm: output::CommFilter,
+    /// `--stacks`: where they go besides the summary.
+    stack_files: Option<StackFiles>,
+    top: usize,
 }
 
 /// What wakes the loop up.
@@ -227,6 +303,7 @@ impl Session {
         targets: Option<HashSet<u32>>,
         gated: Option<&mut launch::Gated>,
         mut out: Box<dyn Write>,
+        stack_files: Option<StackFiles>,
     ) -> Result<Self> {
         let page_size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as u64;
         let tally = Tally::new(
@@ -241,6 +318,10 @@ impl Session {
             let mounts = memcg::Mounts::read();
             Box::new(move |pid| mounts.of(pid))
         });
+        let tally = match stack_files {
+            Some(_) => tally.with_stacks(Layouts::new(Box::new(procfs::read_maps), tracer.image_reader()?)),
+            None => tally,
+        };
         let tally = match args.serve {
             Some(_) => tally.with_metrics(Metrics::new(
                 page_size,
@@ -327,6 +408,8 @@ impl Session {
             warned_drops: false,
             timestamps: args.timestamp,
             comm: output::CommFilter(args.comm.clone()),
+            stack_files,
+            top: args.top,
         })
     }
 
@@ -523,10 +606,23 @@ impl Session {
             (End::Duration, Some((pid, fd))) => Some(end_command(pid, libc::SIGTERM, fd).await),
             _ => None,
         };
-        let Session { tracer, ring, tally, mut out, format, comm, threshold, .. } = self;
+        let stack_counts = match self.stack_files {
+            Some(_) => Some(self.tracer.stack_counts()?),
+            None => None,
+        };
+        let Session { tracer, ring, tally, mut out, format, comm, threshold, stack_files, top, .. } = self;
         // Detach everything before printing: the summary is the last word.
         drop(ring);
         drop(tracer);
+        // Named off the event path, from the files, now that the run is over.
+        let stacks = match (&stack_counts, tally.layouts()) {
+            (Some(counts), Some(layouts)) => {
+                let rows = tally.totals();
+                let comm_of = |pid: u32| rows.iter().find(|r| r.pid == pid).map(|r| r.comm.clone());
+                Some(StackReport::build(counts, layouts, comm_of, &mut Symbolizer::new()))
+            }
+            _ => None,
+        };
         let all_episodes = tally.episodes().map(Episodes::all).unwrap_or_default();
         let episodes_total = all_episodes.len() as u64 + tally.episodes().map_or(0, Episodes::dropped);
         let summary = output::RunSummary {
@@ -547,7 +643,12 @@ impl Session {
                 None => all_episodes,
             }),
             episodes_total,
+            stacks: stacks.as_ref(),
+            stacks_top: top,
         };
+        if let (Some(files), Some(r)) = (stack_files, &stacks) {
+            files.write(r)?;
+        }
         output::write_summary(&mut out, &summary, format)?;
         warn_about_losses(&kernel);
         if let Some(c) = command {

@@ -36,6 +36,8 @@ pub struct CodeName {
     pub source: Option<String>,
     /// The module has no `.symtab` (only exported symbols, if any).
     pub stripped: bool,
+    /// File offset of the function's first instruction, when named.
+    pub start: Option<u64>,
 }
 
 /// What a written location is called: a data object of a module where its
@@ -121,12 +123,27 @@ impl Symbolizer {
                             .as_ref()
                             .and_then(|c| c.line.map(|l| format!("{}:{l}", c.file.to_string_lossy()))),
                         stripped,
+                        start: offset.checked_sub(s.offset as u64),
                     },
                     _ => unnamed(path, Some(offset), stripped),
                 });
             }
         }
         out.into_iter().map(|n| n.expect("every location named")).collect()
+    }
+
+    /// Whether the function at file offset `start` of module `path` begins
+    /// by setting up a frame pointer (x86-64: `push %rbp; mov %rsp,%rbp`,
+    /// after an `endbr64`); `None` when the file cannot be read there.
+    pub fn sets_up_frame_pointer(&mut self, path: &str, start: u64) -> Option<bool> {
+        use std::os::unix::fs::FileExt as _;
+        let m = self.module(path)?;
+        let mut b = [0u8; 8];
+        m.fd.read_exact_at(&mut b, start).ok()?;
+        const ENDBR64: [u8; 4] = [0xf3, 0x0f, 0x1e, 0xfa];
+        const PROLOGUE: [u8; 4] = [0x55, 0x48, 0x89, 0xe5];
+        let code = if b[..4] == ENDBR64 { &b[4..] } else { &b[..4] };
+        Some(code == PROLOGUE)
     }
 
     /// Names a written location: the data object holding it where the
@@ -205,7 +222,7 @@ pub fn syscall_name(nr: u64) -> String {
 }
 
 fn unnamed(module: &str, offset: Option<u64>, stripped: bool) -> CodeName {
-    CodeName { function: None, module: module.to_string(), offset, source: None, stripped }
+    CodeName { function: None, module: module.to_string(), offset, source: None, stripped, start: None }
 }
 
 /// Opens and reads the file a traced process's maps name: without

@@ -13,6 +13,7 @@ use crate::{
     episode::Episodes,
     event::{self, Event, What},
     metrics::Metrics,
+    stacks::Layouts,
     targets::Targets,
 };
 
@@ -23,6 +24,8 @@ pub struct Tally {
     episodes: Option<Episodes>,
     /// The exporter's per-label counts, fed the same events when enabled.
     metrics: Option<Metrics>,
+    /// `--stacks`: each process image's layout, for naming its stacks.
+    layouts: Option<Layouts>,
     seen: Seen,
     /// Reads a live process's memory cgroup (from /proc in the real tool).
     memcg_of: Option<Box<dyn Fn(u32) -> Option<MemCgroup>>>,
@@ -48,6 +51,7 @@ impl Tally {
             targets: Targets::new(targets, follow),
             episodes: None,
             metrics: None,
+            layouts: None,
             seen: Seen::default(),
             memcg_of: None,
             parent_memcg: HashMap::new(),
@@ -67,6 +71,15 @@ impl Tally {
     pub fn with_metrics(mut self, metrics: Metrics) -> Self {
         self.metrics = Some(metrics);
         self
+    }
+
+    pub fn with_stacks(mut self, layouts: Layouts) -> Self {
+        self.layouts = Some(layouts);
+        self
+    }
+
+    pub fn layouts(&self) -> Option<&Layouts> {
+        self.layouts.as_ref()
     }
 
     pub fn metrics(&self) -> Option<&Metrics> {
@@ -107,6 +120,9 @@ impl Tally {
         }
         if let Some(m) = self.metrics.as_mut() {
             m.apply(e);
+        }
+        if let Some(l) = self.layouts.as_mut() {
+            l.apply(e);
         }
         self.processes.apply(e);
         self.targets.apply(e);

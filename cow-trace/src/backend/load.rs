@@ -4,15 +4,15 @@ use std::path::Path;
 
 use anyhow::{anyhow, Context as _, Result};
 use aya::{
-    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf, StackTraceMap},
     programs::{FEntry, FExit, KProbe, RawTracePoint, TracePoint},
     Ebpf, EbpfLoader,
 };
-use cow_trace::counts::KernelCounters;
+use cow_trace::{counts::KernelCounters, stacks::StackCounts};
 use cow_trace_common::{
     counter,
     hooks::{Attach, Hook},
-    Config, FaultBatch, FaultRecord, PendingFault, TRACED_ROOT,
+    stack_lost, Config, FaultBatch, FaultRecord, PendingFault, StackKey, TRACED_ROOT,
 };
 
 use super::BackendKind;
@@ -50,7 +50,18 @@ pub struct LoadOptions {
     pub sample_every: u32,
     /// `--cgroup`: the cgroups' ids and the deepest level among them.
     pub cgroups: Vec<CgroupId>,
+    /// `--stacks`: count copies by user stack.
+    pub stacks: bool,
 }
+
+/// `--stacks` map sizes. A stack-trace entry holds 127 frames (1 KiB): the
+/// stack map is 16 MiB of kernel memory; the count map is per CPU.
+const STACK_TRACE_ENTRIES: u32 = 16384;
+const STACK_COUNT_ENTRIES: u32 = 16384;
+/// Processes whose image is recorded at once (as many as can be traced).
+const STACK_IMAGES: u32 = 65536;
+/// `stacks::SLOTS` on the BPF side.
+const STACK_SLOTS: u32 = 1 << 16;
 
 /// A cgroup v2 to trace: its id (the directory's inode number) and depth
 /// (0 for the root).
@@ -85,11 +96,17 @@ impl Tracer {
         let config = config(kind, funcs, offsets, tracefs, opts)?;
         log::debug!("BPF config for {}: {config:?}", kind.name());
         raise_memlock();
-        let mut ebpf = EbpfLoader::new()
-            .override_global("CONFIG", &config, true)
-            .map_max_entries("EVENTS", opts.ring_buffer_size)
-            .load(OBJECT)
-            .context("cannot load the BPF object")?;
+        let mut loader = EbpfLoader::new();
+        loader.override_global("CONFIG", &config, true).map_max_entries("EVENTS", opts.ring_buffer_size);
+        // Off, the stack maps keep the one entry they are built with.
+        if opts.stacks {
+            loader
+                .map_max_entries("STACK_TRACES", STACK_TRACE_ENTRIES)
+                .map_max_entries("STACK_COPIES", STACK_COUNT_ENTRIES)
+                .map_max_entries("IMAGES", STACK_IMAGES)
+                .map_max_entries("STACK_SLOTS", STACK_SLOTS);
+        }
+        let mut ebpf = loader.load(OBJECT).context("cannot load the BPF object")?;
         let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
             Ok(l) => Some(l),
             Err(e) => {
@@ -199,6 +216,43 @@ impl Tracer {
         Ok(arr.get(&0, 0)?)
     }
 
+    /// `--stacks`: a reader of the image the kernel recorded for a
+    /// process (0: none), for [`cow_trace::stacks::Layouts`].
+    pub fn image_reader(&mut self) -> Result<Box<dyn Fn(u32) -> u64>> {
+        let images: HashMap<MapData, u32, u64> =
+            HashMap::try_from(self.ebpf.take_map("IMAGES").context("IMAGES map missing")?)?;
+        Ok(Box::new(move |pid| images.get(&pid, 0).unwrap_or(0)))
+    }
+
+    /// `--stacks`: the copies the kernel counted by stack, the stacks, and
+    /// what it could not count. Read after the cut-off.
+    pub fn stack_counts(&self) -> Result<StackCounts> {
+        let copies: PerCpuHashMap<_, StackKey, u64> =
+            PerCpuHashMap::try_from(self.ebpf.map("STACK_COPIES").context("STACK_COPIES map missing")?)?;
+        let mut out = StackCounts::default();
+        for item in copies.iter() {
+            let (key, per_cpu) = item?;
+            // A copy taken back on another CPU than it was counted on
+            // left a wrapped -1 there.
+            let n = per_cpu.iter().fold(0u64, |a, &b| a.wrapping_add(b));
+            out.copies.push((key, n));
+        }
+        let traces =
+            StackTraceMap::try_from(self.ebpf.map("STACK_TRACES").context("STACK_TRACES map missing")?)?;
+        for &(key, _) in &out.copies {
+            if key.stack_id < stack_lost::FIRST && !out.traces.contains_key(&key.stack_id) {
+                if let Ok(t) = traces.get(&key.stack_id, 0) {
+                    out.traces.insert(key.stack_id, t.frames().iter().map(|f| f.ip).collect());
+                }
+            }
+        }
+        let lost: PerCpuArray<_, u64> =
+            PerCpuArray::try_from(self.ebpf.map("STACK_LOST").context("STACK_LOST map missing")?)?;
+        out.counts_full = lost.get(&stack_lost::COUNTS_FULL, 0)?.iter().sum();
+        out.images_full = lost.get(&stack_lost::IMAGES_FULL, 0)?.iter().sum();
+        Ok(out)
+    }
+
     /// The kernel's counters, summed over CPUs.
     pub fn counters(&self) -> Result<KernelCounters> {
         let arr: PerCpuArray<_, u64> =
@@ -264,6 +318,7 @@ fn config(
         regs_orig_ax: offsets.regs_orig_ax,
         vmf_flags: offsets.vmf_user_flag.map_or(0, |(off, _)| off),
         fault_flag_user: offsets.vmf_user_flag.map_or(0, |(_, flag)| flag),
+        stacks: opts.stacks as u32,
     })
 }
 
