@@ -96,8 +96,8 @@ pub struct Event {
     /// Kind-specific flags (see `FLAG_*`).
     pub flags: u32,
     pub _reserved: u32,
-    /// CoW events: the user instruction pointer of the write that faulted
-    /// (the task's user registers), 0 when unknown.
+    /// CoW events (CowFailed included): the user instruction pointer of
+    /// the write that faulted (the task's user registers), 0 when unknown.
     pub ip: u64,
 }
 

@@ -63,8 +63,9 @@ pub(crate) enum Detail {
     HugeCow { latency_ns: u64, addr: u64, allocated: u32, vm_fault: u32 },
     /// A write fault at `addr` that failed, replacing the outcome of kind
     /// `replaces` already sent for it (0: none); `vm_fault` the handler's
-    /// raw return where known.
-    Failed { latency_ns: u64, addr: u64, replaces: u32, vm_fault: u32 },
+    /// raw return where known; `ip` as for `Fault` (0: not known), so that
+    /// a copy taken back leaves its writer too.
+    Failed { latency_ns: u64, addr: u64, replaces: u32, vm_fault: u32, ip: u64 },
 }
 
 impl Detail {
@@ -99,7 +100,9 @@ impl Detail {
             Detail::HugeCow { latency_ns, addr, allocated, vm_fault } => {
                 (allocated, latency_ns, addr, vm_fault)
             }
-            Detail::Failed { latency_ns, addr, replaces, vm_fault } => (replaces, latency_ns, addr, vm_fault),
+            Detail::Failed { latency_ns, addr, replaces, vm_fault, .. } => {
+                (replaces, latency_ns, addr, vm_fault)
+            }
         }
     }
 }
@@ -112,7 +115,7 @@ pub(crate) fn emit(ids: Ids, ts_ns: u64, detail: Detail) {
     let kind = detail.kind();
     let (other, latency_ns, addr, flags) = detail.fields();
     let ip = match detail {
-        Detail::Fault { ip, .. } => ip,
+        Detail::Fault { ip, .. } | Detail::Failed { ip, .. } => ip,
         _ => 0,
     };
     bump(kind as u32);

@@ -222,7 +222,7 @@ pub fn fault_exit(ret: u32) {
     if vm_fault::failed(ret) {
         // No memory (the cgroup's charge failed), SIGBUS, SIGSEGV: a page
         // it allocated was freed again, nothing was copied or reused.
-        emit(ids, t, Detail::Failed { latency_ns, addr, replaces: 0, vm_fault: ret });
+        emit(ids, t, Detail::Failed { latency_ns, addr, replaces: 0, vm_fault: ret, ip });
         return;
     }
     if vm_fault::retried(ret) {

@@ -288,7 +288,8 @@ pub fn signal_generate(ctx: RawTracePointContext) -> i32 {
             }
             (*p).sent_kind
         };
-        emit(ids, now(), Detail::Failed { latency_ns: 0, addr, replaces, vm_fault: 0 });
+        let ip = (*p).ip;
+        emit(ids, now(), Detail::Failed { latency_ns: 0, addr, replaces, vm_fault: 0, ip });
     }
     0
 }

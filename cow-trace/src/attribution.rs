@@ -90,6 +90,29 @@ impl Attribution {
         }
     }
 
+    /// Takes back a copy recorded before (its fault failed after all): the
+    /// write of instruction `ip` to `addr`, placed in `maps` as it was.
+    pub fn take_back(&mut self, maps: &Maps, addr: u64, ip: u64) {
+        // A kernel-mode fault's `ip` is a system call's number, never a
+        // user address: the two keys cannot both hold it.
+        for key in [(false, ip), (true, ip)] {
+            if let Some(c) = self.code.get_mut(&key).filter(|c| c.1 > 0) {
+                c.1 -= 1;
+                break;
+            }
+        }
+        let start = maps.find(addr).map_or(u64::MAX, |r| r.start);
+        match self.data.get_mut(&start) {
+            Some(Written::Module { base, pages, .. }) => {
+                if let Some(n) = pages.get_mut(&addr.wrapping_sub(*base)).filter(|n| **n > 0) {
+                    *n -= 1;
+                }
+            }
+            Some(Written::Region(_, n)) => *n = n.saturating_sub(1),
+            None => {}
+        }
+    }
+
     /// The `top` writers and written targets (0: all), most pages first,
     /// named by `sym`; shares are of `total` copies.
     pub fn report(self, sym: &mut Symbolizer, total: u64, top: usize) -> (Vec<Writer>, Vec<Target>) {
@@ -110,6 +133,7 @@ impl Attribution {
         }
         let mut writers: Vec<Writer> = writers
             .into_values()
+            .filter(|w| w.0 > 0)
             .map(|(pages, _, n)| Writer {
                 function: n.function,
                 module: n.module,
@@ -144,6 +168,7 @@ impl Attribution {
         }
         let mut targets: Vec<Target> = targets
             .into_iter()
+            .filter(|&(_, pages)| pages > 0)
             .map(|(d, pages)| Target {
                 object: d.object,
                 module: d.module,

@@ -466,6 +466,12 @@ impl Episodes {
     /// back (it arrived first).
     fn failed(&mut self, e: &Event, f: &Failure) {
         let Some((slot, by_child)) = self.owner_of_copy(e.pid, e.ts_ns) else { return };
+        let (parent, child) = match slot {
+            Slot::Open(c) => (self.open[&c].parent, c),
+            Slot::Reused(i) => (self.reused[i].parent, self.reused[i].child),
+        };
+        let maps = self.maps.maps(parent, child, f.addr, e.ts_ns);
+        let region = maps.find(f.addr).map(|r| r.name.clone());
         let o = match slot {
             Slot::Open(c) => self.open.get_mut(&c).expect("looked up above"),
             Slot::Reused(i) => &mut self.reused[i],
@@ -474,6 +480,11 @@ impl Episodes {
         if f.replaces == Some(Replaced::Copy) {
             let copies = if by_child { &mut o.child_copies } else { &mut o.parent_copies };
             *copies = copies.saturating_sub(1);
+            // Its writer, data and region go with it.
+            if let Some(n) = o.regions.get_mut(region.as_deref().unwrap_or(UNMAPPED)) {
+                *n = n.saturating_sub(1);
+            }
+            o.attribution.take_back(maps, f.addr, f.ip);
         }
     }
 
@@ -499,6 +510,7 @@ impl Episodes {
         let mut regions: Vec<_> = o
             .regions
             .into_iter()
+            .filter(|&(_, pages)| pages > 0)
             .map(|(region, pages)| RegionBytes { region, bytes: pages * self.page_size })
             .collect();
         regions.sort_by(|a, b| b.bytes.cmp(&a.bytes).then_with(|| a.region.cmp(&b.region)));
@@ -778,6 +790,40 @@ mod tests {
         assert!(
             line.contains("top regions: [anon 7f2a34000000] 24.0KiB, [stack] 8.0KiB, [heap] 4.0KiB"),
             "{line}"
+        );
+    }
+
+    #[test]
+    fn a_copy_taken_back_by_a_failed_fault_leaves_its_writer_data_and_region() {
+        let mut eps = episodes();
+        eps.feed(&ev(EventKind::Spawn, 100, 200, 10 * MS, "redis-server"));
+        let write = |ts, addr, ip| Event { ip, ..copy(200, ts, addr, 1_000) };
+        eps.feed(&write(20 * MS, ARENA, 0x1234_5000));
+        eps.feed(&write(21 * MS, ARENA + 4096, 0x1234_5000));
+        eps.feed(&write(22 * MS, HEAP, 0x1234_6000));
+        // The heap copy's fault failed (its memory cgroup charge): the
+        // tracepoint backend takes it back.
+        eps.feed(&Event {
+            addr: HEAP,
+            ip: 0x1234_6000,
+            ..ev(EventKind::CowFailed, 200, EventKind::CowCopy as u32, 23 * MS, "")
+        });
+        // A failure that replaced nothing takes nothing back.
+        eps.feed(&Event { addr: ARENA, ip: 0x1234_5000, ..ev(EventKind::CowFailed, 200, 0, 24 * MS, "") });
+        eps.feed(&ev(EventKind::Exit, 200, 9, 30 * MS, "redis-server"));
+        let done = settled(&mut eps);
+        let e = &done[0];
+        assert_eq!((e.child_copies, e.cow_failed), (2, 2));
+        // No file behind these addresses: each writer is [unknown] module
+        // and offset-less here, counted by instruction all the same.
+        assert_eq!(e.top_writers.iter().map(|w| w.pages).collect::<Vec<_>>(), [2], "{:?}", e.top_writers);
+        assert_eq!(
+            e.top_data.iter().map(|d| (d.region.as_str(), d.pages)).collect::<Vec<_>>(),
+            [("[anon 7f2a34000000]", 2)]
+        );
+        assert_eq!(
+            e.top_regions.iter().map(|r| r.region.as_str()).collect::<Vec<_>>(),
+            ["[anon 7f2a34000000]"]
         );
     }
 

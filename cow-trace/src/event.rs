@@ -74,6 +74,9 @@ pub struct Failure {
     pub replaces: Option<Replaced>,
     /// The handler's raw `vm_fault_t` (kprobe/fentry backends), else 0.
     pub vm_fault: u32,
+    /// The writing instruction, as for a copy (a system call's number when
+    /// the fault was the kernel's); 0 when unknown.
+    pub ip: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -178,6 +181,7 @@ impl Event {
                     _ => None,
                 },
                 vm_fault: w.flags,
+                ip: w.ip,
             }),
             EventKind::Exec => What::Exec,
             EventKind::HugeCow => What::HugeCow {
@@ -354,7 +358,7 @@ mod tests {
         });
         assert_eq!(
             failed.unwrap().what,
-            What::Failed(Failure { addr: 15_000_000, replaces: Some(Replaced::Copy), vm_fault: 1 })
+            What::Failed(Failure { addr: 15_000_000, replaces: Some(Replaced::Copy), vm_fault: 1, ip: 0 })
         );
         let huge =
             Event::from_wire(&Wire { kind: EventKind::HugeCow as u32, other: 2 << 20, flags: 0x800, ..w });
