@@ -6,7 +6,7 @@
 //! layout read at the fork), so a process that exited long before the
 //! report is still named from its files.
 
-use std::collections::HashMap;
+use std::{collections::HashMap, sync::Arc};
 
 use serde::Serialize;
 
@@ -40,14 +40,14 @@ enum Written {
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Writer {
     /// `None` when the address is in no symbol's extent.
-    pub function: Option<String>,
+    pub function: Option<Arc<str>>,
     /// The module's path, or a region name such as `[vdso]`.
-    pub module: String,
+    pub module: Arc<str>,
     /// Offset in the module's file, for an unnamed address.
     pub module_offset: Option<u64>,
     /// `file:line` of the instruction that wrote most, where debug
     /// information has it.
-    pub source: Option<String>,
+    pub source: Option<Arc<str>>,
     /// The module has no symbol table beyond its exports.
     pub stripped: bool,
     pub pages: u64,
@@ -59,11 +59,11 @@ pub struct Writer {
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Target {
     /// The data object (a global variable), where the module's symbols say.
-    pub object: Option<String>,
+    pub object: Option<Arc<str>>,
     /// The module whose data segment or `.bss` it is in.
-    pub module: Option<String>,
+    pub module: Option<Arc<str>>,
     /// The mapping it lies in.
-    pub region: String,
+    pub region: Arc<str>,
     pub pages: u64,
     pub share: f64,
 }
@@ -131,26 +131,10 @@ impl Attribution {
                 (w.1, w.2) = (n, name);
             }
         }
-        let mut writers: Vec<Writer> = writers
-            .into_values()
-            .filter(|w| w.0 > 0)
-            .map(|(pages, _, n)| Writer {
-                function: n.function,
-                module: n.module,
-                module_offset: n.offset,
-                source: n.source,
-                stripped: n.stripped,
-                pages,
-                share: share(pages),
-            })
-            .collect();
-        writers.sort_by(|a, b| {
-            (b.pages, &a.function, &a.module, a.module_offset).cmp(&(
-                a.pages,
-                &b.function,
-                &b.module,
-                b.module_offset,
-            ))
+        let mut writers: Vec<(u64, CodeName)> =
+            writers.into_values().filter(|w| w.0 > 0).map(|(pages, _, n)| (pages, n)).collect();
+        writers.sort_by(|(pa, a), (pb, b)| {
+            (pb, &a.function, &a.module, a.offset).cmp(&(pa, &b.function, &b.module, b.offset))
         });
         let mut targets: HashMap<DataName, u64> = HashMap::new();
         for written in self.data.into_values() {
@@ -166,22 +150,36 @@ impl Attribution {
                 }
             }
         }
-        let mut targets: Vec<Target> = targets
-            .into_iter()
-            .filter(|&(_, pages)| pages > 0)
-            .map(|(d, pages)| Target {
-                object: d.object,
-                module: d.module,
-                region: d.region,
-                pages,
-                share: share(pages),
-            })
-            .collect();
-        targets.sort_by(|a, b| (b.pages, &a.object, &a.region).cmp(&(a.pages, &b.object, &b.region)));
+        let mut targets: Vec<(DataName, u64)> = targets.into_iter().filter(|&(_, pages)| pages > 0).collect();
+        targets.sort_by(|(a, pa), (b, pb)| (pb, &a.object, &a.region).cmp(&(pa, &b.object, &b.region)));
         if top != 0 {
             writers.truncate(top);
             targets.truncate(top);
         }
+        // Only what is kept is interned: names shared by every episode
+        // that holds them.
+        let writers = writers
+            .into_iter()
+            .map(|(pages, n)| Writer {
+                function: n.function.map(|f| sym.intern(&f)),
+                module: sym.intern(&n.module),
+                module_offset: n.offset,
+                source: n.source.map(|f| sym.intern(&f)),
+                stripped: n.stripped,
+                pages,
+                share: share(pages),
+            })
+            .collect();
+        let targets = targets
+            .into_iter()
+            .map(|(d, pages)| Target {
+                object: d.object.map(|o| sym.intern(&o)),
+                module: d.module.map(|m| sym.intern(&m)),
+                region: sym.intern(&d.region),
+                pages,
+                share: share(pages),
+            })
+            .collect();
         (writers, targets)
     }
 }
@@ -212,7 +210,7 @@ mod tests {
         let mut names: Vec<_> = w.iter().map(|w| (w.function.clone().unwrap(), w.module.clone())).collect();
         names.sort();
         assert_eq!(names, [("read".into(), "[kernel]".into()), ("recvfrom".into(), "[kernel]".into())]);
-        assert_eq!((t[0].region.as_str(), t[0].pages), ("[anon 3000]", 2));
+        assert_eq!((&*t[0].region, t[0].pages), ("[anon 3000]", 2));
     }
 
     #[test]
@@ -227,14 +225,14 @@ mod tests {
         a.record(&maps, &fault(0x99_0000, 0x99_0000));
         let (w, t) = a.report(&mut Symbolizer::new(), 6, 0);
         // No such file: module + offset, never a name.
-        assert_eq!((w[0].module.as_str(), w[0].module_offset, w[0].pages), ("/no/such/bin", Some(0x10), 3));
+        assert_eq!((&*w[0].module, w[0].module_offset, w[0].pages), ("/no/such/bin", Some(0x10), 3));
         assert_eq!(w[0].share, 0.5);
-        assert_eq!(w[1].module, "[unknown]");
+        assert_eq!(&*w[1].module, "[unknown]");
         assert_eq!(w[1].pages, 2);
         assert_eq!(w.iter().map(|w| w.pages).sum::<u64>(), 6);
         // The anonymous mapping after the binary is its .bss.
-        assert_eq!((t[0].region.as_str(), t[0].pages), ("[anon 3000]", 3));
-        assert_eq!((t[1].region.as_str(), t[1].pages), ("[heap]", 2));
+        assert_eq!((&*t[0].region, t[0].pages), ("[anon 3000]", 3));
+        assert_eq!((&*t[1].region, t[1].pages), ("[heap]", 2));
         let (w, t) = Attribution { ..a_clone(&maps) }.report(&mut Symbolizer::new(), 1, 1);
         assert_eq!((w.len(), t.len()), (1, 1));
     }

@@ -48,7 +48,7 @@ pub const UNMAPPED: &str = "[unmapped]";
 /// Bytes copied in one memory region.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct RegionBytes {
-    pub region: String,
+    pub region: std::sync::Arc<str>,
     pub bytes: u64,
 }
 
@@ -122,8 +122,11 @@ pub struct Threshold {
 
 impl Threshold {
     pub fn matters(&self, ep: &Episode) -> bool {
-        ep.copied_bytes >= self.min_copied_bytes
-            || ep.fork_latency_ns.is_some_and(|ns| ns >= self.min_fork_ns)
+        self.matters_by(ep.copied_bytes, ep.fork_latency_ns)
+    }
+
+    fn matters_by(&self, copied_bytes: u64, fork_latency_ns: Option<u64>) -> bool {
+        copied_bytes >= self.min_copied_bytes || fork_latency_ns.is_some_and(|ns| ns >= self.min_fork_ns)
     }
 
     /// The episodes that matter, most copied first (then slowest fork).
@@ -202,6 +205,9 @@ pub struct Episodes {
     symbolizer: RefCell<Symbolizer>,
     /// Writers and targets reported per episode (0: all).
     top: usize,
+    /// Whole-system runs: only the episodes that matter are shown, so only
+    /// those are named and kept for the summary (the others are counted).
+    threshold: Option<Threshold>,
     /// Finished since the last `take_finished`.
     finished: Vec<Episode>,
     /// Finished, for the summary; bounded by `max_kept`.
@@ -253,6 +259,7 @@ impl Episodes {
             maps: MapsCache::new(read_maps),
             symbolizer: RefCell::new(Symbolizer::new()),
             top: 0,
+            threshold: None,
             finished: Vec::new(),
             kept: VecDeque::new(),
             max_kept: 4096,
@@ -267,6 +274,16 @@ impl Episodes {
     pub fn with_top(mut self, top: usize) -> Self {
         self.top = top;
         self
+    }
+
+    /// Names and keeps only the episodes that pass `t` (whole-system runs).
+    pub fn with_threshold(mut self, t: Threshold) -> Self {
+        self.threshold = Some(t);
+        self
+    }
+
+    fn shown(&self, ep: &Episode) -> bool {
+        self.threshold.is_none_or(|t| t.matters(ep))
     }
 
     #[cfg(test)]
@@ -507,16 +524,32 @@ impl Episodes {
 
     fn finish(&self, o: Open, lifetime: Option<u64>, closed: Option<Closed>) -> Episode {
         let copies = o.parent_copies + o.child_copies;
-        let mut regions: Vec<_> = o
-            .regions
-            .into_iter()
-            .filter(|&(_, pages)| pages > 0)
-            .map(|(region, pages)| RegionBytes { region, bytes: pages * self.page_size })
-            .collect();
-        regions.sort_by(|a, b| b.bytes.cmp(&a.bytes).then_with(|| a.region.cmp(&b.region)));
+        let mut regions: Vec<_> = o.regions.into_iter().filter(|&(_, pages)| pages > 0).collect::<Vec<_>>();
+        regions.sort_by(|(ra, a), (rb, b)| b.cmp(a).then_with(|| ra.cmp(rb)));
         regions.truncate(TOP_REGIONS);
-        let (top_writers, top_data) =
-            o.attribution.report(&mut self.symbolizer.borrow_mut(), copies, self.top);
+        let regions: Vec<RegionBytes> = {
+            let mut sym = self.symbolizer.borrow_mut();
+            regions
+                .into_iter()
+                .map(|(region, pages)| RegionBytes {
+                    region: sym.intern(&region),
+                    bytes: pages * self.page_size,
+                })
+                .collect()
+        };
+        // An episode no one will see is not named: naming reads the
+        // modules' files, the costliest memory of a run.
+        let shown = self.threshold.is_none_or(|t| t.matters_by(copies * self.page_size, o.fork_latency_ns));
+        let (top_writers, top_data) = if shown {
+            let mut sym = self.symbolizer.borrow_mut();
+            let named = o.attribution.report(&mut sym, copies, self.top);
+            // Large files it read (mapped, with their parsed symbols and
+            // debug information) are let go (see `release_files`).
+            sym.release_files();
+            named
+        } else {
+            (Vec::new(), Vec::new())
+        };
         Episode {
             kind: if o.exec_after_ns.is_some() { "fork+exec" } else { "fork" },
             parent: o.parent,
@@ -647,6 +680,10 @@ impl Episodes {
     }
 
     fn keep(&mut self, ep: Episode) {
+        if !self.shown(&ep) {
+            self.dropped += 1;
+            return;
+        }
         self.kept.push_back(ep);
         while self.kept.len() > self.max_kept {
             self.kept.pop_front();
@@ -654,7 +691,8 @@ impl Episodes {
         }
     }
 
-    /// Finished episodes no longer kept for the summary (bounded memory).
+    /// Finished episodes not kept for the summary: beyond the bound on
+    /// those kept, or below the threshold of a whole-system run.
     pub fn dropped(&self) -> u64 {
         self.dropped
     }
@@ -818,13 +856,10 @@ mod tests {
         // and offset-less here, counted by instruction all the same.
         assert_eq!(e.top_writers.iter().map(|w| w.pages).collect::<Vec<_>>(), [2], "{:?}", e.top_writers);
         assert_eq!(
-            e.top_data.iter().map(|d| (d.region.as_str(), d.pages)).collect::<Vec<_>>(),
+            e.top_data.iter().map(|d| (&*d.region, d.pages)).collect::<Vec<_>>(),
             [("[anon 7f2a34000000]", 2)]
         );
-        assert_eq!(
-            e.top_regions.iter().map(|r| r.region.as_str()).collect::<Vec<_>>(),
-            ["[anon 7f2a34000000]"]
-        );
+        assert_eq!(e.top_regions.iter().map(|r| &*r.region).collect::<Vec<_>>(), ["[anon 7f2a34000000]"]);
     }
 
     #[test]
@@ -976,7 +1011,7 @@ mod tests {
         eps.feed(&copy(100, MS, HEAP, 0));
         eps.feed(&ev(EventKind::Exit, 200, 0, 2 * MS, "p"));
         let e = &settled(&mut eps)[0];
-        let regions: Vec<&str> = e.top_regions.iter().map(|r| r.region.as_str()).collect();
+        let regions: Vec<&str> = e.top_regions.iter().map(|r| &*r.region).collect();
         assert_eq!(regions, ["[heap]", "[stack]"]);
     }
 

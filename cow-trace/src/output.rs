@@ -691,7 +691,7 @@ mod tests {
         }
         let mut ep = episode(10, 5);
         ep.child_comm = name.into();
-        ep.top_regions = vec![RegionBytes { region: format!("/tmp/{name} (deleted)"), bytes: 4096 }];
+        ep.top_regions = vec![RegionBytes { region: format!("/tmp/{name} (deleted)").into(), bytes: 4096 }];
         let line = episode_line(&ep);
         assert!(!line.chars().any(char::is_control), "{line:?}");
         assert!(line.contains("-> \\x1b[31mEV\\nIL\\x07[10]"), "{line}");
@@ -825,7 +825,7 @@ mod tests {
         use crate::attribution::{Target, Writer};
         let mut ep = episode(10, 4);
         let w = |function: Option<&str>, module: &str, off: Option<u64>, stripped, pages| Writer {
-            function: function.map(String::from),
+            function: function.map(Into::into),
             module: module.into(),
             module_offset: off,
             source: function.map(|_| "w.c:7".into()),

@@ -306,6 +306,10 @@ impl Session {
         stack_files: Option<StackFiles>,
     ) -> Result<Self> {
         let page_size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as u64;
+        let threshold = (args.pids.is_empty() && args.command.is_empty()).then_some(Threshold {
+            min_copied_bytes: args.min_episode_copied,
+            min_fork_ns: args.min_episode_fork_ms.saturating_mul(1_000_000),
+        });
         let tally = Tally::new(
             page_size,
             targets,
@@ -313,7 +317,13 @@ impl Session {
             Box::new(procfs::ppid_of),
             Box::new(procfs::comm_of),
         )
-        .with_episodes(Episodes::new(page_size, Box::new(procfs::read_maps)).with_top(args.top))
+        .with_episodes({
+            let eps = Episodes::new(page_size, Box::new(procfs::read_maps)).with_top(args.top);
+            match threshold {
+                Some(t) => eps.with_threshold(t),
+                None => eps,
+            }
+        })
         .with_memcg({
             let mounts = memcg::Mounts::read();
             Box::new(move |pid| mounts.of(pid))
@@ -401,10 +411,7 @@ impl Session {
             start: now,
             last_sweep: now,
             exporter: exporter.map(|e| (e, None)),
-            threshold: (args.pids.is_empty() && args.command.is_empty()).then_some(Threshold {
-                min_copied_bytes: args.min_episode_copied,
-                min_fork_ns: args.min_episode_fork_ms.saturating_mul(1_000_000),
-            }),
+            threshold,
             warned_drops: false,
             timestamps: args.timestamp,
             comm: output::CommFilter(args.comm.clone()),

@@ -9,9 +9,9 @@
 //! neighbouring symbol. A module without a `.symtab` is marked stripped.
 
 use std::{
-    collections::HashMap,
-    io::Read as _,
+    collections::{HashMap, HashSet},
     os::{fd::AsRawFd as _, unix::fs::OpenOptionsExt as _},
+    sync::Arc,
 };
 
 use blazesym::symbolize::{
@@ -59,14 +59,29 @@ struct Module {
     /// Virtual address of the segment holding file offset 0: where the
     /// module's first mapping starts, in its own addresses.
     first_vaddr: u64,
+    /// The file's size: what blazesym may map of it.
+    size: u64,
     /// Sized data symbols `(start, end, name)`, sorted by start.
     objects: Vec<(u64, u64, String)>,
     has_symtab: bool,
 }
 
+/// Names interned before the first purge of those no longer held.
+const MIN_PURGE: usize = 4096;
+
+/// Bytes of module files kept open between namings (see
+/// [`Symbolizer::release_files`]).
+const RELEASE_ABOVE: u64 = 32 << 20;
+
 pub struct Symbolizer {
     blaze: Blaze,
     modules: HashMap<String, Option<Module>>,
+    /// Every name handed out, once: the episodes kept for the summary
+    /// share their module paths and function names.
+    names: HashSet<Arc<str>>,
+    /// Size of `names` at which the names no episode holds any more are
+    /// dropped.
+    purge_at: usize,
 }
 
 impl Default for Symbolizer {
@@ -77,7 +92,37 @@ impl Default for Symbolizer {
 
 impl Symbolizer {
     pub fn new() -> Self {
-        Self { blaze: Blaze::new(), modules: HashMap::new() }
+        Self { blaze: Blaze::new(), modules: HashMap::new(), names: HashSet::new(), purge_at: MIN_PURGE }
+    }
+
+    /// `name`, shared with every other holder of the same text.
+    pub fn intern(&mut self, name: &str) -> Arc<str> {
+        if let Some(n) = self.names.get(name) {
+            return n.clone();
+        }
+        if self.names.len() >= self.purge_at {
+            self.names.retain(|n| Arc::strong_count(n) > 1);
+            self.purge_at = (2 * self.names.len()).max(MIN_PURGE);
+        }
+        let n: Arc<str> = name.into();
+        self.names.insert(n.clone());
+        n
+    }
+
+    /// Lets go of every file opened so far (mappings, parsed symbols and
+    /// debug information) once they add up to more than `RELEASE_ABOVE`
+    /// bytes: they are read again when next needed. Files a run names
+    /// again and again (a fork storm's program, libc) are small enough to
+    /// stay; a compiler's 100 MiB library is let go once named.
+    pub fn release_files(&mut self) {
+        let open: u64 = self.modules.values().flatten().map(|m| m.size).sum();
+        if open > RELEASE_ABOVE {
+            // Together: blazesym knows each module by its descriptor's
+            // number, which a new file may be given once this one is
+            // closed.
+            self.blaze = Blaze::new();
+            self.modules.clear();
+        }
     }
 
     fn module(&mut self, path: &str) -> Option<&Module> {
@@ -226,24 +271,28 @@ fn unnamed(module: &str, offset: Option<u64>, stripped: bool) -> CodeName {
 }
 
 /// Opens and reads the file a traced process's maps name: without
-/// blocking (a FIFO put in its place), and only a regular file.
+/// blocking (a FIFO put in its place), and only a regular file. Only the
+/// parts parsed are read (headers, symbol table), not the whole file: a
+/// large library costs its symbol table, not its size.
 fn read_module(path: &str) -> Option<Module> {
-    let mut fd = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(path).ok()?;
-    if !fd.metadata().ok()?.is_file() {
+    let fd = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(path).ok()?;
+    let meta = fd.metadata().ok()?;
+    if !meta.is_file() {
         return None;
     }
-    let mut bytes = Vec::new();
-    fd.read_to_end(&mut bytes).ok()?;
-    let file = object::File::parse(&*bytes).ok()?;
-    let first_vaddr = file.segments().find(|s| s.file_range().0 == 0).map(|s| s.address() & !0xfff)?;
-    let mut objects: Vec<(u64, u64, String)> = file
-        .symbols()
-        .filter(|s| s.kind() == SymbolKind::Data && s.size() > 0 && s.is_definition())
-        .filter_map(|s| Some((s.address(), s.address() + s.size(), s.name().ok()?.to_string())))
-        .collect();
-    objects.sort();
-    let has_symtab = file.section_by_name(".symtab").is_some();
-    Some(Module { fd, first_vaddr, objects, has_symtab })
+    let (first_vaddr, objects, has_symtab) = {
+        let cache = object::ReadCache::new(&fd);
+        let file = object::File::parse(&cache).ok()?;
+        let first_vaddr = file.segments().find(|s| s.file_range().0 == 0).map(|s| s.address() & !0xfff)?;
+        let mut objects: Vec<(u64, u64, String)> = file
+            .symbols()
+            .filter(|s| s.kind() == SymbolKind::Data && s.size() > 0 && s.is_definition())
+            .filter_map(|s| Some((s.address(), s.address() + s.size(), s.name().ok()?.to_string())))
+            .collect();
+        objects.sort();
+        (first_vaddr, objects, file.section_by_name(".symtab").is_some())
+    };
+    Some(Module { fd, size: meta.len(), first_vaddr, objects, has_symtab })
 }
 
 #[cfg(test)]
