@@ -8,7 +8,8 @@
 //!   (THP off), repeated for several rounds: one CoW copy per 4 KiB page.
 //! - fork storm: thousands of fork + immediate exit + wait.
 //!
-//! Tracers: cow-trace system-wide; the same as a Prometheus exporter
+//! Tracers: cow-trace system-wide; the same with `--stacks` (a user stack
+//! walked and counted in the kernel for every copy); the same as a Prometheus exporter
 //! (`--serve`, scraped every second, as a fleet runs it); the floor (the same hooks with programs
 //! that return at once); bpftrace running the same copy/reuse logic on
 //! classic tracepoints. The timings are the workload's own (`elapsed_ns`),
@@ -59,6 +60,7 @@ END { clear(@pending); clear(@fork_start); clear(@reuses); clear(@copies); clear
 enum Tracer {
     Untraced,
     CowTrace,
+    Stacks,
     Exporter,
     Floor,
     Bpftrace,
@@ -69,6 +71,7 @@ impl Tracer {
         match self {
             Tracer::Untraced => "untraced",
             Tracer::CowTrace => "cow-trace (tracepoint)",
+            Tracer::Stacks => "cow-trace --stacks",
             Tracer::Exporter => "cow-trace --serve, scraped",
             Tracer::Floor => "floor: empty programs",
             Tracer::Bpftrace => "bpftrace, same logic",
@@ -123,12 +126,15 @@ fn start(tracer: Tracer) -> Result<Option<Running>> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
     let mut cmd = match tracer {
         Tracer::Untraced => return Ok(None),
-        Tracer::CowTrace | Tracer::Floor | Tracer::Exporter => {
+        Tracer::CowTrace | Tracer::Stacks | Tracer::Floor | Tracer::Exporter => {
             let mut c = Command::new(root.join("target/release/cow-trace"));
             // The backend the labels name, whatever `auto` would pick.
             c.args(["--json", "-d", "86400", "--backend", "tracepoint"]);
             if tracer == Tracer::Floor {
                 c.arg("--bench-empty-programs");
+            }
+            if tracer == Tracer::Stacks {
+                c.arg("--stacks");
             }
             if tracer == Tracer::Exporter {
                 c.args(["--serve", &format!("127.0.0.1:{port}")]);
@@ -239,7 +245,14 @@ pub fn bench(repeats: usize, rounds: usize, forks: usize) -> Result<()> {
     // The peer runs the same logic: a comparison the benchmark owes its
     // reader, so it is installed like everything else, not skipped.
     crate::setup::ensure_packages(&[("bpftrace", "bpftrace"), ("bpftool", "bpftool")])?;
-    let tracers = [Tracer::Untraced, Tracer::CowTrace, Tracer::Exporter, Tracer::Floor, Tracer::Bpftrace];
+    let tracers = [
+        Tracer::Untraced,
+        Tracer::CowTrace,
+        Tracer::Stacks,
+        Tracer::Exporter,
+        Tracer::Floor,
+        Tracer::Bpftrace,
+    ];
     let pages = 50 * 1024 * 1024 / 4096;
     let storms = [
         Storm {
@@ -328,7 +341,7 @@ pub fn bench(repeats: usize, rounds: usize, forks: usize) -> Result<()> {
             let rss_s =
                 if *t == Tracer::Untraced { "-".to_string() } else { format!("{} MiB", rss[i] / 1024) };
             let drop_s = match t {
-                Tracer::CowTrace | Tracer::Exporter => drops[i].to_string(),
+                Tracer::CowTrace | Tracer::Stacks | Tracer::Exporter => drops[i].to_string(),
                 _ => "-".into(),
             };
             let _ = writeln!(
