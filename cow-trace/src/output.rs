@@ -501,6 +501,9 @@ pub struct StacksRecord<'a> {
     pub distinct: usize,
     pub lost: Lost,
     pub no_frame_pointers: &'a [NoFramePointers],
+    /// Process images whose frames could not be placed (see
+    /// `StackReport::layouts_missing`).
+    pub layouts_missing: u64,
     pub stacks: &'a [Stack],
 }
 
@@ -512,6 +515,7 @@ impl<'a> StacksRecord<'a> {
             distinct: r.stacks.len(),
             lost: r.lost,
             no_frame_pointers: &r.no_frame_pointers,
+            layouts_missing: r.layouts_missing,
             stacks: &r.stacks[..n],
         }
     }

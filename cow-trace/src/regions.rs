@@ -84,6 +84,26 @@ impl Maps {
         &self.regions
     }
 
+    /// This layout, with the regions of `older` that none of its own
+    /// overlaps: what a process mapped at some time, for addresses seen
+    /// before a later read (a library it unmapped since).
+    pub fn with_older(mut self, older: &Maps) -> Maps {
+        let gone: Vec<Region> = older
+            .regions
+            .iter()
+            .filter(|o| {
+                let i = self.regions.partition_point(|r| r.end <= o.start);
+                self.regions.get(i).is_none_or(|r| r.start >= o.end)
+            })
+            .cloned()
+            .collect();
+        if !gone.is_empty() {
+            self.regions.extend(gone);
+            self.regions.sort_by_key(|r| r.start);
+        }
+        self
+    }
+
     #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.regions.is_empty()

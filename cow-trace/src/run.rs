@@ -170,6 +170,12 @@ impl StackFiles {
                 fns.join(", ")
             );
         }
+        if r.layouts_missing > 0 {
+            eprintln!(
+                "cow-trace: stacks: the layouts of {} process images were not kept (too many): their frames read [unknown]",
+                r.layouts_missing
+            );
+        }
         let l = r.lost;
         if l.total() > 0 {
             eprintln!(

@@ -11,7 +11,7 @@
 //! never a guess.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet},
     io::Write,
     rc::Rc,
 };
@@ -30,6 +30,22 @@ use crate::{
 /// start many; each costs its parsed maps (children of a fork share their
 /// parent's).
 const MAX_LAYOUTS: usize = 16384;
+
+/// A miss re-reads a live process's layout at most this often (event
+/// time): a program maps its libraries after its exec, and later ones as
+/// it loads them.
+const REREAD_NS: u64 = 100_000_000;
+
+/// One image's layout as last read (shared with the children forked from
+/// it), and when.
+struct Layout {
+    maps: Rc<Maps>,
+    read_ns: u64,
+    /// Read at a copy right after the image's exec: the loader may still
+    /// be mapping its libraries (and a fork, which comes after them, reads
+    /// it again at once).
+    early: bool,
+}
 
 /// What the kernel counted, read at the end of the run.
 #[derive(Clone, Debug, Default)]
@@ -51,14 +67,17 @@ pub struct StackCounts {
 /// run is read at its first copy, and kept only if the kernel's record
 /// says no exec came first (`image_of`).
 pub struct Layouts {
-    layouts: HashMap<(u32, u64), Rc<Maps>>,
+    layouts: HashMap<(u32, u64), Layout>,
     /// Each process's image as the events say.
     current: HashMap<u32, u64>,
     comms: HashMap<(u32, u64), String>,
+    /// Images whose layout could not be read (the process was gone, or
+    /// had exec'd): not read again at each of their copies.
+    unreadable: HashSet<(u32, u64)>,
     read_maps: Box<dyn Fn(u32) -> Option<Vec<u8>>>,
     image_of: Box<dyn Fn(u32) -> u64>,
     /// Images whose layout was not kept for want of room.
-    pub not_kept: u64,
+    not_kept: u64,
 }
 
 impl Layouts {
@@ -69,6 +88,7 @@ impl Layouts {
             layouts: HashMap::new(),
             current: HashMap::new(),
             comms: HashMap::new(),
+            unreadable: HashSet::new(),
             read_maps,
             image_of,
             not_kept: 0,
@@ -78,19 +98,24 @@ impl Layouts {
     pub fn apply(&mut self, e: &Event) {
         match e.what {
             What::Spawn { child, .. } => {
-                let parent = self.layout_now(e.pid);
+                // Read again if it is old: the child's layout at the fork
+                // is the parent's now, libraries loaded since included.
+                let parent = self.layout_now(e.pid, e.ts_ns, None);
                 self.current.insert(child, e.ts_ns);
                 self.name((child, e.ts_ns), e);
-                if let Some(l) = parent {
-                    self.keep((child, e.ts_ns), l);
+                if let Some(maps) = parent {
+                    self.keep((child, e.ts_ns), Layout { maps, read_ns: e.ts_ns, early: false });
                 }
             }
             What::Exec => {
                 self.current.insert(e.pid, e.ts_ns);
                 self.name((e.pid, e.ts_ns), e);
             }
-            What::Copy(_) => {
-                self.layout_now(e.pid);
+            What::Copy(f) => {
+                // A copy's own instruction outside the layout says the
+                // layout is behind (the loader had not mapped libc yet).
+                let ip = (!f.kernel && f.ip != 0).then_some(f.ip);
+                self.layout_now(e.pid, e.ts_ns, ip);
             }
             What::Exit { .. } => {
                 self.current.remove(&e.pid);
@@ -105,7 +130,7 @@ impl Layouts {
         }
     }
 
-    fn keep(&mut self, key: (u32, u64), l: Rc<Maps>) {
+    fn keep(&mut self, key: (u32, u64), l: Layout) {
         if self.layouts.len() >= MAX_LAYOUTS && !self.layouts.contains_key(&key) {
             self.not_kept += 1;
             return;
@@ -113,25 +138,53 @@ impl Layouts {
         self.layouts.insert(key, l);
     }
 
-    /// `pid`'s layout in its current image, read now if not yet known.
-    fn layout_now(&mut self, pid: u32) -> Option<Rc<Maps>> {
+    /// `pid`'s layout in its current image: read now if not yet known, or
+    /// again (at most every `REREAD_NS`) if `ip` is not in it, or, for a
+    /// fork (`ip` None), if it was read that long ago or early.
+    fn layout_now(&mut self, pid: u32, now_ns: u64, ip: Option<u64>) -> Option<Rc<Maps>> {
         let image = self.current.get(&pid).copied().unwrap_or(0);
-        if let Some(l) = self.layouts.get(&(pid, image)) {
-            return Some(l.clone());
-        }
-        let text = (self.read_maps)(pid)?;
+        let key = (pid, image);
+        let older = match self.layouts.get(&key) {
+            Some(l) => {
+                let (behind, now) = match ip {
+                    Some(ip) => (l.maps.find(ip).is_none(), false),
+                    None => (true, l.early),
+                };
+                if !behind || !now && now_ns.saturating_sub(l.read_ns) < REREAD_NS {
+                    return Some(l.maps.clone());
+                }
+                Some(l.maps.clone())
+            }
+            None if self.unreadable.contains(&key) => return None,
+            None => None,
+        };
         // Read after an exec the events have not brought yet: another
         // program's layout, not this image's.
-        if (self.image_of)(pid) != image {
+        let text = (self.read_maps)(pid).filter(|_| (self.image_of)(pid) == image);
+        let Some(text) = text else {
+            if let Some(l) = self.layouts.get_mut(&key) {
+                // Gone or exec'd: what was read stays, and is not read again.
+                (l.read_ns, l.early) = (u64::MAX, false);
+                return Some(l.maps.clone());
+            }
+            if self.unreadable.len() >= MAX_LAYOUTS {
+                self.unreadable.clear();
+            }
+            self.unreadable.insert(key);
             return None;
-        }
-        let l = Rc::new(Maps::parse(&text));
-        self.keep((pid, image), l.clone());
-        Some(l)
+        };
+        let parsed = Maps::parse(&text);
+        let maps = Rc::new(match &older {
+            Some(o) => parsed.with_older(o),
+            None => parsed,
+        });
+        let early = ip.is_some() && image != 0 && now_ns.saturating_sub(image) < REREAD_NS;
+        self.keep(key, Layout { maps: maps.clone(), read_ns: now_ns, early });
+        Some(maps)
     }
 
     fn get(&self, pid: u32, image: u64) -> Option<&Maps> {
-        self.layouts.get(&(pid, image)).map(|l| &**l)
+        self.layouts.get(&(pid, image)).map(|l| &*l.maps)
     }
 }
 
@@ -181,6 +234,10 @@ pub struct StackReport {
     pub stacks: Vec<Stack>,
     pub lost: Lost,
     pub no_frame_pointers: Vec<NoFramePointers>,
+    /// Process images whose layout was not kept (more than 16,384 in the
+    /// run) or not recorded by the kernel (its image map full): their
+    /// frames may read `[unknown]`.
+    pub layouts_missing: u64,
 }
 
 impl StackReport {
@@ -247,7 +304,8 @@ impl StackReport {
             b.copies.cmp(&a.copies).then_with(|| (&a.comm, &a.frames).cmp(&(&b.comm, &b.frames)))
         });
         let copies = stacks.iter().map(|s| s.copies).sum();
-        Self { copies, stacks, lost, no_frame_pointers: no_fp }
+        let layouts_missing = layouts.not_kept + counts.images_full;
+        Self { copies, stacks, lost, no_frame_pointers: no_fp, layouts_missing }
     }
 
     /// Writes the stacks in the folded format, one per line, root first:
@@ -410,6 +468,75 @@ mod tests {
         r.write_folded(&mut out).unwrap();
         let text = String::from_utf8(out).unwrap();
         assert_eq!(text.lines().next(), Some("prog;bin+0x100;bin+0x10 5"));
+    }
+
+    #[test]
+    fn a_layout_behind_the_copies_is_read_again_and_keeps_what_it_had() {
+        use cow_trace_common::EventKind;
+        // Right after the exec only the program and the loader are mapped;
+        // then the loader maps libc.
+        const EARLY: &str =
+            "1000-2000 r-xp 00000000 fe:01 1 /bin/prog\n9000-a000 r-xp 00000000 fe:01 2 /lib/ld.so\n";
+        const LATER: &str =
+            "1000-2000 r-xp 00000000 fe:01 1 /bin/prog\n5000-6000 r-xp 00000000 fe:01 3 /lib/libc.so\n";
+        let reads = std::rc::Rc::new(std::cell::Cell::new(0));
+        let r = reads.clone();
+        let mut l = Layouts::new(
+            Box::new(move |_| {
+                r.set(r.get() + 1);
+                Some(if r.get() == 1 { EARLY } else { LATER }.as_bytes().to_vec())
+            }),
+            Box::new(|_| 0),
+        );
+        let copy_at = |ip, ts| Event {
+            what: What::Copy(crate::event::Fault { ip, ..fault() }),
+            ..copy_event(7, EventKind::CowCopy, 0, ts)
+        };
+        l.apply(&copy_at(0x1010, 0));
+        // libc's instruction, too soon after the read: not read again yet.
+        l.apply(&copy_at(0x5010, 1_000));
+        assert_eq!(reads.get(), 1);
+        l.apply(&copy_at(0x5010, REREAD_NS + 1));
+        assert_eq!(reads.get(), 2);
+        let m = l.get(7, 0).unwrap();
+        // The new read, and the loader's mapping it no longer shows.
+        assert_eq!(m.find(0x5010).unwrap().name, "/lib/libc.so");
+        assert_eq!(m.find(0x9010).unwrap().name, "/lib/ld.so");
+        // Instructions inside the layout read nothing.
+        l.apply(&copy_at(0x1010, 10 * REREAD_NS));
+        assert_eq!(reads.get(), 2);
+    }
+
+    #[test]
+    fn a_fork_soon_after_an_exec_gives_the_child_the_layout_with_its_libraries() {
+        use cow_trace_common::EventKind;
+        const EARLY: &str = "1000-2000 r-xp 00000000 fe:01 1 /bin/prog\n";
+        const LATER: &str =
+            "1000-2000 r-xp 00000000 fe:01 1 /bin/prog\n5000-6000 r-xp 00000000 fe:01 3 /lib/libc.so\n";
+        let reads = std::rc::Rc::new(std::cell::Cell::new(0));
+        let r = reads.clone();
+        let mut l = Layouts::new(
+            Box::new(move |_| {
+                r.set(r.get() + 1);
+                Some(if r.get() == 1 { EARLY } else { LATER }.as_bytes().to_vec())
+            }),
+            Box::new(|_| 1_000),
+        );
+        l.apply(&copy_event(7, EventKind::Exec, 0, 1_000));
+        // The loader's first copy: read while libc is not mapped yet.
+        l.apply(&copy_event(7, EventKind::CowCopy, 0, 2_000));
+        // A fork right after: its child's copies in libc (a pread, whose
+        // kernel-mode copy names no instruction) must be placed.
+        l.apply(&copy_event(7, EventKind::Spawn, 8, 3_000));
+        assert_eq!(reads.get(), 2);
+        assert_eq!(l.get(8, 3_000).unwrap().find(0x5010).unwrap().name, "/lib/libc.so");
+        // Not read again at every fork.
+        l.apply(&copy_event(7, EventKind::Spawn, 9, 4_000));
+        assert_eq!(reads.get(), 2);
+    }
+
+    fn fault() -> crate::event::Fault {
+        crate::event::Fault { addr: 0x1000, ip: 0, kernel: false, latency_ns: 0, weight: 1 }
     }
 
     #[test]

@@ -395,7 +395,8 @@ const READS: u64 = 500;
 /// Checks attribution on a kernel backend: the workload's child reads
 /// `READS` pages into shared memory, copies the kernel makes in kernel mode
 /// for `pread64`; every other copy is written by user code the symbolizer
-/// names (the user instruction pointer, from the task's registers).
+/// names (the user instruction pointer, from the task's registers). Run
+/// with `--stacks`: every copy is also on a stack.
 fn check_reads(section: &str) -> Result<String> {
     let (s, _) = records(section)?;
     let ep = &s["episodes"][0];
@@ -411,7 +412,32 @@ fn check_reads(section: &str) -> Result<String> {
     if named * 100 < copies * 95 {
         bail!("only {named} of {copies} copies have a named writer: {writers:?}");
     }
-    Ok(format!("{read} copies by pread(2), {named} of {copies} named"))
+    // --stacks: every copy the kernel counted is on a stack, taken where
+    // the fault allocated its page and counted where it was classified
+    // (none `not_taken`); a stack-map collision is possible, and said.
+    let st = &s["stacks"];
+    let kernel_copies = num(&s["kernel_totals"]["cow_copies"]);
+    let lost = &st["lost"];
+    let lost_total: u64 = lost.as_object().map_or(u64::MAX, |l| l.values().map(num).sum());
+    if num(&st["copies"]) != kernel_copies || num(&lost["not_taken"]) != 0 || num(&lost["counts_full"]) != 0 {
+        bail!("stacks hold {} copies for the kernel's {kernel_copies}, lost {lost}: {st}", st["copies"]);
+    }
+    // Each stack's innermost frame is the writing instruction (or, for
+    // pread, the system call's in libc): in a mapped file, so placed.
+    let stacks = st["stacks"].as_array().ok_or_else(|| anyhow!("no stacks in {st}"))?;
+    let placed: u64 = stacks
+        .iter()
+        .filter(|x| x["frames"].as_array().and_then(|f| f.last()).is_some_and(|f| f != "[unknown]"))
+        .filter(|x| !x["frames"][0].as_str().unwrap_or("").starts_with("[stack lost"))
+        .map(|x| num(&x["copies"]))
+        .sum();
+    if placed * 100 < kernel_copies * 95 {
+        bail!("only {placed} of {kernel_copies} copies on a stack whose writer is placed: {st}");
+    }
+    Ok(format!(
+        "{read} copies by pread(2), {named} of {copies} named; {placed} of {kernel_copies} copies on {} placed stacks, {lost_total} lost",
+        stacks.len()
+    ))
 }
 
 /// Checks a run cut off by `-d` while the workload forks and copies: the
@@ -743,7 +769,7 @@ fn vm_test_script() -> String {
         section(
             &mut body,
             &format!("reads {b}"),
-            &format!("cow-trace --backend {b} --json --top 0 -- {reads}"),
+            &format!("cow-trace --backend {b} --json --top 0 --stacks -- {reads}"),
         );
     }
     // A child OOM-killed in a memory cgroup: how it ended, and the fault
