@@ -72,8 +72,8 @@ pub struct Args {
     #[arg(long, value_enum, default_value_t = Unit::Us)]
     pub unit: Unit,
 
-    /// Rows of the per-process table, and writers and data shown per
-    /// episode (0: all). JSON has every table row.
+    /// Rows of the per-process table, writers and data shown per episode,
+    /// and stacks in the summary (0: all). JSON has every table row.
     #[arg(long, value_name = "N", default_value_t = 20)]
     pub top: usize,
 

@@ -178,7 +178,8 @@ fn oom_killed_child_is_reported_with_its_cgroup_and_copies_up_to_the_limit() {
     let extra: Vec<&str> = args[6..].iter().map(String::as_str).collect();
     let w = HeldWorkload::start_with(&wrapper, PAGES, PAGES, 0, &extra);
     let pid = w.pid.to_string();
-    let mut bg = Background::start(&["--json", "-p", &pid]);
+    // With --stacks: the copy the failed fault takes back leaves its stack.
+    let mut bg = Background::start(&["--json", "--stacks", "-p", &pid]);
     bg.wait_attached();
     // What the parent holds at the fork: the rest of the limit is what the
     // child's copies can take.
@@ -197,6 +198,11 @@ fn oom_killed_child_is_reported_with_its_cgroup_and_copies_up_to_the_limit() {
     // before the OOM reaper's 2 s delay: exactly one write fault failed.
     assert_eq!(failed, 1, "{}", r.stdout);
     ok(workload::check_nothing_lost(s));
+    // The stacks, counted in the kernel, hold every copy the per-process
+    // figures do, and no copy a failed fault took back (the failed fault's
+    // page was allocated, so `kernel_totals.cow_copies` is one higher).
+    let rows: u64 = s["processes"].as_array().unwrap().iter().map(|p| u(&p["cow_copies"])).sum();
+    assert_eq!(u(&s["stacks"]["copies"]), rows, "{}", s["stacks"]);
     eprintln!(
         "OOM kill: child copied {copies} pages, {} fit under the limit; {failed} failed",
         (LIMIT - sc.held_bytes) / u(&report["page_size"])
