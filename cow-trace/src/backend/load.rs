@@ -62,6 +62,8 @@ const STACK_COUNT_ENTRIES: u32 = 16384;
 const STACK_IMAGES: u32 = 65536;
 /// `stacks::SLOTS` on the BPF side.
 const STACK_SLOTS: u32 = 1 << 16;
+/// Frames of a stack-trace map entry (aya's, the kernel's default limit).
+const PERF_MAX_STACK_DEPTH: u32 = 127;
 
 /// A cgroup v2 to trace: its id (the directory's inode number) and depth
 /// (0 for the root).
@@ -106,7 +108,19 @@ impl Tracer {
                 .map_max_entries("IMAGES", STACK_IMAGES)
                 .map_max_entries("STACK_SLOTS", STACK_SLOTS);
         }
-        let mut ebpf = loader.load(OBJECT).context("cannot load the BPF object")?;
+        let mut ebpf = loader.load(OBJECT).map_err(|e| {
+            // The stack map is in the object whether or not --stacks is on;
+            // its 127 frames are refused above the kernel's limit on them.
+            match std::fs::read_to_string("/proc/sys/kernel/perf_event_max_stack")
+                .ok()
+                .and_then(|v| v.trim().parse::<u32>().ok())
+            {
+                Some(max) if max < PERF_MAX_STACK_DEPTH => anyhow!(
+                    "cannot load the BPF object: kernel.perf_event_max_stack is {max}, below the 127 frames of its stack map (sysctl -w kernel.perf_event_max_stack=127)"
+                ),
+                _ => anyhow::Error::new(e).context("cannot load the BPF object"),
+            }
+        })?;
         let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
             Ok(l) => Some(l),
             Err(e) => {
