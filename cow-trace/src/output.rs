@@ -620,6 +620,41 @@ pub fn json_line<T: Serialize>(v: &T) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stacks_are_bounded_by_top_named_as_documented_and_escaped_in_text() {
+        use crate::stacks::{Lost, NoFramePointers, Stack, StackReport};
+        let st = |comm: &str, f: &str, copies| Stack {
+            comm: comm.into(),
+            frames: vec!["main".into(), f.into()],
+            copies,
+        };
+        let r = StackReport {
+            copies: 10,
+            stacks: vec![st("evil;\x1b", "write_big", 7), st("p", "write_small", 3)],
+            lost: Lost { collision: 1, ..Lost::default() },
+            no_frame_pointers: vec![NoFramePointers {
+                module: "/lib/libc.so.6".into(),
+                functions: vec!["memcpy".into()],
+            }],
+            layouts_missing: 0,
+        };
+        let v: serde_json::Value = serde_json::to_value(StacksRecord::new(&r, 1)).unwrap();
+        let keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
+        assert_eq!(keys, ["copies", "distinct", "layouts_missing", "lost", "no_frame_pointers", "stacks"]);
+        assert_eq!((v["copies"].as_u64(), v["distinct"].as_u64()), (Some(10), Some(2)));
+        assert_eq!(v["stacks"].as_array().unwrap().len(), 1, "--top 1");
+        // JSON: the name exactly; root first.
+        assert_eq!(v["stacks"][0]["comm"], "evil;\x1b");
+        assert_eq!(v["stacks"][0]["frames"][0], "main");
+        let lost: Vec<&str> = v["lost"].as_object().unwrap().keys().map(String::as_str).collect();
+        assert_eq!(lost, ["collision", "counts_full", "not_taken", "walk_failed"]);
+        // Text: escaped, one line per stack, the loss said.
+        let text = stack_lines(&r, 0);
+        assert!(text.contains("        7  evil\\x3b\\x1b;main;write_big\n"), "{text}");
+        assert!(!text.contains('\x1b'));
+        assert!(text.contains("stacks lost: 1 copies (1 map collisions"), "{text}");
+    }
     use crate::{ending::MemCgroup, episode::RegionBytes};
 
     fn row(pid: u32, copies: u64) -> ProcRow {
