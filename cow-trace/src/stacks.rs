@@ -31,6 +31,10 @@ use crate::{
 /// parent's).
 const MAX_LAYOUTS: usize = 16384;
 
+/// The frame that stands for those cut from a stack beyond a function
+/// without a frame pointer.
+pub const CUT: &str = "[stack cut: no frame pointer]";
+
 /// A miss re-reads a live process's layout at most this often (event
 /// time): a program maps its libraries after its exec, and later ones as
 /// it loads them.
@@ -292,10 +296,22 @@ impl StackReport {
             placed.push((comm, frames, n));
         }
         let names = sym.code(&locs);
-        let no_fp = frame_pointer_notes(&locs, &names, sym);
+        let (no_fp, without_fp) = frame_pointer_notes(&locs, &names, sym);
         let mut folded: BTreeMap<(String, Vec<String>), u64> = BTreeMap::new();
-        for (comm, frames, n) in placed {
-            let frames: Vec<String> = frames.into_iter().map(|i| frame_name(&names[i])).collect();
+        for (comm, mut frames, n) in placed {
+            // Outside a function that keeps no frame pointer the walk
+            // followed a register that may be anything: those frames are
+            // cut, not shown as callers they may not be.
+            let mut cut = false;
+            if let Some(p) = frames.iter().rposition(|i| without_fp.contains(i)).filter(|&p| p > 0) {
+                frames.drain(..p);
+                cut = true;
+            }
+            let frames: Vec<String> = cut
+                .then(|| CUT.to_string())
+                .into_iter()
+                .chain(frames.into_iter().map(|i| frame_name(&names[i])))
+                .collect();
             *folded.entry((comm, frames)).or_default() += n;
         }
         let mut stacks: Vec<Stack> =
@@ -377,29 +393,37 @@ fn folded_line(s: &Stack) -> String {
 }
 
 /// The modules whose named functions on the stacks do not begin by setting
-/// up a frame pointer (`push %rbp; mov %rsp,%rbp`, after an `endbr64`).
-fn frame_pointer_notes(locs: &[CodeAt], names: &[CodeName], sym: &mut Symbolizer) -> Vec<NoFramePointers> {
+/// up a frame pointer (`push %rbp; mov %rsp,%rbp`, after an `endbr64`),
+/// and the indexes in `locs` of those functions' frames.
+fn frame_pointer_notes(
+    locs: &[CodeAt],
+    names: &[CodeName],
+    sym: &mut Symbolizer,
+) -> (Vec<NoFramePointers>, HashSet<usize>) {
     let mut without: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut at: HashSet<usize> = HashSet::new();
     let mut checked: HashMap<(String, u64), bool> = HashMap::new();
-    for (loc, n) in locs.iter().zip(names) {
+    for (k, (loc, n)) in locs.iter().zip(names).enumerate() {
         let (CodeAt::File { path, .. }, Some(f), Some(start)) = (loc, &n.function, n.start) else { continue };
         let has = *checked
             .entry((path.clone(), start))
             .or_insert_with(|| sym.sets_up_frame_pointer(path, start).unwrap_or(true));
         if !has {
+            at.insert(k);
             let fns = without.entry(path.clone()).or_default();
             if !fns.contains(f) {
                 fns.push(f.clone());
             }
         }
     }
-    without
+    let notes = without
         .into_iter()
         .map(|(module, mut functions)| {
             functions.sort();
             NoFramePointers { module, functions }
         })
-        .collect()
+        .collect();
+    (notes, at)
 }
 
 #[cfg(test)]

@@ -211,10 +211,17 @@ fn a_leaf_without_a_frame_pointer_is_said_to_lose_its_caller() {
         m["module"] == prog.to_str().unwrap()
             && m["functions"].as_array().unwrap().contains(&"write_big".into())
     });
-    // Without its own frame, the walk goes from write_big to main's caller.
+    // Without its own frame, the walk skips main: what lies beyond
+    // write_big is cut, not shown as callers it may not have.
     assert_eq!((listed, under_main == BIG), (!has_fp, has_fp), "{folded}");
     if !has_fp {
         assert!(r.stderr.contains("no frame pointers in") && r.stderr.contains("write_big"), "{}", r.stderr);
+        let cut: u64 = lines
+            .iter()
+            .filter(|(s, _)| *s == "cow-attr-leaf;[stack cut: no frame pointer];write_big")
+            .map(|(_, n)| n)
+            .sum();
+        assert_eq!(cut, BIG, "{folded}");
     }
 }
 
