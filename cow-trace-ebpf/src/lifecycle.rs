@@ -70,7 +70,10 @@ fn try_fork(ctx: &RawTracePointContext) -> Result<(), i32> {
         in_syscall = true;
     }
     let t = now();
-    stacks::new_image(child, t);
+    // Only a child that is traced: an untraced one's exit never clears it.
+    if setting!(follow) != 0 || setting!(trace_all) != 0 {
+        stacks::new_image(child, t);
+    }
     emit(ids, t, Detail::Spawn { child, in_syscall });
     // The kernel-function backends' time of this fork, after its count.
     kernel_path::fork_seen(ids, child);
