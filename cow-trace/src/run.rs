@@ -165,7 +165,7 @@ impl StackFiles {
                 String::new()
             };
             eprintln!(
-                "cow-trace: stacks: no frame pointers in {} ({}{more}): stacks through them miss their callers or stop there (build it with -fno-omit-frame-pointer)",
+                "cow-trace: stacks: no frame pointers in {} ({}{more}): stacks are cut at them, their callers unknown (build it with -fno-omit-frame-pointer)",
                 for_terminal(&m.module),
                 fns.join(", ")
             );
