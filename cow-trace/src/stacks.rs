@@ -201,7 +201,8 @@ pub struct Stack {
 }
 
 /// A module with functions on the stacks that keep no frame pointer: the
-/// kernel's frame-pointer walk loses their caller, or stops there.
+/// kernel's frame-pointer walk cannot vouch for their callers, so stacks
+/// are cut there.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct NoFramePointers {
     pub module: String,

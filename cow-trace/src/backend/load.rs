@@ -249,7 +249,9 @@ impl Tracer {
             // A copy taken back on another CPU than it was counted on
             // left a wrapped -1 there.
             let n = per_cpu.iter().fold(0u64, |a, &b| a.wrapping_add(b));
-            out.copies.push((key, n));
+            // Below 0 only if a take-back found its thread's slot taken
+            // by a colliding thread's stack: nothing to show for it.
+            out.copies.push((key, if n > u64::MAX / 2 { 0 } else { n }));
         }
         let traces =
             StackTraceMap::try_from(self.ebpf.map("STACK_TRACES").context("STACK_TRACES map missing")?)?;
