@@ -77,16 +77,63 @@ impl KernelOffsets {
     }
 }
 
-/// Loads the running kernel's BTF, with an actionable error when it has none.
-pub fn load_vmlinux_btf() -> Result<Btf> {
-    if !Path::new(VMLINUX_BTF).exists() {
-        bail!(
-            "kernel has no BTF ({VMLINUX_BTF} missing): cow-trace needs a kernel built with \
-             CONFIG_DEBUG_INFO_BTF=y (the default on current Debian, Ubuntu, Fedora and RHEL); \
-             no backend can run without it"
-        );
+/// The running kernel's BTF, read once. Everything cow-trace needs from it
+/// comes from these bytes: structure offsets and what the kernel offers
+/// ([`KernelBtf::index`]) and the type information aya loads programs with
+/// ([`KernelBtf::for_loading`]).
+pub struct KernelBtf {
+    bytes: Vec<u8>,
+}
+
+impl KernelBtf {
+    /// Reads the BTF, with an actionable error when the kernel has none.
+    pub fn read() -> Result<Self> {
+        if !Path::new(VMLINUX_BTF).exists() {
+            bail!(
+                "kernel has no BTF ({VMLINUX_BTF} missing): cow-trace needs a kernel built with \
+                 CONFIG_DEBUG_INFO_BTF=y (the default on current Debian, Ubuntu, Fedora and RHEL); \
+                 no backend can run without it"
+            );
+        }
+        let bytes = fs::read(VMLINUX_BTF).with_context(|| format!("cannot read {VMLINUX_BTF}"))?;
+        Ok(Self { bytes })
     }
-    Btf::from_file(VMLINUX_BTF).map_err(|e| anyhow!("cannot parse {VMLINUX_BTF}: {e}"))
+
+    /// The BTF indexed for lookups by name. btf-rs's cached backend decodes
+    /// and indexes every one of the kernel's types up front (150 ms on a
+    /// small VM, for a dozen lookups); its mapped backend indexes lazily but
+    /// wants a file to map, and sysfs BTF can be mapped only on recent
+    /// kernels: the bytes go to a memory file, mapped from there.
+    pub fn index(&self) -> Result<Btf> {
+        let parse_error = |e: &dyn std::fmt::Display| anyhow!("cannot parse {VMLINUX_BTF}: {e}");
+        // SAFETY: a plain memfd_create with a NUL-terminated name.
+        let fd = unsafe { libc::memfd_create(c"cow-trace-btf".as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            // No memory files (a seccomp filter, say): decode it all.
+            return Btf::from_bytes(&self.bytes).map_err(|e| parse_error(&e));
+        }
+        // SAFETY: a descriptor just created and owned here.
+        let mut file = unsafe { <fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        io::Write::write_all(&mut file, &self.bytes).context("cannot copy the kernel's BTF")?;
+        let path = format!("/proc/self/fd/{fd}");
+        let btf = Btf::from_file_with_backend(&path, btf_rs::Backend::Mmap)
+            .or_else(|_| Btf::from_bytes(&self.bytes))
+            .map_err(|e| parse_error(&e))?;
+        Ok(btf)
+    }
+
+    /// The BTF as aya loads programs with it (trampolines bind to functions
+    /// through it).
+    pub fn for_loading(&self) -> Result<aya::Btf> {
+        aya::Btf::parse(&self.bytes, aya::Endianness::default())
+            .map_err(|e| anyhow!("cannot parse {VMLINUX_BTF}: {e}"))
+    }
+}
+
+/// Loads the running kernel's BTF, indexed for lookups by name.
+#[cfg(test)]
+pub fn load_vmlinux_btf() -> Result<Btf> {
+    KernelBtf::read()?.index()
 }
 
 /// The value of enumerator `member` of `enum name`.

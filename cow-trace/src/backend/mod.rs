@@ -5,6 +5,7 @@
 mod load;
 mod select;
 
+use load::Loader;
 pub use load::{CgroupId, LoadOptions, Tracer};
 pub use select::{choose, KernelFeatures, Selection};
 

@@ -6,10 +6,15 @@ use anyhow::Result;
 use btf_rs::Btf;
 use cow_trace_common::hooks::{Attach, Hook, HOOKS};
 
-use super::{BackendKind, LoadOptions, Tracer};
+use std::cell::OnceCell;
+
+use cow_trace_common::Config;
+
+use super::{load, BackendKind, LoadOptions, Loader, Tracer};
 use crate::{
     cli::BackendChoice,
-    kernel::{self, KernelOffsets},
+    kernel::{self, KernelBtf, KernelOffsets},
+    timings,
 };
 
 /// Environment variable listing optional functions not to hook.
@@ -54,16 +59,27 @@ pub fn choose(
     choice: BackendChoice,
     offsets: &KernelOffsets,
     tracefs: &Path,
-    features: &KernelFeatures,
+    features: &mut KernelFeatures,
     opts: &LoadOptions,
+    btf: &KernelBtf,
 ) -> Result<(Selection, Tracer)> {
+    let kinds = candidates(choice);
+    // Each attempt's settings outlive the loader that holds them.
+    let configs: Vec<OnceCell<Config>> = kinds.iter().map(|_| OnceCell::new()).collect();
+    let mut loader: Option<Loader> = None;
     let mut rejected = Vec::new();
-    for kind in candidates(choice) {
+    for (kind, config) in kinds.into_iter().zip(&configs) {
+        if kind == BackendKind::Kprobe {
+            features.read_kallsyms();
+        }
         // Loading and attaching is the honest test of what a kernel allows
         // (it can list a function and still refuse a trampoline on it).
         let attempt = features.check(kind).map_err(anyhow::Error::msg).and_then(|funcs| {
             let plan = features.plan(kind, &funcs);
-            Tracer::load(kind, &plan, &funcs, offsets, tracefs, opts).map(|t| (funcs, t))
+            let _ = config.set(load::config(kind, &funcs, offsets, tracefs, opts)?);
+            let config = config.get().expect("just set");
+            let loader = loader.get_or_insert_with(|| Loader::new(btf));
+            Tracer::load(kind, &plan, config, opts, loader).map(|t| (funcs, t))
         });
         match attempt {
             Ok((funcs, tracer)) => {
@@ -111,7 +127,9 @@ pub struct KernelFeatures {
     pub missing_raw_tracepoints: Vec<&'static str>,
     /// Classic tracepoints of the hook table this kernel has.
     pub tracepoints: Vec<&'static str>,
-    /// Hooked kernel functions in /proc/kallsyms (kprobe targets).
+    /// Hooked kernel functions in /proc/kallsyms (kprobe targets); read
+    /// only when the kprobe backend is tried (see
+    /// [`KernelFeatures::read_kallsyms`]).
     pub kallsyms: Vec<&'static str>,
     /// Hooked kernel functions with a BTF `FUNC` (fentry targets).
     pub btf_funcs: Vec<&'static str>,
@@ -124,7 +142,6 @@ pub struct KernelFeatures {
 
 impl KernelFeatures {
     pub fn probe(btf: &Btf, tracefs: &Path) -> Self {
-        let kallsyms = std::fs::read_to_string("/proc/kallsyms").unwrap_or_default();
         let functions = targets(Hook::hooks_function);
         Self {
             kprobes: tracefs.join("kprobe_events").exists()
@@ -142,7 +159,7 @@ impl KernelFeatures {
                     _ => None,
                 })
                 .collect(),
-            kallsyms: functions.iter().copied().filter(|f| kernel::kallsyms_has(&kallsyms, f)).collect(),
+            kallsyms: Vec::new(),
             btf_funcs: functions.iter().copied().filter(|f| kernel::has_btf_func(btf, f)).collect(),
             skip: std::env::var(SKIP_HOOKS_ENV)
                 .unwrap_or_default()
@@ -152,6 +169,21 @@ impl KernelFeatures {
                 .map(String::from)
                 .collect(),
         }
+    }
+
+    /// Fills [`KernelFeatures::kallsyms`]: reading /proc/kallsyms takes
+    /// tens of milliseconds, wasted unless the kprobe backend is tried on a
+    /// kernel with kprobes.
+    pub fn read_kallsyms(&mut self) {
+        if !self.kprobes || !self.kallsyms.is_empty() {
+            return;
+        }
+        let _t = timings::span(|| "/proc/kallsyms read".into());
+        let kallsyms = std::fs::read_to_string("/proc/kallsyms").unwrap_or_default();
+        self.kallsyms = targets(Hook::hooks_function)
+            .into_iter()
+            .filter(|f| kernel::kallsyms_has(&kallsyms, f))
+            .collect();
     }
 
     /// The functions `kind` would hook here, or why it cannot run, judged
