@@ -201,10 +201,11 @@ pub fn has_raw_tracepoint(btf: &Btf, name: &str) -> bool {
     btf.resolve_ids_by_name(&format!("btf_trace_{name}")).map(|ids| !ids.is_empty()).unwrap_or(false)
 }
 
-/// Whether the kernel has a BTF `FUNC` named `name`: a function fentry can
-/// attach to (inlined functions have none).
-pub fn has_btf_func(btf: &Btf, name: &str) -> bool {
-    btf.resolve_types_by_name(name).map(|tys| tys.iter().any(|t| matches!(t, Type::Func(_)))).unwrap_or(false)
+/// The BTF id of the `FUNC` named `name`: a function fentry can attach to
+/// (inlined functions have none), named by its id when a program loads.
+pub fn btf_func_id(btf: &Btf, name: &str) -> Option<u32> {
+    let ids = btf.resolve_ids_by_name(name).ok()?;
+    ids.into_iter().find(|&id| matches!(btf.resolve_type_by_id(id), Ok(Type::Func(_))))
 }
 
 /// Whether `/proc/kallsyms` text lists a text symbol `name` exactly
@@ -420,8 +421,9 @@ print fmt: \"0x%lx\", REC->ret
         // FAULT_FLAG_USER = 1 << 6 since 5.x (enum fault_flag).
         assert_eq!(enum_value(&btf, "fault_flag", "FAULT_FLAG_USER"), Some(1 << 6));
         assert_eq!(enum_value(&btf, "fault_flag", "NO_SUCH_FLAG"), None);
-        assert!(has_btf_func(&btf, "copy_process"));
-        assert!(!has_btf_func(&btf, "task_struct"));
+        let id = btf_func_id(&btf, "copy_process").unwrap();
+        assert!(matches!(btf.resolve_type_by_id(id), Ok(Type::Func(_))));
+        assert_eq!(btf_func_id(&btf, "task_struct"), None);
     }
 
     #[test]

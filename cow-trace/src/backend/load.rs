@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use anyhow::{anyhow, Context as _, Result};
+use anyhow::{anyhow, bail, Context as _, Result};
 use aya::{
     maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
     programs::{FEntry, FExit, KProbe, RawTracePoint, TracePoint},
@@ -293,6 +293,80 @@ impl Tracer {
         }
         Ok(KernelCounters::decode(&out))
     }
+}
+
+/// The kernel's `union bpf_attr` as `BPF_PROG_LOAD` reads it, up to the
+/// fields a tracing program needs (the rest must be, and are, zero).
+#[repr(C)]
+#[derive(Default)]
+struct ProgLoadAttr {
+    prog_type: u32,
+    insn_cnt: u32,
+    insns: u64,
+    license: u64,
+    log_level: u32,
+    log_size: u32,
+    log_buf: u64,
+    kern_version: u32,
+    prog_flags: u32,
+    prog_name: [u8; 16],
+    prog_ifindex: u32,
+    expected_attach_type: u32,
+    prog_btf_fd: u32,
+    func_info_rec_size: u32,
+    func_info: u64,
+    func_info_cnt: u32,
+    line_info_rec_size: u32,
+    line_info: u64,
+    line_info_cnt: u32,
+    attach_btf_id: u32,
+    attach_prog_fd: u32,
+    core_relo_cnt: u32,
+}
+
+const BPF_PROG_LOAD: libc::c_long = 5;
+const BPF_PROG_TYPE_TRACING: u32 = 26;
+const BPF_TRACE_FENTRY: u32 = 24;
+
+/// Whether the kernel loads an fentry program for `func` (its BTF id in
+/// the kernel's BTF): the two-instruction program `return 0`, loaded and
+/// closed. Kernels that lock trampolines down refuse every fentry load
+/// alike (this machine kind answers EPERM), so the smallest load says so
+/// for the cost of one system call, where trying the backend costs its
+/// maps and every program before the first fentry one. A program that
+/// loads here proves nothing yet: the backend is still chosen only once
+/// its own programs load and attach.
+pub fn trampoline_allowed(func: &str, btf_id: u32) -> Result<()> {
+    // mov r0, 0; exit
+    let insns: [u64; 2] = [0xb7, 0x95];
+    let license = c"GPL";
+    let mut attr = ProgLoadAttr {
+        prog_type: BPF_PROG_TYPE_TRACING,
+        insn_cnt: insns.len() as u32,
+        insns: insns.as_ptr() as u64,
+        license: license.as_ptr() as u64,
+        expected_attach_type: BPF_TRACE_FENTRY,
+        attach_btf_id: btf_id,
+        ..Default::default()
+    };
+    attr.prog_name[..13].copy_from_slice(b"cow_fe_probe\0");
+    // SAFETY: the attribute points at the instructions and the license,
+    // both alive for the call.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_LOAD,
+            &mut attr as *mut ProgLoadAttr,
+            std::mem::size_of::<ProgLoadAttr>() as u32,
+        )
+    };
+    if fd < 0 {
+        let code = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
+        bail!("BPF trampoline refused: {} (loading a test program for {func})", errno_name(code));
+    }
+    // SAFETY: a descriptor the kernel just gave us.
+    drop(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) });
+    Ok(())
 }
 
 /// The kernel's `union bpf_attr` as the `BPF_MAP_*_BATCH` commands read it.

@@ -75,6 +75,9 @@ pub fn choose(
         // Loading and attaching is the honest test of what a kernel allows
         // (it can list a function and still refuse a trampoline on it).
         let attempt = features.check(kind).map_err(anyhow::Error::msg).and_then(|funcs| {
+            if kind == BackendKind::Fentry {
+                features.trampolines_allowed()?;
+            }
             let plan = features.plan(kind, &funcs);
             let _ = config.set(load::config(kind, &funcs, offsets, tracefs, opts)?);
             let config = config.get().expect("just set");
@@ -131,8 +134,9 @@ pub struct KernelFeatures {
     /// only when the kprobe backend is tried (see
     /// [`KernelFeatures::read_kallsyms`]).
     pub kallsyms: Vec<&'static str>,
-    /// Hooked kernel functions with a BTF `FUNC` (fentry targets).
-    pub btf_funcs: Vec<&'static str>,
+    /// Hooked kernel functions with a BTF `FUNC` (fentry targets), with
+    /// their BTF ids.
+    pub btf_funcs: Vec<(&'static str, u32)>,
     /// Optional functions not to hook (`COW_TRACE_SKIP_HOOKS=a,b`): a way
     /// around a function that misbehaves on some kernel, and a way to run
     /// the fallbacks (e.g. the copy signal used where `wp_page_copy` is
@@ -160,7 +164,10 @@ impl KernelFeatures {
                 })
                 .collect(),
             kallsyms: Vec::new(),
-            btf_funcs: functions.iter().copied().filter(|f| kernel::has_btf_func(btf, f)).collect(),
+            btf_funcs: functions
+                .iter()
+                .filter_map(|&f| kernel::btf_func_id(btf, f).map(|id| (f, id)))
+                .collect(),
             skip: std::env::var(SKIP_HOOKS_ENV)
                 .unwrap_or_default()
                 .split(',')
@@ -169,6 +176,17 @@ impl KernelFeatures {
                 .map(String::from)
                 .collect(),
         }
+    }
+
+    /// Whether the kernel loads the smallest fentry program on the first
+    /// hooked function, before the fentry backend's objects and programs
+    /// are loaded (see `load::trampoline_allowed`).
+    pub fn trampolines_allowed(&self) -> Result<()> {
+        let Some(&(func, id)) = self.btf_funcs.first() else { return Ok(()) };
+        timings::time(
+            || format!("fentry test program loaded for {func}"),
+            || load::trampoline_allowed(func, id),
+        )
     }
 
     /// Fills [`KernelFeatures::kallsyms`]: reading /proc/kallsyms takes
@@ -199,6 +217,7 @@ impl KernelFeatures {
                 missing.join(", ")
             ));
         }
+        let btf_funcs: Vec<&str> = self.btf_funcs.iter().map(|&(f, _)| f).collect();
         let have = match kind {
             BackendKind::Tracepoint => {
                 let required = kind.hooks().filter(|h| h.required);
@@ -216,7 +235,7 @@ impl KernelFeatures {
             }
             BackendKind::Kprobe if !self.kprobes => return Err("kernel built without CONFIG_KPROBES".into()),
             BackendKind::Kprobe => &self.kallsyms,
-            BackendKind::Fentry => &self.btf_funcs,
+            BackendKind::Fentry => &btf_funcs,
         };
         let where_ = if kind == BackendKind::Fentry { "in the kernel's BTF" } else { "in /proc/kallsyms" };
         let skipped = |f: &str| self.skip.iter().any(|s| s == f);
@@ -278,6 +297,11 @@ mod tests {
 
     const ALL: [&str; 5] = ["copy_process", "do_wp_page", "dup_mmap", "wp_page_copy", "do_huge_pmd_wp_page"];
 
+    /// Functions with made-up BTF ids.
+    fn ids(funcs: &[&'static str]) -> Vec<(&'static str, u32)> {
+        funcs.iter().zip(100..).map(|(&f, id)| (f, id)).collect()
+    }
+
     /// This machine's kind of kernel: tracepoints only.
     fn no_kprobes() -> KernelFeatures {
         KernelFeatures {
@@ -285,7 +309,7 @@ mod tests {
             missing_raw_tracepoints: vec![],
             tracepoints: vec!["sys_enter_clone", "sys_exit_clone", "sys_enter_clone3", "sys_exit_clone3"],
             kallsyms: vec!["copy_process", "do_wp_page", "dup_mmap", "do_huge_pmd_wp_page"],
-            btf_funcs: vec!["copy_process", "do_wp_page", "dup_mmap", "do_huge_pmd_wp_page"],
+            btf_funcs: ids(&["copy_process", "do_wp_page", "dup_mmap", "do_huge_pmd_wp_page"]),
             skip: vec![],
         }
     }
@@ -316,17 +340,17 @@ mod tests {
         let f = KernelFeatures { kprobes: true, kallsyms: vec!["copy_process"], ..no_kprobes() };
         let e = f.check(BackendKind::Kprobe).unwrap_err();
         assert!(e.contains("do_wp_page") && e.contains("kallsyms"), "{e}");
-        let f = KernelFeatures { btf_funcs: vec!["do_wp_page"], ..no_kprobes() };
+        let f = KernelFeatures { btf_funcs: ids(&["do_wp_page"]), ..no_kprobes() };
         let e = f.check(BackendKind::Fentry).unwrap_err();
         assert!(e.contains("copy_process") && e.contains("BTF"), "{e}");
         // Optional functions are just left out.
-        let f = KernelFeatures { btf_funcs: ALL.to_vec(), ..no_kprobes() };
+        let f = KernelFeatures { btf_funcs: ids(&ALL), ..no_kprobes() };
         assert_eq!(f.check(BackendKind::Fentry).unwrap(), ALL.to_vec());
     }
 
     #[test]
     fn copy_page_range_carries_the_share_only_where_dup_mmap_is_inlined() {
-        let with = |funcs: &[&'static str]| KernelFeatures { btf_funcs: funcs.to_vec(), ..no_kprobes() };
+        let with = |funcs: &[&'static str]| KernelFeatures { btf_funcs: ids(funcs), ..no_kprobes() };
         // 6.1: both exist; copy_page_range runs inside dup_mmap, so only
         // dup_mmap is timed.
         let f = with(&["copy_process", "do_wp_page", "dup_mmap", "copy_page_range"]);
@@ -344,7 +368,7 @@ mod tests {
 
     #[test]
     fn skipped_hooks() {
-        let f = KernelFeatures { btf_funcs: ALL.to_vec(), skip: vec!["wp_page_copy".into()], ..no_kprobes() };
+        let f = KernelFeatures { btf_funcs: ids(&ALL), skip: vec!["wp_page_copy".into()], ..no_kprobes() };
         assert_eq!(
             f.check(BackendKind::Fentry).unwrap(),
             vec!["copy_process", "do_wp_page", "dup_mmap", "do_huge_pmd_wp_page"]
