@@ -21,11 +21,7 @@ fn launch_mode_counts_the_pages_the_workload_wrote() {
     if !need_root("launch_mode_counts_the_pages_the_workload_wrote") {
         return;
     }
-    let mut args = vec!["--json".to_string()];
-    args.extend(launch_workload(&WITH_ZERO_FILLS));
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let r = run(&args, Duration::from_secs(120));
-    assert!(r.status.success(), "{}\n{}", r.stdout, r.stderr);
+    let r = run_launched(&["--json"], &WITH_ZERO_FILLS);
     assert_eq!(r.records[0]["type"], "start");
     assert_eq!(r.records[0]["backend"], "tracepoint");
     let s = r.summary();
@@ -40,11 +36,7 @@ fn copies_made_in_kernel_mode_are_counted_in_the_process_that_made_the_call() {
     if !need_root("copies_made_in_kernel_mode_are_counted_in_the_process_that_made_the_call") {
         return;
     }
-    let mut args = vec!["--json".to_string(), "--top".into(), "0".into()];
-    args.extend(launch_workload(&KERNEL_WRITES));
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let r = run(&args, Duration::from_secs(120));
-    assert!(r.status.success(), "{}\n{}", r.stdout, r.stderr);
+    let r = run_launched(&["--json", "--top", "0"], &KERNEL_WRITES);
     assert_eq!(r.records[0]["backend"], "tracepoint");
     // The child's pread(2) copies count as its own (the kernel's write
     // fault in copy_to_user); its /proc/self/mem writes take no fault and
