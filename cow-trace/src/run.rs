@@ -547,11 +547,7 @@ impl Session {
             _ => None,
         };
         let Session { tracer, ring, tally, mut out, format, comm, threshold, .. } = self;
-        // Detach everything before printing: the summary is the last word.
         drop(ring);
-        detaching.wait();
-        drop(tracer);
-        mark("shutdown: programs detached");
         let all_episodes = tally.episodes().map(Episodes::all).unwrap_or_default();
         let episodes_total = all_episodes.len() as u64 + tally.episodes().map_or(0, Episodes::dropped);
         let summary = output::RunSummary {
@@ -573,12 +569,19 @@ impl Session {
             }),
             episodes_total,
         };
+        // Written while the links are still being detached: everything it
+        // says was read after the cut-off, and it is what the user waits
+        // for. The process ends once every link is gone.
         output::write_summary(&mut out, &summary, format)?;
+        out.flush()?;
         mark("shutdown: summary written");
         warn_about_losses(&kernel);
         if let Some(c) = command {
             eprintln!("cow-trace: command {}", c.describe());
         }
+        detaching.wait();
+        drop(tracer);
+        mark("shutdown: programs detached");
         timings::record("shutdown, in all", shutdown);
         // A command that ended on its own passes its status on; one that
         // cow-trace ended did what the user asked.

@@ -68,3 +68,22 @@ pub fn time<T>(label: impl FnOnce() -> String, f: impl FnOnce() -> T) -> T {
     let _span = span(label);
     f()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn off_unless_asked_and_then_labels_are_never_built() {
+        // The test harness does not set the variable, and `init` reads it
+        // once: off for the whole process.
+        if std::env::var_os(ENV).is_some() {
+            eprintln!("SKIPPED: {ENV} is set for this test process");
+            return;
+        }
+        init();
+        assert!(!enabled());
+        assert_eq!(time(|| unreachable!("a label built while timings are off"), || 7), 7);
+        assert!(span(|| unreachable!()).is_none());
+    }
+}
