@@ -1,14 +1,13 @@
 //! What the kernel offers, which backend runs on it, and why.
 
-use std::path::Path;
+use std::{cell::OnceCell, path::Path};
 
 use anyhow::Result;
 use btf_rs::Btf;
-use cow_trace_common::hooks::{Attach, Hook, HOOKS};
-
-use std::cell::OnceCell;
-
-use cow_trace_common::Config;
+use cow_trace_common::{
+    hooks::{Attach, Hook, HOOKS},
+    Config,
+};
 
 use super::{load, BackendKind, LoadOptions, Loader, Tracer};
 use crate::{
