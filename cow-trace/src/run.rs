@@ -100,7 +100,7 @@ pub fn run(args: Args) -> Result<i32> {
     };
     let (selection, mut tracer) = timings::time(
         || "backend chosen, loaded and attached".into(),
-        || backend::choose(args.backend, &offsets, &tracefs, &mut features, &opts, &btf),
+        || backend::choose(args.backend, &offsets, &mut features, &opts, &btf),
     )?;
     drop(btf);
     let targets = trace_targets(&mode, &mut tracer, gated.as_ref())?;
@@ -523,13 +523,11 @@ impl Session {
         for (ts, r) in self.tracer.unsent_faults()? {
             self.tally.apply_unsent(ts, &r, self.sample_every);
         }
-        let forks_cut_off = self.tracer.forks_in_flight()?;
         if let Some(eps) = self.tally.episodes_mut() {
-            eps.cut_off_forks(&forks_cut_off);
             eps.finish_closing();
             eps.mark_unseen_exits(|c| !gone.contains(&c));
         }
-        mark("shutdown: unsent batches and forks in flight read");
+        mark("shutdown: unsent batches read");
         self.print_episodes()?;
         mark("shutdown: episodes printed");
         let faults_in_flight_at_end = self.tracer.faults_in_flight()?;

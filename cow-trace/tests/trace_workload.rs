@@ -201,3 +201,40 @@ fn every_ending_gives_a_summary_and_leaves_no_program_map_or_link() {
     sleeper.kill().unwrap();
     sleeper.wait().unwrap();
 }
+
+/// The tracepoint backend times a fork from its system call's entry to the
+/// new process (`sched_process_fork`): every fork the workload made is timed
+/// within the time the workload itself measured around the call, which a
+/// start left by its earlier thread creation or refused clone would
+/// exceed; and no process is timed more often than it forked.
+#[test]
+fn tracepoint_backend_times_each_fork_within_its_call() {
+    if !need_root("tracepoint_backend_times_each_fork_within_its_call") {
+        return;
+    }
+    const FORKS: usize = 20;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/workloads/forks.py");
+    let n = FORKS.to_string();
+    let r =
+        run(&["--json", "--backend", "tracepoint", "--", "python3", script, &n], Duration::from_secs(120));
+    assert!(r.status.success(), "{}\n{}", r.stdout, r.stderr);
+    let s = r.summary();
+    assert_eq!(s["backend"], "tracepoint");
+    let report = r.others.iter().find(|v| v.get("forks").is_some()).expect("workload report");
+    let forks = report["forks"].as_array().unwrap();
+    assert_eq!(forks.len(), FORKS);
+    let eps = s["episodes"].as_array().unwrap();
+    for f in forks {
+        let child = u(&f["child"]);
+        let ep = eps.iter().find(|e| u(&e["child"]) == child).unwrap_or_else(|| panic!("no episode for {f}"));
+        let latency = u(&ep["fork_latency_ns"]);
+        let call = u(&f["after_ns"]) - u(&f["before_ns"]);
+        assert!(
+            latency > 0 && latency <= call,
+            "fork of {child}: {latency} ns timed, {call} ns around the call"
+        );
+    }
+    for p in s["processes"].as_array().unwrap() {
+        assert_eq!(u(&p["fork_latency_ns"]["count"]), u(&p["forks"]), "{p}");
+    }
+}

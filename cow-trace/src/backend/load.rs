@@ -1,11 +1,9 @@
 //! The loaded and attached BPF programs, with the maps userspace reads.
 
-use std::path::Path;
-
 use anyhow::{anyhow, bail, Context as _, Result};
 use aya::{
     maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
-    programs::{FEntry, FExit, KProbe, RawTracePoint, TracePoint},
+    programs::{FEntry, FExit, KProbe, RawTracePoint},
     Ebpf, EbpfLoader,
 };
 use cow_trace::counts::KernelCounters;
@@ -17,7 +15,7 @@ use cow_trace_common::{
 
 use super::BackendKind;
 use crate::{
-    kernel::{self, KernelBtf, KernelOffsets},
+    kernel::{KernelBtf, KernelOffsets},
     timings,
 };
 
@@ -230,16 +228,6 @@ impl Tracer {
         Ok(faults.keys().filter(Result::is_ok).count() as u64)
     }
 
-    /// The children of forks whose syscall had not returned by the
-    /// cut-off (tracepoint backend; the kernel-function backends time
-    /// `copy_process`, which returns before the child is announced).
-    pub fn forks_in_flight(&self) -> Result<Vec<u32>> {
-        let forks: HashMap<_, u32, [u64; 2]> =
-            HashMap::try_from(self.ebpf.map("FORKS").context("FORKS map missing")?)?;
-        // `ForkStart { ts, child: u32, _pad }`: the child in the low half.
-        Ok(forks.iter().filter_map(Result::ok).map(|(_, v)| v[1] as u32).filter(|&c| c != 0).collect())
-    }
-
     /// Starts detaching every program. Once the run is cut off and no
     /// program still runs (see `run::wait_for_running_programs`), the
     /// programs change nothing: detaching them can go on while userspace
@@ -446,19 +434,9 @@ pub fn config(
     kind: BackendKind,
     funcs: &[&str],
     offsets: &KernelOffsets,
-    tracefs: &Path,
     opts: &LoadOptions,
 ) -> Result<Config> {
     let off = &offsets.task;
-    let sys_exit_ret = match kind {
-        BackendKind::Tracepoint => {
-            let exit_fmt = kernel::event_format(tracefs, "syscalls", "sys_exit_clone")?;
-            kernel::field(&exit_fmt, "ret")
-                .ok_or_else(|| anyhow!("syscalls:sys_exit_clone has no `ret` field"))?
-                .offset
-        }
-        _ => 0,
-    };
     let vmf_address = match kind {
         BackendKind::Tracepoint => 0,
         _ => {
@@ -474,7 +452,7 @@ pub fn config(
         task_exit_code: off.task_exit_code,
         signal_live: off.signal_live,
         signal_oom_mm: off.signal_oom_mm,
-        sys_exit_ret,
+        task_ti_status: off.task_ti_status,
         self_tgid: std::process::id(),
         empty: opts.empty_programs as u32,
         wakeup_bytes: (opts.ring_buffer_size / 4).min(256 << 10),
@@ -505,13 +483,6 @@ fn attach(ebpf: &mut Ebpf, hook: &Hook, btf: Option<&aya::Btf>) -> Result<Link> 
             timings::time(verify, || p.load()).map_err(|e| load_error(name, e))?;
             let id = timings::time(attaching, || p.attach(target))
                 .with_context(|| format!("cannot attach to raw tracepoint {target}"))?;
-            (name, Box::new(p.take_link(id)?))
-        }
-        Attach::Tracepoint { category } => {
-            let p: &mut TracePoint = prog.try_into()?;
-            timings::time(verify, || p.load()).map_err(|e| load_error(name, e))?;
-            let id = timings::time(attaching, || p.attach(category, target))
-                .with_context(|| format!("cannot attach to tracepoint {category}:{target}"))?;
             (name, Box::new(p.take_link(id)?))
         }
         Attach::Kprobe | Attach::Kretprobe => {

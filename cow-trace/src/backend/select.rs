@@ -57,7 +57,6 @@ pub fn fork_share(funcs: &[&'static str]) -> Option<&'static str> {
 pub fn choose(
     choice: BackendChoice,
     offsets: &KernelOffsets,
-    tracefs: &Path,
     features: &mut KernelFeatures,
     opts: &LoadOptions,
     btf: &KernelBtf,
@@ -78,7 +77,7 @@ pub fn choose(
                 features.trampolines_allowed()?;
             }
             let plan = features.plan(kind, &funcs);
-            let _ = config.set(load::config(kind, &funcs, offsets, tracefs, opts)?);
+            let _ = config.set(load::config(kind, &funcs, offsets, opts)?);
             let config = config.get().expect("just set");
             let loader = loader.get_or_insert_with(|| Loader::new(btf));
             Tracer::load(kind, &plan, config, opts, loader).map(|t| (funcs, t))
@@ -127,8 +126,6 @@ pub struct KernelFeatures {
     pub kprobes: bool,
     /// Raw tracepoints of the hook table this kernel lacks.
     pub missing_raw_tracepoints: Vec<&'static str>,
-    /// Classic tracepoints of the hook table this kernel has.
-    pub tracepoints: Vec<&'static str>,
     /// Hooked kernel functions in /proc/kallsyms (kprobe targets); read
     /// only when the kprobe backend is tried (see
     /// [`KernelFeatures::read_kallsyms`]).
@@ -152,15 +149,6 @@ impl KernelFeatures {
             missing_raw_tracepoints: targets(|h| h.attach == Attach::RawTracepoint)
                 .into_iter()
                 .filter(|tp| !kernel::has_raw_tracepoint(btf, tp))
-                .collect(),
-            tracepoints: HOOKS
-                .iter()
-                .filter_map(|h| match h.attach {
-                    Attach::Tracepoint { category } => {
-                        tracefs.join("events").join(category).join(h.target).is_dir().then_some(h.target)
-                    }
-                    _ => None,
-                })
                 .collect(),
             kallsyms: Vec::new(),
             btf_funcs: functions
@@ -218,20 +206,7 @@ impl KernelFeatures {
         }
         let btf_funcs: Vec<&str> = self.btf_funcs.iter().map(|&(f, _)| f).collect();
         let have = match kind {
-            BackendKind::Tracepoint => {
-                let required = kind.hooks().filter(|h| h.required);
-                for h in required {
-                    if let Attach::Tracepoint { category } = h.attach {
-                        if !self.tracepoints.contains(&h.target) {
-                            return Err(format!(
-                                "this kernel has no {category}:{} tracepoint (CONFIG_FTRACE_SYSCALLS)",
-                                h.target
-                            ));
-                        }
-                    }
-                }
-                return Ok(vec![]);
-            }
+            BackendKind::Tracepoint => return Ok(vec![]),
             BackendKind::Kprobe if !self.kprobes => return Err("kernel built without CONFIG_KPROBES".into()),
             BackendKind::Kprobe => &self.kallsyms,
             BackendKind::Fentry => &btf_funcs,
@@ -256,17 +231,10 @@ impl KernelFeatures {
         Ok(funcs.into_iter().filter(|f| !(whole && *f == "copy_page_range")).collect())
     }
 
-    /// Every hook `kind` attaches here: its tracepoints the kernel has, and
-    /// its programs on `funcs` (from [`KernelFeatures::check`]).
+    /// Every hook `kind` attaches here: its raw tracepoints, and its
+    /// programs on `funcs` (from [`KernelFeatures::check`]).
     pub fn plan(&self, kind: BackendKind, funcs: &[&str]) -> Vec<&'static Hook> {
-        let mut plan: Vec<_> = kind
-            .hooks()
-            .filter(|h| match h.attach {
-                Attach::RawTracepoint => true,
-                Attach::Tracepoint { .. } => self.tracepoints.contains(&h.target),
-                _ => false,
-            })
-            .collect();
+        let mut plan: Vec<_> = kind.hooks().filter(|h| h.attach == Attach::RawTracepoint).collect();
         plan.extend(function_hooks(kind, funcs));
         plan
     }
@@ -306,7 +274,6 @@ mod tests {
         KernelFeatures {
             kprobes: false,
             missing_raw_tracepoints: vec![],
-            tracepoints: vec!["sys_enter_clone", "sys_exit_clone", "sys_enter_clone3", "sys_exit_clone3"],
             kallsyms: vec!["copy_process", "do_wp_page", "dup_mmap", "do_huge_pmd_wp_page"],
             btf_funcs: ids(&["copy_process", "do_wp_page", "dup_mmap", "do_huge_pmd_wp_page"]),
             skip: vec![],
@@ -385,8 +352,6 @@ mod tests {
         assert!(f.check(BackendKind::Fentry).is_ok());
         let f = KernelFeatures { missing_raw_tracepoints: vec!["sched_process_exit"], ..no_kprobes() };
         assert!(f.check(BackendKind::Fentry).unwrap_err().contains("sched_process_exit"));
-        let f = KernelFeatures { tracepoints: vec![], ..no_kprobes() };
-        assert!(f.check(BackendKind::Tracepoint).unwrap_err().contains("sys_enter_clone"));
     }
 
     #[test]
@@ -406,7 +371,7 @@ mod tests {
         let f = no_kprobes();
         let plan: Vec<_> = f.plan(BackendKind::Tracepoint, &[]).iter().map(|h| h.program).collect();
         assert_eq!(&plan[..3], ["sched_process_fork", "sched_process_exit", "sched_process_exec"]);
-        assert!(plan.contains(&"exit_clone3") && !plan.contains(&"enter_vfork"), "{plan:?}");
+        assert!(plan.contains(&"sys_enter"), "{plan:?}");
         assert!(!plan.contains(&"mm_page_alloc_wp"));
         let plan: Vec<_> = f.plan(BackendKind::Kprobe, &["copy_process"]).iter().map(|h| h.program).collect();
         assert_eq!(
