@@ -8,10 +8,6 @@
 pub enum Attach {
     /// `raw_tracepoint/<target>`: typed arguments, no record copy.
     RawTracepoint,
-    /// Classic tracepoint `<category>:<target>`, attached by its tracefs id.
-    Tracepoint {
-        category: &'static str,
-    },
     Kprobe,
     Kretprobe,
     /// BPF trampolines, bound to the function through the kernel's BTF.
@@ -42,8 +38,7 @@ pub struct Hook {
     /// Whether a backend that uses it can run without it. Optional kernel
     /// functions add a measurement (`dup_mmap` or, where it is inlined,
     /// `copy_page_range`; huge-page faults) or a
-    /// sharper signal (`wp_page_copy`); optional fork syscalls do not exist
-    /// on every architecture.
+    /// sharper signal (`wp_page_copy`).
     pub required: bool,
 }
 
@@ -60,16 +55,6 @@ impl Hook {
 
 const fn raw(program: &'static str, target: &'static str, backends: u8) -> Hook {
     Hook { program, attach: Attach::RawTracepoint, target, backends, required: true }
-}
-
-const fn syscall(program: &'static str, target: &'static str, required: bool) -> Hook {
-    Hook {
-        program,
-        attach: Attach::Tracepoint { category: "syscalls" },
-        target,
-        backends: backends::TRACEPOINT,
-        required,
-    }
 }
 
 const fn func(program: &'static str, attach: Attach, target: &'static str, required: bool) -> Hook {
@@ -92,21 +77,13 @@ pub const HOOKS: &[Hook] = &[
     raw("page_fault_user", "page_fault_user", backends::TRACEPOINT),
     raw("page_fault_kernel", "page_fault_kernel", backends::TRACEPOINT),
     raw("mm_page_alloc", "mm_page_alloc", backends::TRACEPOINT),
+    // `sys_enter` also starts a fork's clock, which `sched_process_fork`
+    // stops.
     raw("sys_enter", "sys_enter", backends::TRACEPOINT),
     raw("sched_switch", "sched_switch", backends::TRACEPOINT),
     // Tracepoint backend: a fault that ends in SIGKILL (the OOM killer),
     // SIGBUS or SIGSEGV for the faulting thread failed.
     raw("signal_generate", "signal_generate", backends::TRACEPOINT),
-    // Tracepoint backend: fork latency, one pair per syscall that can
-    // create a process.
-    syscall("enter_clone", "sys_enter_clone", true),
-    syscall("exit_clone", "sys_exit_clone", true),
-    syscall("enter_clone3", "sys_enter_clone3", false),
-    syscall("exit_clone3", "sys_exit_clone3", false),
-    syscall("enter_fork", "sys_enter_fork", false),
-    syscall("exit_fork", "sys_exit_fork", false),
-    syscall("enter_vfork", "sys_enter_vfork", false),
-    syscall("exit_vfork", "sys_exit_vfork", false),
     // Kernel-function backends: the pages a fault in flight allocates.
     raw("mm_page_alloc_wp", "mm_page_alloc", backends::KERNEL_FUNCTIONS),
     func("kp_copy_process", Kprobe, "copy_process", true),

@@ -308,8 +308,9 @@ pub struct Config {
     pub task_exit_code: u32,
     /// `offsetof(struct signal_struct, live)`.
     pub signal_live: u32,
-    /// Offset of `ret` in the `syscalls:sys_exit_*` tracepoint record.
-    pub sys_exit_ret: u32,
+    /// `offsetof(struct task_struct, thread_info.status)` (x86): its
+    /// `TS_COMPAT` bit marks a task inside a 32-bit (ia32) system call.
+    pub task_ti_status: u32,
     /// The loader's own tgid: never traced, so that whole-system tracing
     /// does not watch itself drain the ring buffer.
     pub self_tgid: u32,

@@ -1,40 +1,23 @@
 //! Process lifecycle: forks, execs and exits of traced processes, which
 //! every backend loads (they keep the traced set and open and close fork
-//! copy windows), and the clone/fork syscall tracepoints that time forks for
-//! the tracepoint backend (the kernel-function backends time `copy_process`).
+//! copy windows), and stop the tracepoint backend's fork clock
+//! (`fork_clock`).
 //!
 //! Each of the three sched hooks sends this CPU's fault batch before its own
 //! event and counts a window event after it (see `batch`).
 
-use aya_ebpf::{
-    helpers::bpf_get_current_task,
-    macros::{map, raw_tracepoint, tracepoint},
-    maps::HashMap,
-    programs::{RawTracePointContext, TracePointContext},
-};
+use aya_ebpf::{helpers::bpf_get_current_task, macros::raw_tracepoint, programs::RawTracePointContext};
 use aya_log_ebpf::warn;
 use cow_trace_common::{counter, TRACED_CHILD};
 
 use crate::{
     batch::{count_window_event, flush_batch},
     emit::{emit, Detail},
-    kernel_path,
+    fork_clock, kernel_path,
     shared::{bump, current_ids, is_traced, now, off, read_at, setting, Ids, TRACED},
     stacks,
     tracepoint::settle_pending,
 };
-
-/// Clone/fork syscalls in flight in traced threads, keyed by thread id.
-#[map]
-static FORKS: HashMap<u32, ForkStart> = HashMap::with_max_entries(16384, 0);
-
-#[repr(C)]
-struct ForkStart {
-    ts: u64,
-    /// Child tgid once `sched_process_fork` has seen it; 0 for threads.
-    child: u32,
-    _pad: u32,
-}
 
 #[raw_tracepoint(tracepoint = "sched_process_fork")]
 pub fn sched_process_fork(ctx: RawTracePointContext) -> i32 {
@@ -51,7 +34,9 @@ fn try_fork(ctx: &RawTracePointContext) -> Result<(), i32> {
     let (child_pid, child_tgid): (i32, i32) =
         unsafe { (read_at(child, setting!(task_pid))?, read_at(child, setting!(task_tgid))?) };
     if child_pid != child_tgid {
-        return Ok(()); // a new thread, not a new process
+        // A new thread, not a new process: its clone's clock stops here.
+        fork_clock::forget(current_ids().tid);
+        return Ok(());
     }
     let ids = current_ids();
     if !is_traced(ids.tgid) {
@@ -63,19 +48,18 @@ fn try_fork(ctx: &RawTracePointContext) -> Result<(), i32> {
         warn!(ctx, "cow-trace: cannot follow pid {}: traced-process map is full", child);
     }
     flush_batch(); // the parent's copies before the fork, ahead of it
-    let mut in_syscall = false;
-    if let Some(f) = FORKS.get_ptr_mut(ids.tid) {
-        // SAFETY: entry owned by this thread until its syscall exits.
-        unsafe { (*f).child = child };
-        in_syscall = true;
-    }
+    let start = fork_clock::take(ids.tid);
     let t = now();
     // Only a child that is traced: an untraced one's exit never clears it.
     if setting!(follow) != 0 || setting!(trace_all) != 0 {
         stacks::new_image(child, t);
     }
-    emit(ids, t, Detail::Spawn { child, in_syscall });
-    // The kernel-function backends' time of this fork, after its count.
+    emit(ids, t, Detail::Spawn { child, in_syscall: start.is_some() });
+    // This fork's time, after its count, from the same program: no cut-off
+    // falls between the two.
+    if let Some(ts) = start {
+        emit(ids, t, Detail::ForkLatency { child, latency_ns: t.saturating_sub(ts), dup_mmap_ns: 0 });
+    }
     kernel_path::fork_seen(ids, child);
     count_window_event();
     Ok(())
@@ -98,6 +82,8 @@ fn try_exit() -> Result<(), i32> {
     if !is_traced(ids.tgid) {
         return Ok(());
     }
+    // A start its clone left by failing, which no later clone replaced.
+    fork_clock::forget(ids.tid);
     // The process is gone when its last thread exits: `signal->live` is
     // already zero then (kernel/exit.c, do_exit; docs/kernel-notes.md,
     // "Process lifecycle hooks").
@@ -139,59 +125,3 @@ pub fn sched_process_exec(_ctx: RawTracePointContext) -> i32 {
     }
     0
 }
-
-#[inline(always)]
-fn fork_enter() {
-    let Ids { tgid, tid } = current_ids();
-    if !is_traced(tgid) {
-        return;
-    }
-    let _ = FORKS.insert(tid, ForkStart { ts: now(), child: 0, _pad: 0 }, 0);
-}
-
-#[inline(always)]
-fn fork_exit(ctx: &TracePointContext) {
-    let ids = current_ids();
-    // SAFETY: the value is copied out before the entry is removed.
-    let Some(start) = (unsafe { FORKS.get(ids.tid) }) else {
-        return;
-    };
-    let (ts, child) = (start.ts, start.child);
-    let _ = FORKS.remove(ids.tid);
-    // SAFETY: the offset of `ret` in this kernel's sys_exit record.
-    let ret: i64 = unsafe { ctx.read_at(setting!(sys_exit_ret) as usize) }.unwrap_or(-1);
-    // A failed clone, or one that made a thread: nothing to report.
-    if child == 0 || ret <= 0 {
-        return;
-    }
-    let t = now();
-    emit(ids, t, Detail::ForkLatency { child, latency_ns: t.saturating_sub(ts), dup_mmap_ns: 0 });
-}
-
-/// The enter and exit tracepoints of one clone/fork syscall.
-macro_rules! fork_syscall {
-    ($enter:ident, $exit:ident, $enter_tp:literal, $exit_tp:literal) => {
-        #[tracepoint(category = "syscalls", name = $enter_tp)]
-        pub fn $enter(_ctx: TracePointContext) -> u32 {
-            if off() {
-                return 0;
-            }
-            fork_enter();
-            0
-        }
-
-        #[tracepoint(category = "syscalls", name = $exit_tp)]
-        pub fn $exit(ctx: TracePointContext) -> u32 {
-            if off() {
-                return 0;
-            }
-            fork_exit(&ctx);
-            0
-        }
-    };
-}
-
-fork_syscall!(enter_clone, exit_clone, "sys_enter_clone", "sys_exit_clone");
-fork_syscall!(enter_clone3, exit_clone3, "sys_enter_clone3", "sys_exit_clone3");
-fork_syscall!(enter_fork, exit_fork, "sys_enter_fork", "sys_exit_fork");
-fork_syscall!(enter_vfork, exit_vfork, "sys_enter_vfork", "sys_exit_vfork");

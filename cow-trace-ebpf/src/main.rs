@@ -6,8 +6,9 @@
 //! - `emit`: the event ring buffer and the typed events written to it.
 //! - `stacks`: `--stacks`, copies counted by user stack in the kernel.
 //! - `batch`: per-CPU batches of fault outcomes and the rules for sending them.
+//! - `fork_clock`: the tracepoint backend's fork latency.
 //! - `tracepoint`: the tracepoint backend's fault classification.
-//! - `lifecycle`: forks, execs and exits (every backend), fork syscalls.
+//! - `lifecycle`: forks, execs and exits (every backend).
 //! - `kernel_path`: what the kprobe and fentry backends measure, with its
 //!   thin wrappers `kprobe` and `fentry`.
 //!
@@ -28,6 +29,8 @@ mod batch;
 mod emit;
 #[cfg(target_arch = "bpf")]
 mod fentry;
+#[cfg(target_arch = "bpf")]
+mod fork_clock;
 #[cfg(target_arch = "bpf")]
 mod kernel_path;
 #[cfg(target_arch = "bpf")]

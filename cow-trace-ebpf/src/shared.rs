@@ -22,7 +22,7 @@ pub(crate) static CONFIG: Config = Config {
     task_signal: 0,
     task_exit_code: 0,
     signal_live: 0,
-    sys_exit_ret: 0,
+    task_ti_status: 0,
     self_tgid: 0,
     empty: 0,
     wakeup_bytes: 0,

@@ -298,11 +298,13 @@ pub fn signal_generate(ctx: RawTracePointContext) -> i32 {
 /// be a copy: allocations made by the syscall are the syscall's. Syscall
 /// tracepoints may be preemptible (6.13 on), so this one never batches.
 #[raw_tracepoint(tracepoint = "sys_enter")]
-pub fn sys_enter(_ctx: RawTracePointContext) -> i32 {
+pub fn sys_enter(ctx: RawTracePointContext) -> i32 {
     if off() {
         return 0;
     }
     settle_pending(current_ids().tid, false);
+    // TP_PROTO(struct pt_regs *regs, long id)
+    crate::fork_clock::syscall_entered(ctx.arg(1));
     0
 }
 

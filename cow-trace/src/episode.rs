@@ -64,14 +64,8 @@ pub struct Episode {
     pub child_comm: String,
     /// Monotonic clock (`CLOCK_MONOTONIC`, ns) at the fork.
     pub start_ns: u64,
-    /// The parent's fork syscall time; `None` for kernel-made processes,
-    /// and for forks whose syscall had not returned at the end of the run
-    /// (then `fork_cut_off`).
+    /// The parent's fork time; `None` for kernel-made processes.
     pub fork_latency_ns: Option<u64>,
-    /// The fork's syscall was still running at the end of the run: its
-    /// latency was never measured.
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
-    pub fork_cut_off: bool,
     /// Fork to exit; `None` while the child still runs (in the summary:
     /// still running at the end of the run).
     pub child_lifetime_ns: Option<u64>,
@@ -147,7 +141,6 @@ struct Open {
     child_comm: String,
     start_ns: u64,
     fork_latency_ns: Option<u64>,
-    fork_cut_off: bool,
     /// Gone at the end without an exit event (see `Episode`).
     exit_unseen: bool,
     exec_after_ns: Option<u64>,
@@ -370,7 +363,6 @@ impl Episodes {
                 child_comm: comm,
                 start_ns: e.ts_ns,
                 fork_latency_ns,
-                fork_cut_off: false,
                 exit_unseen: false,
                 exec_after_ns: None,
                 parent_copies: 0,
@@ -558,7 +550,6 @@ impl Episodes {
             child_comm: o.child_comm,
             start_ns: o.start_ns,
             fork_latency_ns: o.fork_latency_ns,
-            fork_cut_off: o.fork_cut_off,
             child_lifetime_ns: lifetime,
             child_exit_unseen: o.exit_unseen && lifetime.is_none(),
             exec_after_ns: o.exec_after_ns,
@@ -635,24 +626,6 @@ impl Episodes {
         done.sort_by_key(|o| (o.closed.map(|c| c.end_ns), o.child));
         for o in done {
             self.close_out(o);
-        }
-    }
-
-    /// Marks the forks of `children` whose syscall was still running at the
-    /// cut-off (their latency will never come), so that they are not taken
-    /// for processes the kernel made without a fork syscall.
-    pub fn cut_off_forks(&mut self, children: &[u32]) {
-        for &c in children {
-            if let Some(o) = self.open.get_mut(&c).filter(|o| o.fork_latency_ns.is_none()) {
-                o.fork_cut_off = true;
-            }
-            let unmeasured = |e: &&mut Episode| e.child == c && e.fork_latency_ns.is_none();
-            if let Some(e) = self.finished.iter_mut().rev().find(unmeasured) {
-                e.fork_cut_off = true;
-            }
-            if let Some(e) = self.kept.iter_mut().rev().find(unmeasured) {
-                e.fork_cut_off = true;
-            }
         }
     }
 
@@ -1191,7 +1164,6 @@ mod tests {
             child_comm: "sh".into(),
             start_ns,
             fork_latency_ns: fork_ns,
-            fork_cut_off: false,
             child_lifetime_ns: Some(1),
             child_exit_unseen: false,
             exec_after_ns: None,
@@ -1224,22 +1196,20 @@ mod tests {
     }
 
     #[test]
-    fn at_the_end_a_cut_off_fork_and_an_unseen_exit_are_said_so() {
+    fn at_the_end_a_running_child_and_an_unseen_exit_are_said_so() {
         let mut eps = Episodes::new(4096, Box::new(|_| Some(MAPS.into())));
         eps.feed(&ev(EventKind::Spawn, 100, 200, 10 * MS, "p"));
         eps.feed(&ev(EventKind::Spawn, 100, 300, 20 * MS, "p"));
-        // 200's fork syscall had not returned at the cut-off; 300 was gone
-        // by then without a traced exit.
-        eps.cut_off_forks(&[200]);
+        // 200 still ran at the cut-off; 300 was gone by then without a
+        // traced exit.
         eps.mark_unseen_exits(|c| c != 300);
         let all = eps.all();
         let of = |c: u32| all.iter().find(|e| e.child == c).unwrap();
-        assert!(of(200).fork_cut_off && !of(200).child_exit_unseen);
-        assert!(!of(300).fork_cut_off && of(300).child_exit_unseen);
-        assert!(episode_line(of(200)).contains("fork cut off, child still running at the end"));
+        assert!(!of(200).child_exit_unseen && of(300).child_exit_unseen);
+        assert!(episode_line(of(200)).contains("fork -, child still running at the end"));
         assert!(episode_line(of(300)).contains("fork -, child exited (exit not traced)"));
         let v = serde_json::to_value(of(200)).unwrap();
-        assert!(v["fork_latency_ns"].is_null() && v["fork_cut_off"] == true);
+        assert!(v["fork_latency_ns"].is_null());
         assert!(v.get("child_exit_unseen").is_none());
     }
 }

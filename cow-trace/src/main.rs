@@ -11,10 +11,12 @@ mod memcg;
 mod preflight;
 mod procfs;
 mod run;
+mod timings;
 
 use std::{io, process::ExitCode};
 
 fn main() -> ExitCode {
+    timings::init();
     let args = match cli::Args::try_parse_args(std::env::args_os()) {
         Ok(a) => a,
         Err(cli::ArgsError::Info(e)) => e.exit(),

@@ -107,7 +107,6 @@ pub fn episode_line(ep: &Episode) -> String {
     );
     s += &match ep.fork_latency_ns {
         Some(ns) => format!("fork {}", fmt_ns(ns)),
-        None if ep.fork_cut_off => "fork cut off".into(),
         None => "fork -".into(),
     };
     if let Some(ns) = ep.exec_after_ns {
@@ -778,7 +777,6 @@ mod tests {
             child_comm: "redis-server".into(),
             start_ns: child as u64,
             fork_latency_ns: Some(21_000_000),
-            fork_cut_off: false,
             child_lifetime_ns: Some(1_000_000_000),
             child_exit_unseen: false,
             exec_after_ns: None,

@@ -25,7 +25,7 @@ use crate::{
     backend::{self, KernelFeatures, LoadOptions, Selection, Tracer},
     cli::{Args, Mode},
     exporter::Exporter,
-    kernel, launch, memcg, preflight, procfs,
+    kernel, launch, memcg, preflight, procfs, timings,
 };
 
 /// How often the ring buffer is drained when no event woke us.
@@ -77,13 +77,16 @@ pub fn run(args: Args) -> Result<i32> {
         }
     }
     let cgroups = preflight::resolve_cgroups(&args.cgroups)?;
-    // Everything needed from BTF is read here, and the parsed BTF freed
-    // before aya parses its own copy for loading: halves peak memory.
-    let btf = kernel::load_vmlinux_btf()?;
-    let offsets = kernel::KernelOffsets::from_btf(&btf)?;
-    let tracefs = kernel::tracefs()?;
-    let features = KernelFeatures::probe(&btf, &tracefs);
-    drop(btf);
+    // The kernel's BTF is read once; offsets and features are looked up
+    // by name in a lazily indexed copy, freed before the programs load.
+    let btf = timings::time(|| "BTF read".into(), kernel::KernelBtf::read)?;
+    let index = timings::time(|| "BTF indexed (btf-rs)".into(), || btf.index())?;
+    let offsets =
+        timings::time(|| "offsets read from BTF".into(), || kernel::KernelOffsets::from_btf(&index))?;
+    let tracefs = timings::time(|| "tracefs found".into(), kernel::tracefs)?;
+    let mut features =
+        timings::time(|| "kernel features probed".into(), || KernelFeatures::probe(&index, &tracefs));
+    drop(index);
     let opts = LoadOptions {
         trace_all: mode == Mode::System,
         follow: !args.no_follow,
@@ -99,7 +102,11 @@ pub fn run(args: Args) -> Result<i32> {
         Mode::Launch(argv) => Some(launch::spawn_gated(argv, user.as_ref())?),
         _ => None,
     };
-    let (selection, mut tracer) = backend::choose(args.backend, &offsets, &tracefs, &features, &opts)?;
+    let (selection, mut tracer) = timings::time(
+        || "backend chosen, loaded and attached".into(),
+        || backend::choose(args.backend, &offsets, &mut features, &opts, &btf),
+    )?;
+    drop(btf);
     let targets = trace_targets(&mode, &mut tracer, gated.as_ref())?;
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     runtime.block_on(async {
@@ -311,6 +318,7 @@ impl Session {
         mut out: Box<dyn Write>,
         stack_files: Option<StackFiles>,
     ) -> Result<Self> {
+        let started = std::time::Instant::now();
         let page_size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as u64;
         let threshold = (args.pids.is_empty() && args.command.is_empty()).then_some(Threshold {
             min_copied_bytes: args.min_episode_copied,
@@ -396,10 +404,11 @@ impl Session {
             Format::Json => output::write_start(&mut out, &start, format)?,
             Format::Text { .. } => output::write_start(&mut std::io::stderr().lock(), &start, format)?,
         }
+        timings::record("session set up, header written", started);
         let child = match gated {
             Some(g) => {
                 let fd = launch::pidfd(g.pid).context("pidfd_open")?;
-                g.release()?;
+                timings::time(|| "command released".into(), || g.release())?;
                 Some((g.pid, watch(fd)?))
             }
             None => None,
@@ -589,30 +598,42 @@ impl Session {
         // Children already gone at the cut-off whose exit no event may bring
         // (`--no-follow`): read before it, so that a child that exits just
         // after it is still said to run at the end.
+        let shutdown = std::time::Instant::now();
+        let mut step = shutdown;
+        let mut mark = |label: &str| {
+            timings::record(label, step);
+            step = std::time::Instant::now();
+        };
         let gone: Vec<u32> = self.tally.episodes().map(Episodes::running_children).unwrap_or_default();
         let gone: Vec<u32> = gone.into_iter().filter(|&c| !procfs::alive(c)).collect();
         let cut_off_ns = self.tracer.cut_off()?;
         let elapsed = self.start.elapsed().as_secs_f64();
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        mark("shutdown: cut off");
+        wait_for_running_programs().await;
+        mark("shutdown: wait after the cut-off");
+        let detaching = self.tracer.detach_in_background();
         self.drain();
+        mark("shutdown: ring drained");
         // Fault outcomes the programs batched but never sent: each CPU's are
         // newer than anything it sent, so they come last.
         for (ts, r) in self.tracer.unsent_faults()? {
             self.tally.apply_unsent(ts, &r, self.sample_every);
         }
-        let forks_cut_off = self.tracer.forks_in_flight()?;
         if let Some(eps) = self.tally.episodes_mut() {
-            eps.cut_off_forks(&forks_cut_off);
             eps.finish_closing();
             eps.mark_unseen_exits(|c| !gone.contains(&c));
         }
+        mark("shutdown: unsent batches read");
         self.print_episodes()?;
+        mark("shutdown: episodes printed");
         let faults_in_flight_at_end = self.tracer.faults_in_flight()?;
+        mark("shutdown: faults in flight counted");
         if interval {
             // The last, partial interval: the intervals add up to the summary.
             self.write_interval(sel, elapsed)?;
         }
         let kernel = self.tracer.counters()?;
+        mark("shutdown: counters read");
         let command = match (&end, self.child.take()) {
             (End::CommandExited(status), _) => Some(launch::command_end(*status, false)),
             (End::Signal(sig), Some((pid, fd))) => Some(end_command(pid, *sig, fd).await),
@@ -624,9 +645,7 @@ impl Session {
             None => None,
         };
         let Session { tracer, ring, tally, mut out, format, comm, threshold, stack_files, top, .. } = self;
-        // Detach everything before printing: the summary is the last word.
         drop(ring);
-        drop(tracer);
         // Named off the event path, from the files, now that the run is over.
         let stacks = match (&stack_counts, tally.layouts()) {
             (Some(counts), Some(layouts)) => {
@@ -662,15 +681,43 @@ impl Session {
         if let (Some(files), Some(r)) = (stack_files, &stacks) {
             files.write(r)?;
         }
+        // Written while the links are still being detached: everything it
+        // says was read after the cut-off, and it is what the user waits
+        // for. The process ends once every link is gone.
         output::write_summary(&mut out, &summary, format)?;
+        out.flush()?;
+        mark("shutdown: summary written");
         warn_about_losses(&kernel);
         if let Some(c) = command {
             eprintln!("cow-trace: command {}", c.describe());
         }
+        detaching.wait();
+        drop(tracer);
+        mark("shutdown: programs detached");
+        timings::record("shutdown, in all", shutdown);
         // A command that ended on its own passes its status on; one that
         // cow-trace ended did what the user asked.
         Ok(command.filter(|c| !c.ended_by_cow_trace).map_or(0, |c| c.exit_code))
     }
+}
+
+/// Returns once no program that read the `CUTOFF` value before it was
+/// written can still be running. Every program runs inside an RCU read-side
+/// critical section (tracepoints, raw tracepoints, kprobes and trampolines
+/// alike), so the end of an RCU grace period proves it:
+/// `membarrier(MEMBARRIER_CMD_GLOBAL)` waits for one (`synchronize_rcu`),
+/// a few milliseconds. It returns at once on a single CPU, where a program
+/// preempted mid-run could still be running, and is refused where CPUs
+/// run without the tick (`nohz_full`): there, a 20 ms pause, the rule this
+/// replaced.
+async fn wait_for_running_programs() {
+    const MEMBARRIER_CMD_GLOBAL: libc::c_long = 1;
+    // SAFETY: sysconf and membarrier take no pointers.
+    let cpus = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+    if cpus > 1 && unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_GLOBAL, 0, 0) } == 0 {
+        return;
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
 }
 
 /// How long a launched command has, after the signal that ends it with the

@@ -17,11 +17,7 @@ fn workload_fork_is_one_episode_with_its_known_copies() {
     if !need_root("workload_fork_is_one_episode_with_its_known_copies") {
         return;
     }
-    let mut args = vec!["--json".to_string()];
-    args.extend(launch_workload(&STANDARD));
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let r = run(&args, Duration::from_secs(120));
-    assert!(r.status.success(), "{}\n{}", r.stdout, r.stderr);
+    let r = run_launched(&["--json"], &STANDARD);
     let report = r.workload();
     let (parent, child) = (u(&report["pid"]), u(&report["children"][0]));
     let page = u(&report["page_size"]);

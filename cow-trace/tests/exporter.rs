@@ -355,11 +355,8 @@ fn serve_works_with_pid_and_launch_modes() {
     assert!(r.status.success(), "{}", r.stderr);
     ok(workload::check_summary(r.summary(), &report, &STANDARD, Timing::Sampled));
     // Launch mode: ends with the command, with the same figures.
-    let mut args = vec!["--json".to_string(), "--serve".into(), format!("127.0.0.1:{}", free_port())];
-    args.extend(launch_workload(&STANDARD));
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let r = run(&args, Duration::from_secs(120));
-    assert!(r.status.success(), "{}\n{}", r.stdout, r.stderr);
+    let serve = format!("127.0.0.1:{}", free_port());
+    let r = run_launched(&["--json", "--serve", &serve], &STANDARD);
     ok(workload::check_summary(r.summary(), r.workload(), &STANDARD, Timing::Sampled));
 }
 

@@ -270,6 +270,44 @@ struct Figures {
     fork_usec: u64,
 }
 
+/// A Redis command that forks, and where Redis reports on its fork.
+struct Forking {
+    command: &'static str,
+    /// The `INFO persistence` field set while the child runs.
+    in_progress: &'static str,
+    /// The log line that names the child, up to its PID.
+    started_by: &'static str,
+    /// The `INFO persistence` field with the child's copy-on-write size.
+    cow_size: &'static str,
+}
+
+const BGSAVE: Forking = Forking {
+    command: "BGSAVE",
+    in_progress: "rdb_bgsave_in_progress",
+    started_by: "Background saving started by pid",
+    cow_size: "rdb_last_cow_size",
+};
+
+const BGREWRITEAOF: Forking = Forking {
+    command: "BGREWRITEAOF",
+    in_progress: "aof_rewrite_in_progress",
+    started_by: "Background append only file rewriting started by pid",
+    cow_size: "aof_last_cow_size",
+};
+
+/// Runs `f` with writes while its child lives; returns the child (checked
+/// against the one Redis's log names) and Redis's figures for the fork.
+fn measured_fork(redis: &Redis, f: &Forking, baseline: u64) -> (u32, Figures) {
+    let child = fork_with_writes(redis, f.command, f.in_progress, WRITES);
+    assert_eq!(redis.last_child(f.started_by), child);
+    let figures = Figures {
+        cow_size: redis.info("persistence", f.cow_size),
+        baseline,
+        fork_usec: redis.info("stats", "latest_fork_usec"),
+    };
+    (child, figures)
+}
+
 /// Checks the episode of `child` against Redis's own figures.
 fn check_episode(episodes: &[Value], child: u32, page_size: u64, f: &Figures, what: &str) {
     let Figures { cow_size, baseline, fork_usec } = *f;
@@ -361,8 +399,8 @@ fn bgsave_and_aof_rewrite_episodes_match_redis_figures() {
     assert_eq!(redis.info("stats", "total_forks"), 0);
     assert_eq!(redis.cli(&["CONFIG", "SET", "rdb-key-save-delay", SAVE_DELAY]), "OK");
     // What Redis counts in a save with no writes: the baseline, untraced.
-    fork_with_writes(&redis, "BGSAVE", "rdb_bgsave_in_progress", 0);
-    let rdb_baseline = redis.info("persistence", "rdb_last_cow_size");
+    fork_with_writes(&redis, BGSAVE.command, BGSAVE.in_progress, 0);
+    let rdb_baseline = redis.info("persistence", BGSAVE.cow_size);
     let pid = redis.pid().to_string();
     let mut trace = Background::start(&["--json", "-p", &pid]);
     trace.wait_attached();
@@ -370,14 +408,7 @@ fn bgsave_and_aof_rewrite_episodes_match_redis_figures() {
     // this data set; this test is about the figures of the forks seen.
     std::thread::sleep(Duration::from_secs(1));
 
-    // BGSAVE with writes.
-    let rdb_child = fork_with_writes(&redis, "BGSAVE", "rdb_bgsave_in_progress", WRITES);
-    assert_eq!(redis.last_child("Background saving started by pid"), rdb_child);
-    let rdb = Figures {
-        cow_size: redis.info("persistence", "rdb_last_cow_size"),
-        baseline: rdb_baseline,
-        fork_usec: redis.info("stats", "latest_fork_usec"),
-    };
+    let (rdb_child, rdb) = measured_fork(&redis, &BGSAVE, rdb_baseline);
 
     // Turning the AOF on rewrites it once, with no writes: the baseline of
     // BGREWRITEAOF with writes.
@@ -387,14 +418,8 @@ fn bgsave_and_aof_rewrite_episodes_match_redis_figures() {
         &["aof_rewrite_in_progress", "aof_rewrite_scheduled"],
         Duration::from_secs(60),
     );
-    let aof_baseline = redis.info("persistence", "aof_last_cow_size");
-    let aof_child = fork_with_writes(&redis, "BGREWRITEAOF", "aof_rewrite_in_progress", WRITES);
-    assert_eq!(redis.last_child("Background append only file rewriting started by pid"), aof_child);
-    let aof = Figures {
-        cow_size: redis.info("persistence", "aof_last_cow_size"),
-        baseline: aof_baseline,
-        fork_usec: redis.info("stats", "latest_fork_usec"),
-    };
+    let aof_baseline = redis.info("persistence", BGREWRITEAOF.cow_size);
+    let (aof_child, aof) = measured_fork(&redis, &BGREWRITEAOF, aof_baseline);
     assert_eq!(redis.info("stats", "total_forks"), 4, "2 BGSAVEs, the first rewrite, BGREWRITEAOF");
 
     trace.signal(libc::SIGINT);

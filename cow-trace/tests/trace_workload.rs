@@ -21,11 +21,7 @@ fn launch_mode_counts_the_pages_the_workload_wrote() {
     if !need_root("launch_mode_counts_the_pages_the_workload_wrote") {
         return;
     }
-    let mut args = vec!["--json".to_string()];
-    args.extend(launch_workload(&WITH_ZERO_FILLS));
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let r = run(&args, Duration::from_secs(120));
-    assert!(r.status.success(), "{}\n{}", r.stdout, r.stderr);
+    let r = run_launched(&["--json"], &WITH_ZERO_FILLS);
     assert_eq!(r.records[0]["type"], "start");
     assert_eq!(r.records[0]["backend"], "tracepoint");
     let s = r.summary();
@@ -40,11 +36,7 @@ fn copies_made_in_kernel_mode_are_counted_in_the_process_that_made_the_call() {
     if !need_root("copies_made_in_kernel_mode_are_counted_in_the_process_that_made_the_call") {
         return;
     }
-    let mut args = vec!["--json".to_string(), "--top".into(), "0".into()];
-    args.extend(launch_workload(&KERNEL_WRITES));
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let r = run(&args, Duration::from_secs(120));
-    assert!(r.status.success(), "{}\n{}", r.stdout, r.stderr);
+    let r = run_launched(&["--json", "--top", "0"], &KERNEL_WRITES);
     assert_eq!(r.records[0]["backend"], "tracepoint");
     // The child's pread(2) copies count as its own (the kernel's write
     // fault in copy_to_user); its /proc/self/mem writes take no fault and
@@ -208,4 +200,41 @@ fn every_ending_gives_a_summary_and_leaves_no_program_map_or_link() {
     }
     sleeper.kill().unwrap();
     sleeper.wait().unwrap();
+}
+
+/// The tracepoint backend times a fork from its system call's entry to the
+/// new process (`sched_process_fork`): every fork the workload made is timed
+/// within the time the workload itself measured around the call, which a
+/// start left by its earlier thread creation or refused clone would
+/// exceed; and no process is timed more often than it forked.
+#[test]
+fn tracepoint_backend_times_each_fork_within_its_call() {
+    if !need_root("tracepoint_backend_times_each_fork_within_its_call") {
+        return;
+    }
+    const FORKS: usize = 20;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/workloads/forks.py");
+    let n = FORKS.to_string();
+    let r =
+        run(&["--json", "--backend", "tracepoint", "--", "python3", script, &n], Duration::from_secs(120));
+    assert!(r.status.success(), "{}\n{}", r.stdout, r.stderr);
+    let s = r.summary();
+    assert_eq!(s["backend"], "tracepoint");
+    let report = r.others.iter().find(|v| v.get("forks").is_some()).expect("workload report");
+    let forks = report["forks"].as_array().unwrap();
+    assert_eq!(forks.len(), FORKS);
+    let eps = s["episodes"].as_array().unwrap();
+    for f in forks {
+        let child = u(&f["child"]);
+        let ep = eps.iter().find(|e| u(&e["child"]) == child).unwrap_or_else(|| panic!("no episode for {f}"));
+        let latency = u(&ep["fork_latency_ns"]);
+        let call = u(&f["after_ns"]) - u(&f["before_ns"]);
+        assert!(
+            latency > 0 && latency <= call,
+            "fork of {child}: {latency} ns timed, {call} ns around the call"
+        );
+    }
+    for p in s["processes"].as_array().unwrap() {
+        assert_eq!(u(&p["fork_latency_ns"]["count"]), u(&p["forks"]), "{p}");
+    }
 }

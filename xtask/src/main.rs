@@ -6,6 +6,7 @@
 mod bench;
 mod lint;
 mod setup;
+mod startstop;
 mod vm;
 /// The ground-truth workload and its checks, shared with the integration tests.
 #[path = "../../cow-trace/tests/common/workload.rs"]
@@ -72,7 +73,8 @@ enum Cli {
         #[arg(long, value_name = "SECS", default_value_t = 900)]
         timeout: u64,
     },
-    /// Measure tracing overhead on a CoW storm and a fork storm (root).
+    /// Measure tracing overhead on a CoW storm and a fork storm, and the
+    /// time to attach and to exit beside bpftrace (root).
     Bench {
         /// Repetitions of each configuration (interleaved).
         #[arg(long, default_value_t = 7)]
@@ -83,7 +85,18 @@ enum Cli {
         /// Forks in the fork storm.
         #[arg(long, default_value_t = 3000)]
         forks: usize,
+        /// Run one part only: `overhead` (the storms) or `startstop` (time
+        /// to attach and to exit, beside bpftrace).
+        #[arg(long, value_enum)]
+        only: Option<BenchPart>,
     },
+}
+
+/// The parts of `cargo xtask bench`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum BenchPart {
+    Overhead,
+    Startstop,
 }
 
 pub fn workspace_root() -> PathBuf {
@@ -196,9 +209,15 @@ fn real_main() -> Result<()> {
             setup::ensure_toolchain()?;
             setup::ensure_test_packages()
         }
-        Cli::Bench { repeats, rounds, forks } => {
+        Cli::Bench { repeats, rounds, forks, only } => {
             setup::ensure_toolchain()?;
-            bench::bench(repeats, rounds, forks)
+            if only != Some(BenchPart::Startstop) {
+                bench::bench(repeats, rounds, forks)?;
+            }
+            if only != Some(BenchPart::Overhead) {
+                startstop::bench(repeats)?;
+            }
+            Ok(())
         }
         Cli::Run { args } => {
             setup::ensure_toolchain()?;

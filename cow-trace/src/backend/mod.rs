@@ -5,6 +5,7 @@
 mod load;
 mod select;
 
+use load::Loader;
 pub use load::{CgroupId, LoadOptions, Tracer};
 pub use select::{choose, KernelFeatures, Selection};
 
@@ -28,7 +29,9 @@ impl BackendKind {
 
     pub fn fork_latency_means(self) -> &'static str {
         match self {
-            BackendKind::Tracepoint => "clone/fork syscall entry to return, in the parent",
+            BackendKind::Tracepoint => {
+                "clone/fork syscall entry to the new process's creation, in the parent"
+            }
             _ => "time the kernel spent in copy_process creating the child",
         }
     }

@@ -1,15 +1,19 @@
 //! What the kernel offers, which backend runs on it, and why.
 
-use std::path::Path;
+use std::{cell::OnceCell, path::Path};
 
 use anyhow::Result;
 use btf_rs::Btf;
-use cow_trace_common::hooks::{Attach, Hook, HOOKS};
+use cow_trace_common::{
+    hooks::{Attach, Hook, HOOKS},
+    Config,
+};
 
-use super::{BackendKind, LoadOptions, Tracer};
+use super::{load, BackendKind, LoadOptions, Loader, Tracer};
 use crate::{
     cli::BackendChoice,
-    kernel::{self, KernelOffsets},
+    kernel::{self, KernelBtf, KernelOffsets},
+    timings,
 };
 
 /// Environment variable listing optional functions not to hook.
@@ -53,17 +57,30 @@ pub fn fork_share(funcs: &[&'static str]) -> Option<&'static str> {
 pub fn choose(
     choice: BackendChoice,
     offsets: &KernelOffsets,
-    tracefs: &Path,
-    features: &KernelFeatures,
+    features: &mut KernelFeatures,
     opts: &LoadOptions,
+    btf: &KernelBtf,
 ) -> Result<(Selection, Tracer)> {
+    let kinds = candidates(choice);
+    // Each attempt's settings outlive the loader that holds them.
+    let configs: Vec<OnceCell<Config>> = kinds.iter().map(|_| OnceCell::new()).collect();
+    let mut loader: Option<Loader> = None;
     let mut rejected = Vec::new();
-    for kind in candidates(choice) {
+    for (kind, config) in kinds.into_iter().zip(&configs) {
+        if kind == BackendKind::Kprobe {
+            features.read_kallsyms();
+        }
         // Loading and attaching is the honest test of what a kernel allows
         // (it can list a function and still refuse a trampoline on it).
         let attempt = features.check(kind).map_err(anyhow::Error::msg).and_then(|funcs| {
+            if kind == BackendKind::Fentry {
+                features.trampolines_allowed()?;
+            }
             let plan = features.plan(kind, &funcs);
-            Tracer::load(kind, &plan, &funcs, offsets, tracefs, opts).map(|t| (funcs, t))
+            let _ = config.set(load::config(kind, &funcs, offsets, opts)?);
+            let config = config.get().expect("just set");
+            let loader = loader.get_or_insert_with(|| Loader::new(btf));
+            Tracer::load(kind, &plan, config, opts, loader).map(|t| (funcs, t))
         });
         match attempt {
             Ok((funcs, tracer)) => {
@@ -109,12 +126,13 @@ pub struct KernelFeatures {
     pub kprobes: bool,
     /// Raw tracepoints of the hook table this kernel lacks.
     pub missing_raw_tracepoints: Vec<&'static str>,
-    /// Classic tracepoints of the hook table this kernel has.
-    pub tracepoints: Vec<&'static str>,
-    /// Hooked kernel functions in /proc/kallsyms (kprobe targets).
+    /// Hooked kernel functions in /proc/kallsyms (kprobe targets); read
+    /// only when the kprobe backend is tried (see
+    /// [`KernelFeatures::read_kallsyms`]).
     pub kallsyms: Vec<&'static str>,
-    /// Hooked kernel functions with a BTF `FUNC` (fentry targets).
-    pub btf_funcs: Vec<&'static str>,
+    /// Hooked kernel functions with a BTF `FUNC` (fentry targets), with
+    /// their BTF ids.
+    pub btf_funcs: Vec<(&'static str, u32)>,
     /// Optional functions not to hook (`COW_TRACE_SKIP_HOOKS=a,b`): a way
     /// around a function that misbehaves on some kernel, and a way to run
     /// the fallbacks (e.g. the copy signal used where `wp_page_copy` is
@@ -124,7 +142,6 @@ pub struct KernelFeatures {
 
 impl KernelFeatures {
     pub fn probe(btf: &Btf, tracefs: &Path) -> Self {
-        let kallsyms = std::fs::read_to_string("/proc/kallsyms").unwrap_or_default();
         let functions = targets(Hook::hooks_function);
         Self {
             kprobes: tracefs.join("kprobe_events").exists()
@@ -133,17 +150,11 @@ impl KernelFeatures {
                 .into_iter()
                 .filter(|tp| !kernel::has_raw_tracepoint(btf, tp))
                 .collect(),
-            tracepoints: HOOKS
+            kallsyms: Vec::new(),
+            btf_funcs: functions
                 .iter()
-                .filter_map(|h| match h.attach {
-                    Attach::Tracepoint { category } => {
-                        tracefs.join("events").join(category).join(h.target).is_dir().then_some(h.target)
-                    }
-                    _ => None,
-                })
+                .filter_map(|&f| kernel::btf_func_id(btf, f).map(|id| (f, id)))
                 .collect(),
-            kallsyms: functions.iter().copied().filter(|f| kernel::kallsyms_has(&kallsyms, f)).collect(),
-            btf_funcs: functions.iter().copied().filter(|f| kernel::has_btf_func(btf, f)).collect(),
             skip: std::env::var(SKIP_HOOKS_ENV)
                 .unwrap_or_default()
                 .split(',')
@@ -152,6 +163,32 @@ impl KernelFeatures {
                 .map(String::from)
                 .collect(),
         }
+    }
+
+    /// Whether the kernel loads the smallest fentry program on the first
+    /// hooked function, before the fentry backend's objects and programs
+    /// are loaded (see `load::trampoline_allowed`).
+    pub fn trampolines_allowed(&self) -> Result<()> {
+        let Some(&(func, id)) = self.btf_funcs.first() else { return Ok(()) };
+        timings::time(
+            || format!("fentry test program loaded for {func}"),
+            || load::trampoline_allowed(func, id),
+        )
+    }
+
+    /// Fills [`KernelFeatures::kallsyms`]: reading /proc/kallsyms takes
+    /// tens of milliseconds, wasted unless the kprobe backend is tried on a
+    /// kernel with kprobes.
+    pub fn read_kallsyms(&mut self) {
+        if !self.kprobes || !self.kallsyms.is_empty() {
+            return;
+        }
+        let _t = timings::span(|| "/proc/kallsyms read".into());
+        let kallsyms = std::fs::read_to_string("/proc/kallsyms").unwrap_or_default();
+        self.kallsyms = targets(Hook::hooks_function)
+            .into_iter()
+            .filter(|f| kernel::kallsyms_has(&kallsyms, f))
+            .collect();
     }
 
     /// The functions `kind` would hook here, or why it cannot run, judged
@@ -167,24 +204,12 @@ impl KernelFeatures {
                 missing.join(", ")
             ));
         }
+        let btf_funcs: Vec<&str> = self.btf_funcs.iter().map(|&(f, _)| f).collect();
         let have = match kind {
-            BackendKind::Tracepoint => {
-                let required = kind.hooks().filter(|h| h.required);
-                for h in required {
-                    if let Attach::Tracepoint { category } = h.attach {
-                        if !self.tracepoints.contains(&h.target) {
-                            return Err(format!(
-                                "this kernel has no {category}:{} tracepoint (CONFIG_FTRACE_SYSCALLS)",
-                                h.target
-                            ));
-                        }
-                    }
-                }
-                return Ok(vec![]);
-            }
+            BackendKind::Tracepoint => return Ok(vec![]),
             BackendKind::Kprobe if !self.kprobes => return Err("kernel built without CONFIG_KPROBES".into()),
             BackendKind::Kprobe => &self.kallsyms,
-            BackendKind::Fentry => &self.btf_funcs,
+            BackendKind::Fentry => &btf_funcs,
         };
         let where_ = if kind == BackendKind::Fentry { "in the kernel's BTF" } else { "in /proc/kallsyms" };
         let skipped = |f: &str| self.skip.iter().any(|s| s == f);
@@ -206,17 +231,10 @@ impl KernelFeatures {
         Ok(funcs.into_iter().filter(|f| !(whole && *f == "copy_page_range")).collect())
     }
 
-    /// Every hook `kind` attaches here: its tracepoints the kernel has, and
-    /// its programs on `funcs` (from [`KernelFeatures::check`]).
+    /// Every hook `kind` attaches here: its raw tracepoints, and its
+    /// programs on `funcs` (from [`KernelFeatures::check`]).
     pub fn plan(&self, kind: BackendKind, funcs: &[&str]) -> Vec<&'static Hook> {
-        let mut plan: Vec<_> = kind
-            .hooks()
-            .filter(|h| match h.attach {
-                Attach::RawTracepoint => true,
-                Attach::Tracepoint { .. } => self.tracepoints.contains(&h.target),
-                _ => false,
-            })
-            .collect();
+        let mut plan: Vec<_> = kind.hooks().filter(|h| h.attach == Attach::RawTracepoint).collect();
         plan.extend(function_hooks(kind, funcs));
         plan
     }
@@ -246,14 +264,18 @@ mod tests {
 
     const ALL: [&str; 5] = ["copy_process", "do_wp_page", "dup_mmap", "wp_page_copy", "do_huge_pmd_wp_page"];
 
+    /// Functions with made-up BTF ids.
+    fn ids(funcs: &[&'static str]) -> Vec<(&'static str, u32)> {
+        funcs.iter().zip(100..).map(|(&f, id)| (f, id)).collect()
+    }
+
     /// This machine's kind of kernel: tracepoints only.
     fn no_kprobes() -> KernelFeatures {
         KernelFeatures {
             kprobes: false,
             missing_raw_tracepoints: vec![],
-            tracepoints: vec!["sys_enter_clone", "sys_exit_clone", "sys_enter_clone3", "sys_exit_clone3"],
             kallsyms: vec!["copy_process", "do_wp_page", "dup_mmap", "do_huge_pmd_wp_page"],
-            btf_funcs: vec!["copy_process", "do_wp_page", "dup_mmap", "do_huge_pmd_wp_page"],
+            btf_funcs: ids(&["copy_process", "do_wp_page", "dup_mmap", "do_huge_pmd_wp_page"]),
             skip: vec![],
         }
     }
@@ -284,17 +306,17 @@ mod tests {
         let f = KernelFeatures { kprobes: true, kallsyms: vec!["copy_process"], ..no_kprobes() };
         let e = f.check(BackendKind::Kprobe).unwrap_err();
         assert!(e.contains("do_wp_page") && e.contains("kallsyms"), "{e}");
-        let f = KernelFeatures { btf_funcs: vec!["do_wp_page"], ..no_kprobes() };
+        let f = KernelFeatures { btf_funcs: ids(&["do_wp_page"]), ..no_kprobes() };
         let e = f.check(BackendKind::Fentry).unwrap_err();
         assert!(e.contains("copy_process") && e.contains("BTF"), "{e}");
         // Optional functions are just left out.
-        let f = KernelFeatures { btf_funcs: ALL.to_vec(), ..no_kprobes() };
+        let f = KernelFeatures { btf_funcs: ids(&ALL), ..no_kprobes() };
         assert_eq!(f.check(BackendKind::Fentry).unwrap(), ALL.to_vec());
     }
 
     #[test]
     fn copy_page_range_carries_the_share_only_where_dup_mmap_is_inlined() {
-        let with = |funcs: &[&'static str]| KernelFeatures { btf_funcs: funcs.to_vec(), ..no_kprobes() };
+        let with = |funcs: &[&'static str]| KernelFeatures { btf_funcs: ids(funcs), ..no_kprobes() };
         // 6.1: both exist; copy_page_range runs inside dup_mmap, so only
         // dup_mmap is timed.
         let f = with(&["copy_process", "do_wp_page", "dup_mmap", "copy_page_range"]);
@@ -312,7 +334,7 @@ mod tests {
 
     #[test]
     fn skipped_hooks() {
-        let f = KernelFeatures { btf_funcs: ALL.to_vec(), skip: vec!["wp_page_copy".into()], ..no_kprobes() };
+        let f = KernelFeatures { btf_funcs: ids(&ALL), skip: vec!["wp_page_copy".into()], ..no_kprobes() };
         assert_eq!(
             f.check(BackendKind::Fentry).unwrap(),
             vec!["copy_process", "do_wp_page", "dup_mmap", "do_huge_pmd_wp_page"]
@@ -330,8 +352,6 @@ mod tests {
         assert!(f.check(BackendKind::Fentry).is_ok());
         let f = KernelFeatures { missing_raw_tracepoints: vec!["sched_process_exit"], ..no_kprobes() };
         assert!(f.check(BackendKind::Fentry).unwrap_err().contains("sched_process_exit"));
-        let f = KernelFeatures { tracepoints: vec![], ..no_kprobes() };
-        assert!(f.check(BackendKind::Tracepoint).unwrap_err().contains("sys_enter_clone"));
     }
 
     #[test]
@@ -351,7 +371,7 @@ mod tests {
         let f = no_kprobes();
         let plan: Vec<_> = f.plan(BackendKind::Tracepoint, &[]).iter().map(|h| h.program).collect();
         assert_eq!(&plan[..3], ["sched_process_fork", "sched_process_exit", "sched_process_exec"]);
-        assert!(plan.contains(&"exit_clone3") && !plan.contains(&"enter_vfork"), "{plan:?}");
+        assert!(plan.contains(&"sys_enter"), "{plan:?}");
         assert!(!plan.contains(&"mm_page_alloc_wp"));
         let plan: Vec<_> = f.plan(BackendKind::Kprobe, &["copy_process"]).iter().map(|h| h.program).collect();
         assert_eq!(

@@ -113,6 +113,17 @@ pub fn launch_workload(spec: &Spec) -> Vec<String> {
     v
 }
 
+/// Runs `cow-trace ARGS -- WORKLOAD SPEC` to completion (two minutes at
+/// most) and checks that it succeeded.
+pub fn run_launched(args: &[&str], spec: &Spec) -> Run {
+    let mut all: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    all.extend(launch_workload(spec));
+    let all: Vec<&str> = all.iter().map(String::as_str).collect();
+    let r = run(&all, Duration::from_secs(120));
+    assert!(r.status.success(), "{}\n{}", r.stdout, r.stderr);
+    r
+}
+
 /// Panics with the problems `check` found.
 pub fn ok<T>(check: Result<T, String>) -> T {
     check.unwrap_or_else(|e| panic!("{e}"))
