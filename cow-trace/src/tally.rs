@@ -85,6 +85,7 @@ impl Tally {
 
     /// Feeds one ring-buffer record; a malformed one is counted.
     pub fn apply_record(&mut self, bytes: &[u8], sample_every: u32) {
+        self.seen.ring_records += 1;
         event::decode_record(bytes, sample_every, |e| self.apply_decoded(e));
     }
 

@@ -335,11 +335,13 @@ fn start_record(section: &str) -> Option<Value> {
 /// counted and its figures.
 fn check_backend(backend: &str, section: &str) -> Result<(Counted, String)> {
     let (s, w) = records(section)?;
-    // The kernel backends time every write fault; the tracepoint backend
-    // samples them.
-    let timing = if backend == "tracepoint" { Timing::Sampled } else { Timing::EveryWriteFault };
-    let checked = workload::check_summary(&s, &w, &KERNEL_WRITES, timing);
+    // Every backend batches fault outcomes and samples their timing.
+    let checked = workload::check_summary(&s, &w, &KERNEL_WRITES, Timing::Sampled);
     let mut wrong = Vec::new();
+    let batching = workload::check_batched_and_sampled(&s).unwrap_or_else(|e| {
+        wrong.push(e.clone());
+        e
+    });
     if s["backend"] != backend {
         wrong.push(format!("ran backend {}, asked for {backend}", s["backend"]));
     }
@@ -370,7 +372,7 @@ fn check_backend(backend: &str, section: &str) -> Result<(Counted, String)> {
             let k = &KERNEL_WRITES;
             let figures = format!(
                 "child {} copies (wrote {} + read {} + /proc/self/mem {}), parent {} copies, {} zero-fills, \
-                 fork {:.2} ms{dup}, episode ok",
+                 fork {:.2} ms{dup}, episode ok; {batching}",
                 c.child_copies,
                 k.child_writes,
                 k.child_reads,

@@ -140,24 +140,16 @@ impl Tracer {
     /// cut-off: neither copies nor reuses. Only meaningful after `cut_off`
     /// (and a pause for programs still running on other CPUs).
     pub fn faults_in_flight(&self) -> Result<u64> {
-        if let Some(map) = self.ebpf.map("PENDING") {
-            // The tracepoint backend: one slot per thread, open while its
-            // tid is set. The kernel-function backends leave this table
-            // empty.
-            let pending: Array<_, PendingFault> = Array::try_from(map)?;
-            let mut n = 0;
-            for slot in pending.iter() {
-                n += (slot?.tid != 0) as u64;
-            }
-            if n > 0 {
-                return Ok(n);
-            }
+        // One slot per thread on every backend, open while its tid is set:
+        // the tracepoint backend's faults waiting for their outcome, the
+        // kernel-function backends' faults whose handler had not returned.
+        let pending: Array<_, PendingFault> =
+            Array::try_from(self.ebpf.map("PENDING").context("PENDING map missing")?)?;
+        let mut n = 0;
+        for slot in pending.iter() {
+            n += (slot?.tid != 0) as u64;
         }
-        // The kernel-function backends: faults entered and not returned
-        // (`kernel_path::Fault`, five 8-byte words; only the keys are read).
-        let faults: HashMap<_, u32, [u64; 5]> =
-            HashMap::try_from(self.ebpf.map("FAULTS").context("FAULTS map missing")?)?;
-        Ok(faults.keys().filter(Result::is_ok).count() as u64)
+        Ok(n)
     }
 
     /// The children of forks whose syscall had not returned by the
