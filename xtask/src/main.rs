@@ -4,6 +4,7 @@
 //! [`setup`]), so a fresh machine needs nothing but Rust and rustup.
 
 mod bench;
+mod bench_vm;
 mod lint;
 mod setup;
 mod vm;
@@ -74,15 +75,25 @@ enum Cli {
     },
     /// Measure tracing overhead on a CoW storm and a fork storm (root).
     Bench {
-        /// Repetitions of each configuration (interleaved).
-        #[arg(long, default_value_t = 7)]
-        repeats: usize,
-        /// Rounds of the CoW storm (fork + 50 MiB written by the child).
-        #[arg(long, default_value_t = 20)]
-        rounds: usize,
-        /// Forks in the fork storm.
-        #[arg(long, default_value_t = 3000)]
-        forks: usize,
+        /// Repetitions of each configuration (interleaved). Default 7; 3
+        /// with --vm.
+        #[arg(long)]
+        repeats: Option<usize>,
+        /// Rounds of the CoW storm (fork + 50 MiB written by the child;
+        /// with --vm, 16 MiB). Default 20; 4 with --vm.
+        #[arg(long)]
+        rounds: Option<usize>,
+        /// Forks in the fork storm. Default 3000; 300 with --vm.
+        #[arg(long)]
+        forks: Option<usize>,
+        /// Run the storms in a VM (QEMU, TCG) on a Debian kernel, under
+        /// each backend and each backend's empty-program floor; ratios only.
+        #[arg(long)]
+        vm: bool,
+        /// With --vm: the kernel to boot, 6.1 or 6.12 (Debian's), a vmlinuz
+        /// or a Debian kernel .deb. Default: Debian's 6.1.
+        #[arg(long, requires = "vm")]
+        kernel: Option<PathBuf>,
     },
 }
 
@@ -196,9 +207,20 @@ fn real_main() -> Result<()> {
             setup::ensure_toolchain()?;
             setup::ensure_test_packages()
         }
-        Cli::Bench { repeats, rounds, forks } => {
+        Cli::Bench { repeats, rounds, forks, vm: true, kernel } => {
             setup::ensure_toolchain()?;
-            bench::bench(repeats, rounds, forks)
+            let b = bench_vm::VmBench {
+                kernel,
+                repeats: repeats.unwrap_or(3),
+                rounds: rounds.unwrap_or(4),
+                pages: 16 << 20 >> 12,
+                forks: forks.unwrap_or(300),
+            };
+            bench_vm::bench_vm(&b)
+        }
+        Cli::Bench { repeats, rounds, forks, vm: false, .. } => {
+            setup::ensure_toolchain()?;
+            bench::bench(repeats.unwrap_or(7), rounds.unwrap_or(20), forks.unwrap_or(3000))
         }
         Cli::Run { args } => {
             setup::ensure_toolchain()?;
