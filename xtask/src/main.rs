@@ -75,15 +75,15 @@ enum Cli {
     },
     /// Measure tracing overhead on a CoW storm and a fork storm (root).
     Bench {
-        /// Repetitions of each configuration (interleaved). Default 7; 3
+        /// Repetitions of each configuration (interleaved). Default 7; 5
         /// with --vm.
         #[arg(long)]
         repeats: Option<usize>,
         /// Rounds of the CoW storm (fork + 50 MiB written by the child;
-        /// with --vm, 16 MiB). Default 20; 4 with --vm.
+        /// with --vm, 16 MiB). Default 20; 12 with --vm.
         #[arg(long)]
         rounds: Option<usize>,
-        /// Forks in the fork storm. Default 3000; 300 with --vm.
+        /// Forks in the fork storm. Default 3000; 200 with --vm.
         #[arg(long)]
         forks: Option<usize>,
         /// Run the storms in a VM (QEMU, TCG) on a Debian kernel, under
@@ -211,10 +211,10 @@ fn real_main() -> Result<()> {
             setup::ensure_toolchain()?;
             let b = bench_vm::VmBench {
                 kernel,
-                repeats: repeats.unwrap_or(3),
-                rounds: rounds.unwrap_or(4),
+                repeats: repeats.unwrap_or(5),
+                rounds: rounds.unwrap_or(12),
                 pages: 16 << 20 >> 12,
-                forks: forks.unwrap_or(300),
+                forks: forks.unwrap_or(200),
             };
             bench_vm::bench_vm(&b)
         }
