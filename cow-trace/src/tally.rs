@@ -512,6 +512,22 @@ mod tests {
     }
 
     #[test]
+    fn a_batch_is_one_ring_record_however_many_outcomes_it_carries() {
+        let mut a = agg(&[100], true);
+        let copy = |addr: u64| FaultRecord {
+            addr_kind: addr | EventKind::CowCopy as u64,
+            ip: 0,
+            latency_ns: 0,
+            pid: 100,
+        };
+        a.apply_record(&event::encode_batch(5, &[copy(0x1000), copy(0x2000), copy(0x3000)], 3), 16);
+        a.feed(&ev(EventKind::Exit, 100, 0, 0, "p"));
+        // Read back at the end from the map, not from the ring.
+        a.apply_unsent(6, &copy(0x4000), 16);
+        assert_eq!((a.seen().ring_records, a.seen().events.cow_copies, a.seen().events.exits), (2, 4, 1));
+    }
+
+    #[test]
     fn event_counts_follow_the_kernel_numbering() {
         let mut a = agg(&[100], true);
         for kind in [EventKind::CowCopy, EventKind::CowCopy, EventKind::ZeroFill, EventKind::Exec] {
