@@ -233,11 +233,14 @@ pub fn bench_vm(b: &VmBench) -> Result<()> {
         let ratio = |c: usize| med(c) / med(0);
         // Each run against the untraced run of its own repeat.
         let paired = |c: usize| median((0..b.repeats).map(|r| at(c, r) / at(0, r)).collect());
+        // The fastest runs: the least disturbed by anything else the host did.
+        let fastest = |c: usize| (0..b.repeats).map(|r| at(c, r)).fold(f64::MAX, f64::min);
+        let fastest_ratio = |c: usize| fastest(c) / fastest(0);
         let _ = writeln!(report, "{storm} storm:");
         let _ = writeln!(
             report,
-            "  {:<34} {:>8} {:>8} {:>16} {:>8}",
-            "configuration", "ratio", "paired", "above its floor", "dropped"
+            "  {:<34} {:>8} {:>8} {:>8} {:>24} {:>8}",
+            "configuration", "ratio", "fastest", "paired", "above its floor", "dropped"
         );
         let mut entries = Vec::new();
         for (c, config) in configs.iter().enumerate() {
@@ -245,15 +248,17 @@ pub fn bench_vm(b: &VmBench) -> Result<()> {
                 .backend
                 .filter(|_| !config.floor)
                 .and_then(|b| configs.iter().position(|x| x.backend == Some(b) && x.floor));
-            let above = floor.map(|f| (ratio(c) - ratio(f), paired(c) - paired(f)));
-            let above_s = above.map_or("-".to_string(), |(m, p)| format!("{m:+.3} / {p:+.3}"));
+            let above = floor
+                .map(|f| (ratio(c) - ratio(f), fastest_ratio(c) - fastest_ratio(f), paired(c) - paired(f)));
+            let above_s = above.map_or("-".to_string(), |(m, f, p)| format!("{m:+.3} / {f:+.3} / {p:+.3}"));
             let drop_s =
                 if config.backend.is_some() && !config.floor { dropped[c].to_string() } else { "-".into() };
             let _ = writeln!(
                 report,
-                "  {:<34} {:>8.3} {:>8.3} {:>16} {:>8}",
+                "  {:<34} {:>8.3} {:>8.3} {:>8.3} {:>24} {:>8}",
                 config.label(),
                 ratio(c),
+                fastest_ratio(c),
                 paired(c),
                 above_s,
                 drop_s
@@ -261,9 +266,11 @@ pub fn bench_vm(b: &VmBench) -> Result<()> {
             entries.push(json!({
                 "configuration": config.label(),
                 "ratio": ratio(c),
+                "fastest_ratio": fastest_ratio(c),
                 "paired_ratio": paired(c),
-                "above_floor": above.map(|(m, _)| m),
-                "above_floor_paired": above.map(|(_, p)| p),
+                "above_floor": above.map(|(m, _, _)| m),
+                "above_floor_fastest": above.map(|(_, f, _)| f),
+                "above_floor_paired": above.map(|(_, _, p)| p),
                 "samples_ns": t[c],
                 "dropped_events": dropped[c],
             }));
@@ -273,8 +280,8 @@ pub fn bench_vm(b: &VmBench) -> Result<()> {
     }
     let _ = writeln!(
         report,
-        "\"above its floor\": the backend's ratio minus its own empty-program floor's, by the median\n\
-         and by the paired ratio (target for the CoW storm: within 0.05)."
+        "\"above its floor\": the backend's ratio minus its own empty-program floor's, by the median,\n\
+         the fastest and the paired ratio (target for the CoW storm: within 0.05)."
     );
     print!("{report}");
     std::fs::write(dir.join("vm-overhead.txt"), &report)?;
