@@ -197,8 +197,14 @@ pub fn bench_vm(b: &VmBench) -> Result<()> {
     std::fs::write(&path, script(b))?;
     // Each traced configuration starts and stops cow-trace once per repeat;
     // allow for a slow emulator on a shared machine.
-    let timeout = Duration::from_secs(600 + 240 * b.repeats as u64);
-    let opts = VmOptions { kernel: b.kernel.clone(), include: vec![path], bins: vec![], timeout };
+    let timeout = Duration::from_secs(600 + 360 * b.repeats as u64);
+    let opts = VmOptions {
+        kernel: b.kernel.clone(),
+        include: vec![path],
+        bins: vec![],
+        timeout,
+        single_thread: true,
+    };
     let (code, console) = vm::run_in_vm(&opts, &["sh".into(), "bench-vm.sh".into()], true)?;
     if code != 0 {
         bail!("the benchmark script exited {code} in the VM");
@@ -215,7 +221,7 @@ pub fn bench_vm(b: &VmBench) -> Result<()> {
     let mut report = String::new();
     let _ = writeln!(
         report,
-        "kernel: {kernel} under QEMU, TCG emulation (2 vCPUs) on a shared machine\n\
+        "kernel: {kernel} under QEMU, TCG emulation (2 vCPUs in one host thread) on a shared machine\n\
          repeats: {}, CoW storm: {} rounds x {} pages, fork storm: {} forks\n\
          Ratios only, each against the untraced runs of this same VM boot: emulation distorts\n\
          absolute times (clock reads, traps and ring-buffer writes cost nothing like they do on\n\

@@ -47,6 +47,11 @@ pub struct VmOptions {
     /// Host programs for the VM's /bin, with their shared libraries.
     pub bins: Vec<PathBuf>,
     pub timeout: Duration,
+    /// Emulate both vCPUs in one host thread. Multi-threaded TCG lets a
+    /// vCPU run code another one is patching (a tracepoint's static key, a
+    /// kprobe's int3): in runs that attach and detach dozens of times it
+    /// crashed the guest (docs/kernel-notes.md).
+    pub single_thread: bool,
 }
 
 fn vm_dir() -> PathBuf {
@@ -237,7 +242,8 @@ pub fn run_in_vm(opts: &VmOptions, cmd: &[String], echo: bool) -> Result<(i32, S
     let initrd = build_initramfs(cmd, &opts.include, &opts.bins)?;
     say(&format!("booting {} under QEMU (TCG)", kernel.display()));
     let mut child = Command::new("qemu-system-x86_64")
-        .args(["-accel", "tcg", "-cpu", "max", "-m", "2048", "-smp", "2", "-nographic", "-no-reboot"])
+        .args(["-accel", if opts.single_thread { "tcg,thread=single" } else { "tcg" }])
+        .args(["-cpu", "max", "-m", "2048", "-smp", "2", "-nographic", "-no-reboot"])
         .arg("-kernel")
         .arg(&kernel)
         .arg("-initrd")
