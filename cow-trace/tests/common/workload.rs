@@ -259,14 +259,24 @@ pub fn check_batched_and_sampled(summary: &Value) -> Result<String, String> {
     let (kt, seen) = (&summary["kernel_totals"], &summary["events_received"]);
     let outcomes = num(&kt["cow_copies"]) + num(&kt["cow_reuses"]) + num(&kt["zero_fills"]);
     let (records, timed) = (num(&seen["ring_records"]), num(&kt["timed_faults"]));
-    let figures = format!("{outcomes} fault outcomes in {records} ring-buffer records, {timed} faults timed");
+    // What the copy latencies stand for, summed over the processes: each
+    // sample counts for the faults it closes.
+    let weighted: u64 = summary["processes"]
+        .as_array()
+        .map_or(0, |ps| ps.iter().map(|p| num(&p["cow_latency_ns"]["count"])).sum());
+    let figures = format!(
+        "{outcomes} fault outcomes in {records} ring-buffer records, {timed} faults timed, \
+         copy latencies standing for {weighted}"
+    );
     // Batches of 64, sent early at context switches, forks and exits: far
     // fewer than 1 record in 4 outcomes unless every fault went alone.
     if outcomes < 1000 || records == 0 || records * 4 > outcomes {
         return Err(format!("{figures}: not batched"));
     }
-    // A slice's first 64 faults are timed, then one in 16.
-    if timed == 0 || timed * 2 > outcomes {
+    // A slice's first 64 faults are timed, then one in 16, which stands
+    // for 16 in the histograms: the latencies stand for more copies than
+    // there were timed faults, reuses included.
+    if timed == 0 || timed * 2 > outcomes || weighted <= timed {
         return Err(format!("{figures}: not sampled"));
     }
     Ok(figures)
