@@ -73,6 +73,9 @@ pub const HOOKS: &[Hook] = &[
     raw("sched_process_fork", "sched_process_fork", backends::ALL),
     raw("sched_process_exit", "sched_process_exit", backends::ALL),
     raw("sched_process_exec", "sched_process_exec", backends::ALL),
+    // Every backend's fault batches: a task leaving the CPU sends its
+    // batch and ends its time slice of fully timed faults.
+    raw("sched_switch", "sched_switch", backends::ALL),
     // Tracepoint backend: fault classification and its sampling.
     raw("page_fault_user", "page_fault_user", backends::TRACEPOINT),
     raw("page_fault_kernel", "page_fault_kernel", backends::TRACEPOINT),
@@ -80,7 +83,6 @@ pub const HOOKS: &[Hook] = &[
     // `sys_enter` also starts a fork's clock, which `sched_process_fork`
     // stops.
     raw("sys_enter", "sys_enter", backends::TRACEPOINT),
-    raw("sched_switch", "sched_switch", backends::TRACEPOINT),
     // Tracepoint backend: a fault that ends in SIGKILL (the OOM killer),
     // SIGBUS or SIGSEGV for the faulting thread failed.
     raw("signal_generate", "signal_generate", backends::TRACEPOINT),

@@ -21,7 +21,7 @@ pub enum EventKind {
     /// `latency_ns` = fault entry to the allocation of the new page, 0 when
     /// the fault was not timed; `other` = how many copies that latency
     /// stands for in a histogram when it is one timed sample of several
-    /// (tracepoint backend, see [`Config::sample_every`]), else 0 (itself).
+    /// (see [`Config::sample_every`]), else 0 (itself).
     CowCopy = 3,
     /// A write fault on a present, write-protected page that needed no copy
     /// (the page was exclusive and was reused in place).
@@ -172,15 +172,20 @@ pub struct FaultBatch {
     pub records: [FaultRecord; FAULT_BATCH_LEN],
     /// Write faults the running task took since it was scheduled in.
     pub slice_faults: u32,
-    pub _pad: u32,
+    /// Non-zero while a program changes the batch: a program that finds it
+    /// set interrupted or preempted that writer, and leaves the batch alone
+    /// (see `batch` on the BPF side).
+    pub busy: u32,
     /// The BPF side's count of traced forks, execs and exits when the batch
     /// started.
     pub window_events: u64,
 }
 
-/// A write fault waiting for its outcome: one slot of the tracepoint
-/// backend's `PENDING` table, read by userspace at the end of a run to
-/// count the faults in flight at the cut-off.
+/// A write fault waiting for its outcome: one slot of the `PENDING` table,
+/// read by userspace at the end of a run to count the faults in flight at
+/// the cut-off. On the tracepoint backend the fault waits for the thread's
+/// next allocation, fault, syscall or exit; on the kernel-function
+/// backends, for `do_wp_page` (or `do_huge_pmd_wp_page`) to return.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct PendingFault {
@@ -201,6 +206,13 @@ pub struct PendingFault {
     /// that fault can still turn out to have failed. 0 when none.
     pub sent_tid: u32,
     pub sent_kind: u32,
+    /// Kernel-function backends: what the fault did while the handler ran
+    /// (`kernel_path`'s bits on the BPF side); never 0 in their slots, and
+    /// always 0 in the tracepoint backend's.
+    pub seen: u32,
+    /// Kernel-function backends: bytes of user memory allocated during a
+    /// huge-page fault.
+    pub allocated: u32,
 }
 
 /// Bytes of a [`FaultBatch`] before its records.
@@ -244,6 +256,10 @@ pub mod counter {
     pub const UNCLASSIFIED: u32 = 16;
     /// Traced-process set full: a child could not be followed.
     pub const TRACED_FULL: u32 = 17;
+    /// Write faults timed (the clock read at their start), on every
+    /// backend: all of a time slice's first [`TIMED_PER_SLICE`](crate::TIMED_PER_SLICE),
+    /// then one in `sample_every`.
+    pub const TIMED_FAULTS: u32 = 18;
     /// Number of counters.
     pub const COUNT: u32 = 24;
 }
@@ -326,9 +342,9 @@ pub struct Config {
     /// fault that entered it copied; 0: it is inlined, and a fault that
     /// allocated an order-0 user page copied.
     pub wp_copy_hooked: u32,
-    /// Tracepoint backend: after the first [`TIMED_PER_SLICE`] write faults
-    /// of a task's time slice, time one fault in this many (1: every
-    /// fault). Each clock read costs about as much as the rest of the hook.
+    /// Every backend: after the first [`TIMED_PER_SLICE`] write faults of a
+    /// task's time slice, time one fault in this many (1: every fault).
+    /// Each clock read costs about as much as the rest of the hook.
     pub sample_every: u32,
     /// `--cgroup`: 0 when off; else one more than the deepest level of the
     /// cgroups in `CGROUPS`, whose processes (and their descendants') alone
@@ -412,7 +428,7 @@ mod user {
 
 // Layout checks: a change that introduces padding fails to compile.
 const _: () = assert!(core::mem::size_of::<Event>() == 72);
-const _: () = assert!(core::mem::size_of::<PendingFault>() == 40);
+const _: () = assert!(core::mem::size_of::<PendingFault>() == 48);
 const _: () = assert!(core::mem::size_of::<Config>() == 84);
 const _: () = assert!(core::mem::size_of::<FaultRecord>() == 24);
 const _: () = assert!(core::mem::size_of::<StackKey>() == 16);

@@ -1,9 +1,15 @@
-//! The batch protocol: each CPU gathers fault outcomes in a `FaultBatch`
-//! and sends them as one ring-buffer record, since a record per fault costs
-//! more than the rest of the hook.
+//! The batch protocol, the same for every backend: each CPU gathers fault
+//! outcomes in a `FaultBatch` and sends them as one ring-buffer record,
+//! since a record per fault costs more than the rest of the hook; and a
+//! write fault is timed only at the start of a time slice and then one in
+//! `sample_every`, since each clock read costs about as much again.
 //!
 //! Invariants (the reasoning: docs/kernel-notes.md, "Fault batches"):
-//! - Only hooks that run with preemption off write a batch.
+//! - A program changes a batch only between setting and clearing its `busy`
+//!   mark. One that finds it set interrupted or preempted that writer on
+//!   this CPU: it leaves the batch alone and sends its outcome as an event
+//!   of its own. Only `do_wp_page`'s fexit can be preempted while writing,
+//!   and the kernel never runs a program twice at once on one CPU.
 //! - A batch holds only the running task's records: `sched_switch` sends it
 //!   when a task leaves the CPU, and the fork, exec and exit hooks send it
 //!   before their own event.
@@ -14,11 +20,13 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, PerCpuArray},
 };
-use cow_trace_common::{counter, FaultBatch, FaultRecord, FAULT_BATCH, FAULT_BATCH_HEADER, FAULT_BATCH_LEN};
+use cow_trace_common::{
+    counter, FaultBatch, FaultRecord, FAULT_BATCH, FAULT_BATCH_HEADER, FAULT_BATCH_LEN, TIMED_PER_SLICE,
+};
 
 use crate::{
-    emit::{submit_flags, Outcome, EVENTS},
-    shared::{bump, count, now},
+    emit::{emit, submit_flags, Detail, Outcome, EVENTS},
+    shared::{bump, count, now, setting, Ids},
 };
 
 /// Each CPU's fault outcomes not yet sent. The loader reads what is left
@@ -37,11 +45,33 @@ const BATCH_MAX_AGE_NS: u64 = 50_000_000;
 #[map]
 static WINDOW_EVENTS: Array<u64> = Array::with_max_entries(1, 0);
 
-/// This CPU's batch. Only for hooks that run with preemption disabled: two
-/// tasks interleaving on one CPU's batch would corrupt it.
+/// This CPU's batch, whatever its state: for the time-slice count alone.
 #[inline(always)]
-pub(crate) fn batch() -> Option<*mut FaultBatch> {
+fn slot() -> Option<*mut FaultBatch> {
     BATCH.get_ptr_mut(0)
+}
+
+/// This CPU's batch, marked busy, unless another writer holds it (see the
+/// module's invariants). Give it back with [`release`].
+#[inline(always)]
+fn take() -> Option<*mut FaultBatch> {
+    let b = slot()?;
+    // SAFETY: this CPU's slot of a per-CPU array; only programs on this CPU
+    // touch it, and the mark keeps them from interleaving.
+    unsafe {
+        if core::ptr::read_volatile(&(*b).busy) != 0 {
+            return None;
+        }
+        core::ptr::write_volatile(&mut (*b).busy, 1);
+    }
+    Some(b)
+}
+
+/// # Safety
+/// `b` came from [`take`].
+#[inline(always)]
+unsafe fn release(b: *mut FaultBatch) {
+    unsafe { core::ptr::write_volatile(&mut (*b).busy, 0) };
 }
 
 /// What a hook knew of the time when it produced an outcome: the count of
@@ -74,17 +104,72 @@ impl Clock {
     }
 }
 
-/// Adds a fault outcome of process `pid` at user instruction `ip` to batch
-/// `b`. `addr` may carry
-/// `FaultRecord::SAMPLED`. The clock is read only when a batch starts and
-/// `clock` has none: each read costs about as much as the rest of the hook.
-/// A full batch is sent at once; a stale one (see the module's invariants)
-/// is sent before the record is added.
+/// Counts a write fault of the running task's time slice and decides
+/// whether it is timed: the slice's first `TIMED_PER_SLICE` faults are,
+/// then one in `sample_every`. Past the first faults, fault n is timed when
+/// it closes a run of `sample_every` and stands for that run
+/// (`FaultRecord::SAMPLED`, returned as the flag for its record): a sample
+/// describes faults that happened, never faults that may not come. The
+/// clock is read only for a timed fault (docs/kernel-notes.md, "Timing
+/// samples"). Call it once per write fault, where it starts.
+#[inline(always)]
+pub(crate) fn start_fault() -> (Clock, u64) {
+    let Some(b) = slot() else {
+        return (Clock::read(), 0);
+    };
+    // SAFETY: this CPU's slot. The count is no part of what `busy` guards:
+    // a fault counted while another writer holds the batch only moves the
+    // sampling by one.
+    let n = unsafe {
+        let n = (*b).slice_faults;
+        (*b).slice_faults = n.wrapping_add(1);
+        n
+    };
+    let every = setting!(sample_every);
+    let flag = if n < TIMED_PER_SLICE || every <= 1 {
+        0
+    } else if (n + 1 - TIMED_PER_SLICE) & (every - 1) == 0 {
+        FaultRecord::SAMPLED
+    } else {
+        return (Clock::events(), 0);
+    };
+    bump(counter::TIMED_FAULTS);
+    (Clock::read(), flag)
+}
+
+/// Records a fault outcome of thread `ids` at user instruction `ip` (the
+/// system call's number for a kernel-mode fault). `addr` may carry
+/// `FaultRecord::SAMPLED` and `FaultRecord::KERNEL`. Into this CPU's batch,
+/// or, if another writer holds it, as an event of its own.
+#[inline(always)]
+pub(crate) fn record_fault(outcome: Outcome, ids: Ids, latency_ns: u64, addr: u64, ip: u64, clock: Clock) {
+    match take() {
+        Some(b) => {
+            // SAFETY: taken above.
+            unsafe {
+                batch_fault(b, outcome, ids.tgid, latency_ns, addr, ip, clock);
+                release(b);
+            }
+        }
+        None => {
+            let ts = if clock.now_ns != 0 { clock.now_ns } else { now() };
+            let weight = if addr & FaultRecord::SAMPLED != 0 { setting!(sample_every) } else { 0 };
+            let kernel = addr & FaultRecord::KERNEL != 0;
+            let addr = addr & FaultRecord::ADDR_MASK;
+            emit(ids, ts, Detail::Fault { outcome, latency_ns, addr, ip, kernel, weight });
+        }
+    }
+}
+
+/// Adds a fault outcome to batch `b`. The clock is read only when a batch
+/// starts and `clock` has none: each read costs about as much as the rest
+/// of the hook. A full batch is sent at once; a stale one (see the module's
+/// invariants) is sent before the record is added.
 ///
 /// # Safety
-/// `b` is this CPU's batch and preemption is off.
+/// `b` came from [`take`].
 #[inline(always)]
-pub(crate) unsafe fn batch_fault(
+unsafe fn batch_fault(
     b: *mut FaultBatch,
     outcome: Outcome,
     pid: u32,
@@ -96,7 +181,7 @@ pub(crate) unsafe fn batch_fault(
     let kind = outcome.kind();
     bump(kind as u32);
     let Clock { events, now_ns } = clock;
-    // SAFETY: this CPU's slot; preemption is off, so no other task touches it.
+    // SAFETY: taken, so no other program touches it meanwhile.
     unsafe {
         let mut n = (*b).count as usize;
         let stale = events != (*b).window_events
@@ -140,46 +225,53 @@ pub(crate) fn count_window_event() {
     }
 }
 
-/// Sends batch `b` if a clock reading `now_ns` (0: none) finds it older
-/// than `BATCH_MAX_AGE_NS`.
-///
-/// # Safety
-/// As for [`batch_fault`].
+/// Sends this CPU's batch if a clock reading `now_ns` (0: none) finds it
+/// older than `BATCH_MAX_AGE_NS`: a timed fault checks the batch's age even
+/// when it adds nothing to it now.
 #[inline(always)]
-pub(crate) unsafe fn cut_if_old(b: *mut FaultBatch, now_ns: u64) {
-    // SAFETY: see `batch`.
-    unsafe {
-        if now_ns != 0 && (*b).count > 0 && now_ns.wrapping_sub((*b).ts_ns) > BATCH_MAX_AGE_NS {
-            send_batch(b);
+pub(crate) fn cut_if_old(now_ns: u64) {
+    if now_ns == 0 {
+        return;
+    }
+    if let Some(b) = take() {
+        // SAFETY: taken above.
+        unsafe {
+            if (*b).count > 0 && now_ns.wrapping_sub((*b).ts_ns) > BATCH_MAX_AGE_NS {
+                send_batch(b);
+            }
+            release(b);
         }
     }
 }
 
-/// Sends this CPU's batch, if it holds anything. Callers run with
-/// preemption off.
+/// Sends this CPU's batch, if it holds anything and no other writer holds
+/// it (then it holds that writer's records, not the caller's).
 #[inline(always)]
 pub(crate) fn flush_batch() {
-    if let Some(b) = batch() {
-        // SAFETY: see `batch`.
-        unsafe { send_batch(b) };
+    if let Some(b) = take() {
+        // SAFETY: taken above.
+        unsafe {
+            send_batch(b);
+            release(b);
+        }
     }
 }
 
 /// Sends this CPU's batch and starts a new time slice for its sampling:
-/// the running task is leaving the CPU.
+/// the running task is leaving the CPU. A batch a preempted writer holds
+/// stays with it: that task runs on this CPU again (a BPF program is never
+/// migrated) and its next record, or the next switch, sends it.
 #[inline(always)]
 pub(crate) fn end_slice() {
-    if let Some(b) = batch() {
-        // SAFETY: see `batch`; preemption is off in the scheduler.
-        unsafe {
-            send_batch(b);
-            (*b).slice_faults = 0;
-        }
+    flush_batch();
+    if let Some(b) = slot() {
+        // SAFETY: this CPU's slot; see `start_fault`.
+        unsafe { (*b).slice_faults = 0 };
     }
 }
 
 /// # Safety
-/// As for [`batch_fault`].
+/// `b` came from [`take`].
 #[inline(always)]
 unsafe fn send_batch(b: *mut FaultBatch) {
     let n = unsafe { (*b).count } as usize;

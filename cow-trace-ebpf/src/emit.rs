@@ -56,8 +56,10 @@ pub(crate) enum Detail {
     Exec,
     /// A 4 KiB write fault at `addr` by user instruction `ip` (with
     /// `kernel`: by the kernel in system call number `ip`), resolved by
-    /// `outcome` in `latency_ns` (0: not timed).
-    Fault { outcome: Outcome, latency_ns: u64, addr: u64, ip: u64, kernel: bool },
+    /// `outcome` in `latency_ns` (0: not timed); `weight`: the faults its
+    /// latency stands for when it is a timed sample (0: itself alone).
+    /// Sent this way only when the CPU's batch is taken (see `batch`).
+    Fault { outcome: Outcome, latency_ns: u64, addr: u64, ip: u64, kernel: bool, weight: u32 },
     /// A huge-page write fault at `addr`: `allocated` bytes of user memory
     /// allocated meanwhile, `vm_fault` the handler's raw return.
     HugeCow { latency_ns: u64, addr: u64, allocated: u32, vm_fault: u32 },
@@ -94,8 +96,8 @@ impl Detail {
             }
             Detail::Exit { code, oom } => (code as u32, 0, 0, if oom { FLAG_OOM_VICTIM } else { 0 }),
             Detail::Exec => (0, 0, 0, 0),
-            Detail::Fault { latency_ns, addr, kernel, .. } => {
-                (0, latency_ns, addr, if kernel { FLAG_KERNEL_MODE } else { 0 })
+            Detail::Fault { latency_ns, addr, kernel, weight, .. } => {
+                (weight, latency_ns, addr, if kernel { FLAG_KERNEL_MODE } else { 0 })
             }
             Detail::HugeCow { latency_ns, addr, allocated, vm_fault } => {
                 (allocated, latency_ns, addr, vm_fault)

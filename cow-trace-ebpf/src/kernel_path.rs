@@ -9,16 +9,22 @@
 //! copied when it went through `wp_page_copy` (or, where that function is
 //! inlined, when it allocated an order-0 user page), and it was a zero-fill
 //! when that page was asked for zeroed.
+//!
+//! A fault in flight waits in its thread's `PENDING` slot; its outcome goes
+//! into the CPU's batch and is timed by the same rules as the tracepoint
+//! backend's (`batch`): one protocol for every backend.
 
 use aya_ebpf::{
     macros::{map, raw_tracepoint},
     maps::HashMap,
     programs::RawTracePointContext,
 };
-use cow_trace_common::{counter, vm_fault};
+use cow_trace_common::{counter, vm_fault, FaultRecord, PendingFault as Pending};
 
 use crate::{
+    batch::{record_fault, start_fault, Clock},
     emit::{emit, Detail, Outcome},
+    pending::{pending_slot, IN_HANDLER},
     shared::{
         bump, current_ids, current_syscall, current_user_ip, is_traced, now, off, read_at, setting, Ids,
         GFP_MOVABLE, GFP_ZERO,
@@ -29,11 +35,6 @@ use crate::{
 /// `copy_process` calls in flight in traced threads, keyed by thread id.
 #[map]
 static CLONES: HashMap<u32, CloneStart> = HashMap::with_max_entries(16384, 0);
-
-/// Write-protect faults in flight in traced threads, keyed by thread id.
-/// Those still here at the cut-off are counted in flight at the end.
-#[map]
-static FAULTS: HashMap<u32, Fault> = HashMap::with_max_entries(65536, 0);
 
 #[repr(C)]
 struct CloneStart {
@@ -47,17 +48,7 @@ struct CloneStart {
     _pad: u32,
 }
 
-#[repr(C)]
-struct Fault {
-    ts: u64,
-    addr: u64,
-    /// The user instruction that wrote (the task's user registers).
-    ip: u64,
-    /// User memory allocated during the fault, in bytes.
-    bytes: u64,
-    tgid: u32,
-    seen: u32,
-}
+// What a fault in flight did (`Pending::seen`, beside `IN_HANDLER`).
 
 /// The fault went through `wp_page_copy`.
 const SEEN_COPY_PATH: u32 = 1;
@@ -67,8 +58,6 @@ const SEEN_ALLOC: u32 = 2;
 const SEEN_ZERO: u32 = 4;
 /// A huge-page (PMD) fault.
 const HUGE: u32 = 8;
-/// Taken in kernel mode; `ip` is the system call's number.
-const KERNEL_MODE: u32 = 16;
 
 /// Largest `ERR_PTR` value: the last 4095 addresses are errnos.
 const MAX_ERRNO: u64 = 4095;
@@ -163,6 +152,8 @@ pub fn dup_exit() {
 }
 
 /// `vmf`: the `struct vm_fault *` of `do_wp_page` / `do_huge_pmd_wp_page`.
+/// A 4 KiB fault is timed by the batch protocol's sampling; huge-page
+/// faults, one per 2 MiB at most, are all timed and left out of it.
 pub fn fault_enter(vmf: *const u8, huge: bool) {
     if off() {
         return;
@@ -171,22 +162,36 @@ pub fn fault_enter(vmf: *const u8, huge: bool) {
     if !is_traced(tgid) {
         return;
     }
+    let Some(p) = pending_slot(tid) else {
+        return;
+    };
     // SAFETY: the kernel's own argument; offset from its BTF.
     let addr: u64 = unsafe { read_at(vmf, setting!(vmf_address)) }.unwrap_or(0);
-    let mut seen = if huge { HUGE } else { 0 };
     // A fault the kernel took writing user memory for a system call
     // (read(2) into a buffer shared since the fork) is that call's.
     let user_flag = setting!(fault_flag_user);
     // SAFETY: as above.
     let flags: u32 = unsafe { read_at(vmf, setting!(vmf_flags)) }.unwrap_or(user_flag);
-    let ip = if user_flag != 0 && flags & user_flag == 0 {
-        seen |= KERNEL_MODE;
-        current_syscall()
+    let (ip, mode) = if user_flag != 0 && flags & user_flag == 0 {
+        (current_syscall(), FaultRecord::KERNEL)
     } else {
-        current_user_ip()
+        (current_user_ip(), 0)
     };
-    if FAULTS.insert(tid, Fault { ts: now(), addr, ip, bytes: 0, tgid, seen }, 0).is_err() {
-        bump(counter::UNCLASSIFIED);
+    let (start, sampled, seen) = if huge {
+        (now(), 0, IN_HANDLER | HUGE)
+    } else {
+        let (clock, sampled) = start_fault();
+        (clock.now_ns, sampled, IN_HANDLER)
+    };
+    let addr = (addr & FaultRecord::ADDR_MASK) | sampled | mode;
+    // SAFETY: a valid slot (see `pending_slot`).
+    unsafe {
+        if (*p).tid != 0 {
+            // Another thread's fault in flight in the same slot, or this
+            // thread's whose return was missed: its outcome is lost.
+            bump(counter::UNCLASSIFIED);
+        }
+        *p = Pending { start, addr, ip, tgid, tid, sent_tid: 0, sent_kind: 0, seen, allocated: 0 };
     }
 }
 
@@ -194,53 +199,75 @@ pub fn wp_copy_enter() {
     if off() {
         return;
     }
-    if let Some(f) = FAULTS.get_ptr_mut(current_ids().tid) {
-        // SAFETY: entry owned by this thread until its fault returns.
-        unsafe { (*f).seen |= SEEN_COPY_PATH };
+    let tid = current_ids().tid;
+    if let Some(p) = pending_slot(tid) {
+        // SAFETY: a valid slot; only its own fault's hooks mark it.
+        unsafe {
+            if (*p).tid == tid {
+                (*p).seen |= SEEN_COPY_PATH;
+            }
+        }
     }
 }
 
-/// `ret`: the `vm_fault_t` the fault handler returned.
+/// `ret`: the `vm_fault_t` the fault handler returned. The copy, reuse or
+/// zero-fill is recorded like the tracepoint backend's, in the CPU's batch;
+/// the rare huge-page and failed faults are sent as events of their own.
 pub fn fault_exit(ret: u32) {
     if off() {
         return;
     }
     let tid = current_ids().tid;
-    // SAFETY: the value is copied out before the entry is removed.
-    let Some(f) = (unsafe { FAULTS.get(tid) }) else {
+    let Some(p) = pending_slot(tid) else {
         return;
     };
-    let (ts, addr, ip, bytes, tgid, seen) = (f.ts, f.addr, f.ip, f.bytes, f.tgid, f.seen);
-    let _ = FAULTS.remove(tid);
-    let ids = Ids { tgid, tid };
-    let t = now();
-    let latency_ns = t.saturating_sub(ts);
-    if seen & HUGE != 0 {
-        emit(ids, t, Detail::HugeCow { latency_ns, addr, allocated: bytes as u32, vm_fault: ret });
+    // SAFETY: a valid slot; closed before anything is recorded, and copied
+    // out (48 bytes).
+    let f = unsafe {
+        if (*p).tid != tid {
+            return;
+        }
+        (*p).tid = 0;
+        *p
+    };
+    let ids = Ids { tgid: f.tgid, tid };
+    let addr = f.addr & FaultRecord::ADDR_MASK;
+    if f.seen & HUGE != 0 {
+        let t = now();
+        let latency_ns = t.saturating_sub(f.start);
+        emit(ids, t, Detail::HugeCow { latency_ns, addr, allocated: f.allocated, vm_fault: ret });
         return;
     }
     if vm_fault::failed(ret) {
         // No memory (the cgroup's charge failed), SIGBUS, SIGSEGV: a page
         // it allocated was freed again, nothing was copied or reused.
-        emit(ids, t, Detail::Failed { latency_ns, addr, replaces: 0, vm_fault: ret, ip });
+        let t = now();
+        let latency_ns = if f.start != 0 { t.saturating_sub(f.start) } else { 0 };
+        emit(ids, t, Detail::Failed { latency_ns, addr, replaces: 0, vm_fault: ret, ip: f.ip });
         return;
     }
     if vm_fault::retried(ret) {
         return;
     }
-    let copied = if setting!(wp_copy_hooked) != 0 { seen & SEEN_COPY_PATH } else { seen & SEEN_ALLOC };
+    let copied = if setting!(wp_copy_hooked) != 0 { f.seen & SEEN_COPY_PATH } else { f.seen & SEEN_ALLOC };
     let outcome = if copied == 0 {
         Outcome::Reuse
-    } else if seen & SEEN_ZERO != 0 {
+    } else if f.seen & SEEN_ZERO != 0 {
         Outcome::ZeroFill
     } else {
         Outcome::Copy
     };
-    let kernel = seen & KERNEL_MODE != 0;
     if matches!(outcome, Outcome::Copy) {
-        stacks::count(tgid, tid, 1);
+        stacks::count(f.tgid, tid, 1);
     }
-    emit(ids, t, Detail::Fault { outcome, latency_ns, addr, ip, kernel });
+    let (clock, latency_ns) = match f.start {
+        0 => (Clock::events(), 0),
+        start => {
+            let c = Clock::read();
+            (c, c.now_ns.saturating_sub(start))
+        }
+    };
+    record_fault(outcome, ids, latency_ns, f.addr, f.ip, clock);
 }
 
 /// Notes the user pages a fault in flight allocates.
@@ -254,20 +281,25 @@ pub fn mm_page_alloc_wp(ctx: RawTracePointContext) -> i32 {
     if gfp & GFP_MOVABLE == 0 {
         return 0;
     }
-    if let Some(f) = FAULTS.get_ptr_mut(current_ids().tid) {
-        let order: u64 = ctx.arg(1);
-        // SAFETY: entry owned by this thread until its fault returns.
-        unsafe {
-            (*f).bytes += 4096u64 << (order & 31);
-            if order == 0 {
-                (*f).seen |= SEEN_ALLOC;
-                if gfp & GFP_ZERO != 0 {
-                    (*f).seen |= SEEN_ZERO;
-                } else {
-                    // The page a copy would go to: the only faults whose
-                    // stack can count.
-                    stacks::take(&ctx, current_ids().tid);
-                }
+    let tid = current_ids().tid;
+    let Some(p) = pending_slot(tid) else {
+        return 0;
+    };
+    let order: u64 = ctx.arg(1);
+    // SAFETY: a valid slot; only its own fault's hooks mark it.
+    unsafe {
+        if (*p).tid != tid {
+            return 0;
+        }
+        (*p).allocated = (*p).allocated.saturating_add(4096u32 << (order & 15));
+        if order == 0 {
+            (*p).seen |= SEEN_ALLOC;
+            if gfp & GFP_ZERO != 0 {
+                (*p).seen |= SEEN_ZERO;
+            } else {
+                // The page a copy would go to: the only faults whose
+                // stack can count.
+                stacks::take(&ctx, tid);
             }
         }
     }

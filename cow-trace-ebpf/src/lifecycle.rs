@@ -1,22 +1,23 @@
 //! Process lifecycle: forks, execs and exits of traced processes, which
 //! every backend loads (they keep the traced set and open and close fork
-//! copy windows), and stop the tracepoint backend's fork clock
+//! copy windows), the context switch that ends a task's batch and time
+//! slice (every backend), and stop the tracepoint backend's fork clock
 //! (`fork_clock`).
 //!
-//! Each of the three sched hooks sends this CPU's fault batch before its own
-//! event and counts a window event after it (see `batch`).
+//! Each of the three sched_process hooks sends this CPU's fault batch
+//! before its own event and counts a window event after it (see `batch`).
 
 use aya_ebpf::{helpers::bpf_get_current_task, macros::raw_tracepoint, programs::RawTracePointContext};
 use aya_log_ebpf::warn;
 use cow_trace_common::{counter, TRACED_CHILD};
 
 use crate::{
-    batch::{count_window_event, flush_batch},
+    batch::{count_window_event, end_slice, flush_batch},
     emit::{emit, Detail},
     fork_clock, kernel_path,
+    pending::settle_pending,
     shared::{bump, current_ids, is_traced, now, off, read_at, setting, Ids, TRACED},
     stacks,
-    tracepoint::settle_pending,
 };
 
 #[raw_tracepoint(tracepoint = "sched_process_fork")]
@@ -63,6 +64,18 @@ fn try_fork(ctx: &RawTracePointContext) -> Result<(), i32> {
     kernel_path::fork_seen(ids, child);
     count_window_event();
     Ok(())
+}
+
+/// A task leaving the CPU takes its batched fault outcomes with it: the
+/// batch never holds another task's records, and no record waits behind a
+/// task that sleeps. Its next time slice starts with every fault timed.
+#[raw_tracepoint(tracepoint = "sched_switch")]
+pub fn sched_switch(_ctx: RawTracePointContext) -> i32 {
+    if off() {
+        return 0;
+    }
+    end_slice();
+    0
 }
 
 #[raw_tracepoint(tracepoint = "sched_process_exit")]

@@ -5,12 +5,15 @@
 //! - `shared`: load-time settings (`CONFIG`), the traced set, counters, ids.
 //! - `emit`: the event ring buffer and the typed events written to it.
 //! - `stacks`: `--stacks`, copies counted by user stack in the kernel.
-//! - `batch`: per-CPU batches of fault outcomes and the rules for sending them.
+//! - `batch`: the protocol every backend's fault path uses: per-CPU batches
+//!   of fault outcomes, the rules for sending them, and sampled timing.
+//! - `pending`: each thread's write fault waiting for its outcome.
 //! - `fork_clock`: the tracepoint backend's fork latency.
 //! - `tracepoint`: the tracepoint backend's fault classification.
-//! - `lifecycle`: forks, execs and exits (every backend).
 //! - `kernel_path`: what the kprobe and fentry backends measure, with its
 //!   thin wrappers `kprobe` and `fentry`.
+//! - `lifecycle`: forks, execs and exits, context switches (every
+//!   backend).
 //!
 //! Every hook returns before touching a map it does not need when the event
 //! does not concern a traced process. Why the rules hold, and what they rely
@@ -37,6 +40,8 @@ mod kernel_path;
 mod kprobe;
 #[cfg(target_arch = "bpf")]
 mod lifecycle;
+#[cfg(target_arch = "bpf")]
+mod pending;
 #[cfg(target_arch = "bpf")]
 mod shared;
 #[cfg(target_arch = "bpf")]

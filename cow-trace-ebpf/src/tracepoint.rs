@@ -11,16 +11,13 @@
 //! copy failed), SIGBUS or SIGSEGV before the thread's next fault or
 //! syscall failed instead, even when its page was allocated (and freed).
 
-use aya_ebpf::{
-    macros::{map, raw_tracepoint},
-    maps::Array,
-    programs::RawTracePointContext,
-};
-use cow_trace_common::{counter, FaultRecord, PendingFault as Pending, TIMED_PER_SLICE};
+use aya_ebpf::{macros::raw_tracepoint, programs::RawTracePointContext};
+use cow_trace_common::{counter, FaultRecord, PendingFault as Pending};
 
 use crate::{
-    batch::{batch, batch_fault, cut_if_old, end_slice, flush_batch, Clock},
+    batch::{cut_if_old, flush_batch, record_fault, start_fault, Clock},
     emit::{emit, Detail, Outcome},
+    pending::{pending_slot, settle_pending},
     shared::{
         bump, current_ids, current_syscall, is_traced, now, off, read_at, regs_ip, setting, Ids, GFP_MOVABLE,
         GFP_ZERO,
@@ -28,58 +25,9 @@ use crate::{
     stacks,
 };
 
-/// Write faults waiting for their outcome: a direct-mapped table indexed by
-/// thread id modulo its size, because an array lookup is inlined where a
-/// hash lookup is a call, on the hottest path of the tool. When two threads
-/// collide, the older fault is counted unclassified, never guessed. Slots
-/// still open at the cut-off are counted in flight at the end.
-#[map]
-static PENDING: Array<Pending> = Array::with_max_entries(PENDING_SLOTS, 0);
-const PENDING_SLOTS: u32 = 1 << 16;
-
 /// x86 page-fault error code: bit 0 = protection fault on a present page,
 /// bit 1 = write access.
 const PF_PROT_WRITE: u64 = 0b11;
-
-/// The slot of thread `tid`, whoever holds it now. Only a thread with a
-/// colliding id can write it concurrently; every writer closes the slot
-/// (`tid = 0`) before batching its outcome, so an allocation in an
-/// interrupt meanwhile never takes that fault for a copy.
-#[inline(always)]
-fn pending_slot(tid: u32) -> Option<*mut Pending> {
-    PENDING.get_ptr_mut(tid & (PENDING_SLOTS - 1))
-}
-
-/// Resolves the thread's pending write fault, if any, as a reuse: into
-/// this CPU's batch when `batched` (preemption off), else directly.
-#[inline(always)]
-pub(crate) fn settle_pending(tid: u32, batched: bool) {
-    let Some(p) = pending_slot(tid) else {
-        return;
-    };
-    // SAFETY: a valid slot (see `pending_slot`).
-    unsafe {
-        if (*p).sent_tid == tid {
-            (*p).sent_tid = 0;
-        }
-        if (*p).tid != tid {
-            return;
-        }
-        (*p).tid = 0;
-        if batched {
-            if let Some(b) = batch() {
-                let addr = (*p).addr & !FaultRecord::SAMPLED;
-                batch_fault(b, Outcome::Reuse, (*p).tgid, 0, addr, (*p).ip, Clock::events());
-            }
-        } else {
-            let ids = Ids { tgid: (*p).tgid, tid };
-            let addr = (*p).addr & FaultRecord::ADDR_MASK;
-            let ip = (*p).ip;
-            let kernel = (*p).addr & FaultRecord::KERNEL != 0;
-            emit(ids, now(), Detail::Fault { outcome: Outcome::Reuse, latency_ns: 0, addr, ip, kernel });
-        }
-    }
-}
 
 /// Opens a pending fault for the thread. The first `TIMED_PER_SLICE` faults
 /// of a time slice are timed, then one in `sample_every`: in a burst, two
@@ -120,20 +68,7 @@ fn open_fault(ctx: &RawTracePointContext, kernel: bool) -> i32 {
     if error_code & PF_PROT_WRITE != PF_PROT_WRITE {
         // Any fault ends the window of the thread's previous write fault:
         // its allocations and signals are this fault's.
-        let tid = current_ids().tid;
-        if let (Some(p), Some(b)) = (pending_slot(tid), batch()) {
-            // SAFETY: as below.
-            unsafe {
-                if (*p).sent_tid == tid {
-                    (*p).sent_tid = 0;
-                }
-                if (*p).tid == tid {
-                    (*p).tid = 0;
-                    let addr = (*p).addr & !FaultRecord::SAMPLED;
-                    batch_fault(b, Outcome::Reuse, (*p).tgid, 0, addr, (*p).ip, Clock::events());
-                }
-            }
-        }
+        settle_pending(current_ids().tid, true);
         return 0;
     }
     let Ids { tgid, tid } = current_ids();
@@ -141,39 +76,23 @@ fn open_fault(ctx: &RawTracePointContext, kernel: bool) -> i32 {
         return 0;
     }
     let addr: u64 = ctx.arg(0);
-    let (Some(p), Some(b)) = (pending_slot(tid), batch()) else {
+    let Some(p) = pending_slot(tid) else {
         return 0;
     };
-    // SAFETY: a valid slot (see `pending_slot`); this CPU's batch, with
-    // preemption off.
+    let (clock, sampled) = start_fault();
+    // SAFETY: a valid slot (see `pending_slot`).
     unsafe {
-        let n = (*b).slice_faults;
-        (*b).slice_faults = n.wrapping_add(1);
-        let every = setting!(sample_every);
-        // Past the first faults, fault n is timed when it closes a run of
-        // `every` and stands for that run: a sample describes faults that
-        // happened, never faults that may not come.
-        let (clock, flag) = if n < TIMED_PER_SLICE || every <= 1 {
-            (Clock::read(), 0)
-        } else if (n + 1 - TIMED_PER_SLICE) & (every - 1) == 0 {
-            (Clock::read(), FaultRecord::SAMPLED)
-        } else {
-            (Clock::events(), 0)
-        };
         if (*p).tid == tid {
             // The previous fault of this thread allocated nothing.
             (*p).tid = 0;
-            let addr = (*p).addr & !FaultRecord::SAMPLED;
-            batch_fault(b, Outcome::Reuse, (*p).tgid, 0, addr, (*p).ip, clock);
+            let ids = Ids { tgid: (*p).tgid, tid };
+            record_fault(Outcome::Reuse, ids, 0, (*p).addr & !FaultRecord::SAMPLED, (*p).ip, clock);
         } else {
             if (*p).tid != 0 {
                 bump(counter::UNCLASSIFIED);
             }
-            // A timed fault checks the batch's age even when it adds
-            // nothing to it now.
-            cut_if_old(b, clock.now_ns);
+            cut_if_old(clock.now_ns);
         }
-        let start = clock.now_ns;
         // A user fault's `regs->ip` is the writing instruction; a kernel
         // fault's regs are the kernel's, so it is named by its system call.
         let (ip, mode) = if kernel {
@@ -181,8 +100,9 @@ fn open_fault(ctx: &RawTracePointContext, kernel: bool) -> i32 {
         } else {
             (regs_ip(ctx.arg::<*const u8>(1)), 0)
         };
-        let addr = (addr & FaultRecord::ADDR_MASK) | flag | mode;
-        *p = Pending { start, addr, ip, tgid, tid, sent_tid: 0, sent_kind: 0 };
+        let addr = (addr & FaultRecord::ADDR_MASK) | sampled | mode;
+        let start = clock.now_ns;
+        *p = Pending { start, addr, ip, tgid, tid, sent_tid: 0, sent_kind: 0, seen: 0, allocated: 0 };
     }
     0
 }
@@ -205,8 +125,7 @@ pub fn mm_page_alloc(ctx: RawTracePointContext) -> i32 {
     let Some(p) = pending_slot(tid) else {
         return 0;
     };
-    // SAFETY: a valid slot (see `pending_slot`); this CPU's batch, with
-    // preemption off.
+    // SAFETY: a valid slot (see `pending_slot`).
     unsafe {
         if (*p).tid != tid {
             // Another user page for a thread whose copy was sent: that
@@ -219,9 +138,6 @@ pub fn mm_page_alloc(ctx: RawTracePointContext) -> i32 {
             return 0;
         }
         (*p).tid = 0;
-        let Some(b) = batch() else {
-            return 0;
-        };
         let outcome = if (gfp as u32) & GFP_ZERO != 0 { Outcome::ZeroFill } else { Outcome::Copy };
         let (clock, latency) = match (*p).start {
             0 => (Clock::events(), 0),
@@ -230,7 +146,7 @@ pub fn mm_page_alloc(ctx: RawTracePointContext) -> i32 {
                 (c, c.now_ns.saturating_sub(start))
             }
         };
-        batch_fault(b, outcome, (*p).tgid, latency, (*p).addr, (*p).ip, clock);
+        record_fault(outcome, Ids { tgid: (*p).tgid, tid }, latency, (*p).addr, (*p).ip, clock);
         if matches!(outcome, Outcome::Copy) {
             stacks::take(&ctx, tid);
             stacks::count((*p).tgid, tid, 1);
@@ -305,17 +221,5 @@ pub fn sys_enter(ctx: RawTracePointContext) -> i32 {
     settle_pending(current_ids().tid, false);
     // TP_PROTO(struct pt_regs *regs, long id)
     crate::fork_clock::syscall_entered(ctx.arg(1));
-    0
-}
-
-/// A task leaving the CPU takes its batched fault outcomes with it: the
-/// batch never holds another task's records, and no record waits behind a
-/// task that sleeps.
-#[raw_tracepoint(tracepoint = "sched_switch")]
-pub fn sched_switch(_ctx: RawTracePointContext) -> i32 {
-    if off() {
-        return 0;
-    }
-    end_slice();
     0
 }

@@ -83,7 +83,7 @@ pub struct Args {
     pub ring_buffer_size: u32,
 
     /// In a burst of write faults, time one in N for the CoW latency
-    /// histograms, each standing for N (tracepoint backend; a power of two,
+    /// histograms, each standing for N (every backend; a power of two,
     /// 1 = time every fault). A task's first 64 faults after it is
     /// scheduled in are always timed, so only bursts are sampled: each
     /// timing costs two clock reads, about as much as the rest of the

@@ -74,6 +74,9 @@ pub struct Seen {
     pub events: EventCounts,
     /// Records that were not an event this version knows.
     pub malformed: u64,
+    /// Records read from the ring buffer: a batch of fault outcomes counts
+    /// once, however many it carries.
+    pub ring_records: u64,
 }
 
 /// Totals counted in the kernel, independent of the ring buffer.
@@ -83,6 +86,9 @@ pub struct KernelTotals {
     pub events: EventCounts,
     pub unclassified_faults: u64,
     pub traced_full: u64,
+    /// Write faults whose latency was measured: a time slice's first 64,
+    /// then one in `--sample-every`.
+    pub timed_faults: u64,
 }
 
 /// The kernel's `COUNTERS` array, summed over CPUs, decoded.
@@ -103,6 +109,7 @@ impl KernelCounters {
                 events: EventCounts::from_kernel(counters),
                 unclassified_faults: at(counter::UNCLASSIFIED),
                 traced_full: at(counter::TRACED_FULL),
+                timed_faults: at(counter::TIMED_FAULTS),
             },
         }
     }
@@ -128,8 +135,10 @@ mod tests {
         c[counter::COW_COPIES as usize] = 2;
         c[counter::UNCLASSIFIED as usize] = 9;
         c[counter::TRACED_FULL as usize] = 1;
+        c[counter::TIMED_FAULTS as usize] = 5;
         let k = KernelCounters::decode(&c);
         assert_eq!((k.dropped, k.totals.events.cow_copies), (3, 2));
         assert_eq!((k.totals.unclassified_faults, k.totals.traced_full), (9, 1));
+        assert_eq!(k.totals.timed_faults, 5);
     }
 }

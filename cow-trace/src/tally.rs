@@ -98,6 +98,7 @@ impl Tally {
 
     /// Feeds one ring-buffer record; a malformed one is counted.
     pub fn apply_record(&mut self, bytes: &[u8], sample_every: u32) {
+        self.seen.ring_records += 1;
         event::decode_record(bytes, sample_every, |e| self.apply_decoded(e));
     }
 
@@ -524,6 +525,22 @@ mod tests {
         a.feed(&e);
         assert_eq!(a.seen().malformed, 1);
         assert!(a.totals().is_empty());
+    }
+
+    #[test]
+    fn a_batch_is_one_ring_record_however_many_outcomes_it_carries() {
+        let mut a = agg(&[100], true);
+        let copy = |addr: u64| FaultRecord {
+            addr_kind: addr | EventKind::CowCopy as u64,
+            ip: 0,
+            latency_ns: 0,
+            pid: 100,
+        };
+        a.apply_record(&event::encode_batch(5, &[copy(0x1000), copy(0x2000), copy(0x3000)], 3), 16);
+        a.feed(&ev(EventKind::Exit, 100, 0, 0, "p"));
+        // Read back at the end from the map, not from the ring.
+        a.apply_unsent(6, &copy(0x4000), 16);
+        assert_eq!((a.seen().ring_records, a.seen().events.cow_copies, a.seen().events.exits), (2, 4, 1));
     }
 
     #[test]

@@ -29,6 +29,10 @@ fn launch_mode_counts_the_pages_the_workload_wrote() {
     assert_eq!(s["command_exit_code"], 0);
     // Zero-page faults are told apart from copies, and not counted as such.
     assert_ground_truth(s, r.workload(), &WITH_ZERO_FILLS, Timing::Sampled);
+    // Thousands of outcomes went in batches, and a sample of them was timed.
+    if let Err(e) = workload::check_batched_and_sampled(s) {
+        panic!("{e}\nsummary: {s}");
+    }
 }
 
 #[test]

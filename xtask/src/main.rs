@@ -4,6 +4,7 @@
 //! [`setup`]), so a fresh machine needs nothing but Rust and rustup.
 
 mod bench;
+mod bench_vm;
 mod lint;
 mod setup;
 mod startstop;
@@ -76,18 +77,28 @@ enum Cli {
     /// Measure tracing overhead on a CoW storm and a fork storm, and the
     /// time to attach and to exit beside bpftrace (root).
     Bench {
-        /// Repetitions of each configuration (interleaved).
-        #[arg(long, default_value_t = 7)]
-        repeats: usize,
-        /// Rounds of the CoW storm (fork + 50 MiB written by the child).
-        #[arg(long, default_value_t = 20)]
-        rounds: usize,
-        /// Forks in the fork storm.
-        #[arg(long, default_value_t = 3000)]
-        forks: usize,
+        /// Repetitions of each configuration (interleaved). Default 7; 5
+        /// with --vm.
+        #[arg(long)]
+        repeats: Option<usize>,
+        /// Rounds of the CoW storm (fork + 50 MiB written by the child;
+        /// with --vm, 16 MiB). Default 20; 12 with --vm.
+        #[arg(long)]
+        rounds: Option<usize>,
+        /// Forks in the fork storm. Default 3000; 200 with --vm.
+        #[arg(long)]
+        forks: Option<usize>,
+        /// Run the storms in a VM (QEMU, TCG) on a Debian kernel, under
+        /// each backend and each backend's empty-program floor; ratios only.
+        #[arg(long)]
+        vm: bool,
+        /// With --vm: the kernel to boot, 6.1 or 6.12 (Debian's), a vmlinuz
+        /// or a Debian kernel .deb. Default: Debian's 6.1.
+        #[arg(long, requires = "vm")]
+        kernel: Option<PathBuf>,
         /// Run one part only: `overhead` (the storms) or `startstop` (time
-        /// to attach and to exit, beside bpftrace).
-        #[arg(long, value_enum)]
+        /// to attach and to exit, beside bpftrace). Not with --vm.
+        #[arg(long, value_enum, conflicts_with = "vm")]
         only: Option<BenchPart>,
     },
 }
@@ -184,8 +195,13 @@ fn real_main() -> Result<()> {
     match Cli::parse() {
         Cli::Vm { kernel, include, bins, timeout, command } => {
             setup::ensure_toolchain()?;
-            let opts =
-                vm::VmOptions { kernel, include, bins, timeout: std::time::Duration::from_secs(timeout) };
+            let opts = vm::VmOptions {
+                kernel,
+                include,
+                bins,
+                timeout: std::time::Duration::from_secs(timeout),
+                single_thread: false,
+            };
             let code = vm::vm(&opts, &command)?;
             std::process::exit(code);
         }
@@ -209,10 +225,22 @@ fn real_main() -> Result<()> {
             setup::ensure_toolchain()?;
             setup::ensure_test_packages()
         }
-        Cli::Bench { repeats, rounds, forks, only } => {
+        Cli::Bench { repeats, rounds, forks, vm: true, kernel, .. } => {
             setup::ensure_toolchain()?;
+            let b = bench_vm::VmBench {
+                kernel,
+                repeats: repeats.unwrap_or(5),
+                rounds: rounds.unwrap_or(12),
+                pages: 16 << 20 >> 12,
+                forks: forks.unwrap_or(200),
+            };
+            bench_vm::bench_vm(&b)
+        }
+        Cli::Bench { repeats, rounds, forks, vm: false, only, .. } => {
+            setup::ensure_toolchain()?;
+            let repeats = repeats.unwrap_or(7);
             if only != Some(BenchPart::Startstop) {
-                bench::bench(repeats, rounds, forks)?;
+                bench::bench(repeats, rounds.unwrap_or(20), forks.unwrap_or(3000))?;
             }
             if only != Some(BenchPart::Overhead) {
                 startstop::bench(repeats)?;

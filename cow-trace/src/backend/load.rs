@@ -232,34 +232,24 @@ impl Tracer {
     /// cut-off: neither copies nor reuses. Only meaningful after `cut_off`
     /// (and a pause for programs still running on other CPUs).
     pub fn faults_in_flight(&self) -> Result<u64> {
-        if let Some(map) = self.ebpf.map("PENDING") {
-            // The tracepoint backend: one slot per thread, open while its
-            // tid is set. The kernel-function backends leave this table
-            // empty.
-            let n = match map {
-                aya::maps::Map::Array(data) => read_array::<PendingFault>(data),
-                _ => None,
-            };
-            let n = match n {
-                Some(slots) => slots.iter().filter(|p| p.tid != 0).count() as u64,
-                None => {
-                    let pending: Array<_, PendingFault> = Array::try_from(map)?;
-                    let mut n = 0;
-                    for slot in pending.iter() {
-                        n += (slot?.tid != 0) as u64;
-                    }
-                    n
-                }
-            };
-            if n > 0 {
-                return Ok(n);
-            }
+        // One slot per thread on every backend, open while its tid is set:
+        // the tracepoint backend's faults waiting for their outcome, the
+        // kernel-function backends' faults whose handler had not returned.
+        let map = self.ebpf.map("PENDING").context("PENDING map missing")?;
+        // One batched read where the kernel has it, else slot by slot.
+        let slots = match map {
+            aya::maps::Map::Array(data) => read_array::<PendingFault>(data),
+            _ => None,
+        };
+        if let Some(slots) = slots {
+            return Ok(slots.iter().filter(|p| p.tid != 0).count() as u64);
         }
-        // The kernel-function backends: faults entered and not returned
-        // (`kernel_path::Fault`, five 8-byte words; only the keys are read).
-        let faults: HashMap<_, u32, [u64; 5]> =
-            HashMap::try_from(self.ebpf.map("FAULTS").context("FAULTS map missing")?)?;
-        Ok(faults.keys().filter(Result::is_ok).count() as u64)
+        let pending: Array<_, PendingFault> = Array::try_from(map)?;
+        let mut n = 0;
+        for slot in pending.iter() {
+            n += (slot?.tid != 0) as u64;
+        }
+        Ok(n)
     }
 
     /// Starts detaching every program. Once the run is cut off and no

@@ -41,7 +41,7 @@ impl BackendKind {
             BackendKind::Tracepoint => {
                 "write fault to the copy's page allocation (copies only; bursts sampled, see --sample-every)"
             }
-            _ => "do_wp_page entry to return (every write-protect fault)",
+            _ => "do_wp_page entry to return (copies only; bursts sampled, see --sample-every)",
         }
     }
 

@@ -1,0 +1,350 @@
+//! `cargo xtask bench --vm`: the CoW and fork storms under QEMU, on a
+//! Debian kernel where all three backends attach, so that the fentry and
+//! kprobe fault paths, which the development kernel refuses, are measured
+//! too.
+//!
+//! One VM boot runs every configuration: untraced, each backend, and each
+//! backend's floor (the same hooks with programs that return at once),
+//! interleaved with the order rotated at each repeat. TCG emulation
+//! distorts absolute times (an emulated clock read or trap costs nothing
+//! like a real one), so only ratios between configurations of the same run
+//! are reported.
+
+use std::{fmt::Write as _, path::PathBuf, time::Duration};
+
+use anyhow::{bail, Result};
+use serde_json::{json, Value};
+
+use crate::{
+    vm::{self, VmOptions},
+    workspace_root,
+};
+
+const BACKENDS: [&str; 3] = ["fentry", "kprobe", "tracepoint"];
+const STORMS: [&str; 2] = ["cow", "fork"];
+const PREFIX: &str = "bench-vm:";
+
+/// What `--vm` runs: sized for about ten minutes under TCG with the
+/// defaults.
+#[derive(Clone, Debug)]
+pub struct VmBench {
+    pub kernel: Option<PathBuf>,
+    pub repeats: usize,
+    /// Rounds of the CoW storm: fork, the child writes `pages` pages.
+    pub rounds: usize,
+    pub pages: usize,
+    pub forks: usize,
+}
+
+/// A configuration: untraced, or a backend with real or empty programs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Config {
+    backend: Option<&'static str>,
+    floor: bool,
+}
+
+impl Config {
+    fn all() -> Vec<Config> {
+        let mut v = vec![Config { backend: None, floor: false }];
+        for b in BACKENDS {
+            v.push(Config { backend: Some(b), floor: false });
+            v.push(Config { backend: Some(b), floor: true });
+        }
+        v
+    }
+
+    /// One word, for the console protocol.
+    fn key(self) -> String {
+        match (self.backend, self.floor) {
+            (None, _) => "untraced".into(),
+            (Some(b), false) => b.into(),
+            (Some(b), true) => format!("{b}-floor"),
+        }
+    }
+
+    fn label(self) -> String {
+        match (self.backend, self.floor) {
+            (None, _) => "untraced".into(),
+            (Some(b), false) => format!("cow-trace ({b})"),
+            (Some(b), true) => format!("floor: {b}, empty programs"),
+        }
+    }
+}
+
+/// The script the VM runs: every repeat, every configuration in rotated
+/// order, both storms under one start of the tracer, after an unmeasured
+/// warm-up. Each measurement is
+/// one console line, `bench-vm: CONFIG STORM REPEAT ELAPSED_NS`; a traced
+/// configuration adds `bench-vm: CONFIG dropped REPEAT N` from its summary.
+fn script(b: &VmBench) -> String {
+    let configs = Config::all();
+    let mut s = String::from("#!/bin/sh\n");
+    // Storms write memory the kernel has never backed: transparent huge
+    // pages are left as the kernel boots them, and the workload asks for
+    // 4 KiB pages (MADV_NOHUGEPAGE) itself.
+    let cow = format!(
+        "cow-workload --pages {p} --child-writes {p} --parent-writes 0 --rounds {r}",
+        p = b.pages,
+        r = b.rounds
+    );
+    let fork = format!("cow-workload --fork-storm {}", b.forks);
+    let _ = write!(
+        s,
+        "elapsed() {{ sed -n 's/.*\"elapsed_ns\":\\([0-9]*\\).*/\\1/p'; }}\n\
+         storms() {{\n\
+           echo \"{PREFIX} $1 cow $2 $({cow} | elapsed)\"\n\
+           echo \"{PREFIX} $1 fork $2 $({fork} | elapsed)\"\n\
+         }}\n\
+         traced() {{\n\
+           cow-trace --json -d 86400 --backend \"$3\" $4 > /tmp/trace.out 2> /tmp/trace.err &\n\
+           pid=$!\n\
+           until grep -q '\"type\":\"start\"' /tmp/trace.out; do\n\
+             kill -0 $pid 2>/dev/null || {{ echo \"{PREFIX} $1 failed $2 $(head -c 300 /tmp/trace.err)\"; return; }}\n\
+             usleep 100000\n\
+           done\n\
+           storms \"$1\" \"$2\"\n\
+           kill -INT $pid; wait $pid\n\
+           echo \"{PREFIX} $1 dropped $2 $(sed -n 's/.*\"type\":\"summary\".*\"dropped_events\":\\([0-9]*\\).*/\\1/p' /tmp/trace.out)\"\n\
+         }}\n"
+    );
+    // A first pass that is not measured: the emulator translates the code
+    // paths of the storms for the first time, and the kernel touches its
+    // fresh memory.
+    let _ = writeln!(s, "storms warm-up -");
+    for rep in 0..b.repeats {
+        for k in 0..configs.len() {
+            let c = configs[(k + rep) % configs.len()];
+            let key = c.key();
+            match c.backend {
+                None => {
+                    let _ = writeln!(s, "storms {key} {rep}");
+                }
+                Some(backend) => {
+                    let empty = if c.floor { "--bench-empty-programs" } else { "" };
+                    let _ = writeln!(s, "traced {key} {rep} {backend} {empty}");
+                }
+            }
+        }
+        let _ = writeln!(s, "echo \"{PREFIX} repeat {} of {} done\"", rep + 1, b.repeats);
+    }
+    s
+}
+
+/// One storm's times per configuration, by repeat.
+type Times = Vec<Vec<Option<u64>>>;
+
+/// Reads the console: the times of each storm, and per configuration the
+/// events its tracer dropped over the run.
+fn parse(console: &str, configs: &[Config], repeats: usize) -> Result<(Vec<Times>, Vec<u64>)> {
+    let mut times: Vec<Times> = vec![vec![vec![None; repeats]; configs.len()]; STORMS.len()];
+    let mut dropped = vec![0u64; configs.len()];
+    for line in console.lines() {
+        let Some(rest) = line.split_once(PREFIX).map(|(_, r)| r.trim()) else { continue };
+        let words: Vec<&str> = rest.split_whitespace().collect();
+        let Some(c) = configs.iter().position(|c| words.first() == Some(&c.key().as_str())) else { continue };
+        match words.get(1..) {
+            Some(["failed", ..]) => {
+                bail!("the tracer of {} did not start in the VM: {rest}", configs[c].label())
+            }
+            Some(["dropped", rest @ ..]) => match rest {
+                [_, n] if n.parse::<u64>().is_ok() => dropped[c] += n.parse::<u64>().unwrap_or(0),
+                _ => bail!("{} ended without its summary in the VM: {}", configs[c].label(), words.join(" ")),
+            },
+            Some([storm, rep, ns]) => {
+                let (Some(s), Ok(rep), Ok(ns)) =
+                    (STORMS.iter().position(|x| x == storm), rep.parse::<usize>(), ns.parse::<u64>())
+                else {
+                    bail!("a storm failed in the VM: {rest}");
+                };
+                if let Some(slot) = times[s][c].get_mut(rep) {
+                    *slot = Some(ns);
+                }
+            }
+            _ => {}
+        }
+    }
+    for (s, storm) in STORMS.iter().enumerate() {
+        for (c, config) in configs.iter().enumerate() {
+            if times[s][c].iter().any(Option::is_none) {
+                bail!(
+                    "{storm} storm under {}: a repeat has no time (the VM's console is incomplete)",
+                    config.label()
+                );
+            }
+        }
+    }
+    Ok((times, dropped))
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+pub fn bench_vm(b: &VmBench) -> Result<()> {
+    if b.repeats == 0 {
+        bail!("--repeats must be at least 1");
+    }
+    let configs = Config::all();
+    let dir = workspace_root().join("target/bench");
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join("bench-vm.sh");
+    std::fs::write(&path, script(b))?;
+    // Each traced configuration starts and stops cow-trace once per repeat;
+    // allow for a slow emulator on a shared machine.
+    let timeout = Duration::from_secs(600 + 360 * b.repeats as u64);
+    let opts = VmOptions {
+        kernel: b.kernel.clone(),
+        include: vec![path],
+        bins: vec![],
+        timeout,
+        single_thread: true,
+    };
+    let (code, console) = vm::run_in_vm(&opts, &["sh".into(), "bench-vm.sh".into()], true)?;
+    if code != 0 {
+        bail!("the benchmark script exited {code} in the VM");
+    }
+    let kernel = console
+        .lines()
+        .find_map(|l| {
+            l.split_once("cow-trace-vm: kernel ")
+                .map(|(_, k)| k.split(',').next().unwrap_or(k).trim().to_string())
+        })
+        .unwrap_or_else(|| "?".into());
+    let (times, dropped) = parse(&console, &configs, b.repeats)?;
+
+    let mut report = String::new();
+    let _ = writeln!(
+        report,
+        "kernel: {kernel} under QEMU, TCG emulation (2 vCPUs in one host thread) on a shared machine\n\
+         repeats: {}, CoW storm: {} rounds x {} pages, fork storm: {} forks\n\
+         Ratios only, each against the untraced runs of this same VM boot: emulation distorts\n\
+         absolute times (clock reads, traps and ring-buffer writes cost nothing like they do on\n\
+         hardware), so no time from this run means anything alone.\n",
+        b.repeats, b.rounds, b.pages, b.forks
+    );
+    let mut out = serde_json::Map::new();
+    out.insert("kernel".into(), json!(kernel));
+    out.insert("emulation".into(), json!("QEMU TCG"));
+    out.insert("repeats".into(), json!(b.repeats));
+    for (s, storm) in STORMS.iter().enumerate() {
+        let t = &times[s];
+        let at = |c: usize, r: usize| t[c][r].unwrap_or(0) as f64;
+        let med = |c: usize| median((0..b.repeats).map(|r| at(c, r)).collect());
+        let ratio = |c: usize| med(c) / med(0);
+        // Each run against the untraced run of its own repeat.
+        let paired = |c: usize| median((0..b.repeats).map(|r| at(c, r) / at(0, r)).collect());
+        // The fastest runs: the least disturbed by anything else the host did.
+        let fastest = |c: usize| (0..b.repeats).map(|r| at(c, r)).fold(f64::MAX, f64::min);
+        let fastest_ratio = |c: usize| fastest(c) / fastest(0);
+        let _ = writeln!(report, "{storm} storm:");
+        let _ = writeln!(
+            report,
+            "  {:<34} {:>8} {:>8} {:>8} {:>24} {:>8}",
+            "configuration", "ratio", "fastest", "paired", "above its floor", "dropped"
+        );
+        let mut entries = Vec::new();
+        for (c, config) in configs.iter().enumerate() {
+            let floor = config
+                .backend
+                .filter(|_| !config.floor)
+                .and_then(|b| configs.iter().position(|x| x.backend == Some(b) && x.floor));
+            let above = floor
+                .map(|f| (ratio(c) - ratio(f), fastest_ratio(c) - fastest_ratio(f), paired(c) - paired(f)));
+            let above_s = above.map_or("-".to_string(), |(m, f, p)| format!("{m:+.3} / {f:+.3} / {p:+.3}"));
+            let drop_s =
+                if config.backend.is_some() && !config.floor { dropped[c].to_string() } else { "-".into() };
+            let _ = writeln!(
+                report,
+                "  {:<34} {:>8.3} {:>8.3} {:>8.3} {:>24} {:>8}",
+                config.label(),
+                ratio(c),
+                fastest_ratio(c),
+                paired(c),
+                above_s,
+                drop_s
+            );
+            entries.push(json!({
+                "configuration": config.label(),
+                "ratio": ratio(c),
+                "fastest_ratio": fastest_ratio(c),
+                "paired_ratio": paired(c),
+                "above_floor": above.map(|(m, _, _)| m),
+                "above_floor_fastest": above.map(|(_, f, _)| f),
+                "above_floor_paired": above.map(|(_, _, p)| p),
+                "samples_ns": t[c],
+                "dropped_events": dropped[c],
+            }));
+        }
+        let _ = writeln!(report);
+        out.insert(format!("{storm} storm"), Value::Array(entries));
+    }
+    let _ = writeln!(
+        report,
+        "\"above its floor\": the backend's ratio minus its own empty-program floor's, by the median,\n\
+         the fastest and the paired ratio (target for the CoW storm: within 0.05)."
+    );
+    print!("{report}");
+    std::fs::write(dir.join("vm-overhead.txt"), &report)?;
+    std::fs::write(dir.join("vm-overhead.json"), serde_json::to_string_pretty(&Value::Object(out))?)?;
+    eprintln!("xtask: written to target/bench/vm-overhead.txt and vm-overhead.json");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn small() -> VmBench {
+        VmBench { kernel: None, repeats: 2, rounds: 1, pages: 64, forks: 5 }
+    }
+
+    #[test]
+    fn every_configuration_runs_once_per_repeat_in_a_rotating_order() {
+        let s = script(&small());
+        let configs = Config::all();
+        // The calls, not the functions' own lines (which pass "$1").
+        let runs: Vec<&str> = s
+            .lines()
+            .filter(|l| (l.starts_with("storms ") || l.starts_with("traced ")) && !l.contains('$'))
+            .collect();
+        let (warm_up, runs) = runs.split_first().expect("runs");
+        assert_eq!(*warm_up, "storms warm-up -");
+        assert_eq!(runs.len(), 2 * configs.len());
+        for c in &configs {
+            let key = c.key();
+            let n = runs.iter().filter(|l| l.split(' ').nth(1) == Some(key.as_str())).count();
+            assert_eq!(n, 2, "{key}: {runs:?}");
+        }
+        assert_ne!(runs[0].split(' ').nth(1), runs[configs.len()].split(' ').nth(1), "{runs:?}");
+        assert!(s.contains("traced kprobe-floor 0 kprobe --bench-empty-programs"), "{s}");
+    }
+
+    #[test]
+    fn the_console_gives_each_storm_its_times_and_a_missing_one_is_an_error() {
+        let configs = Config::all();
+        let mut console = format!("noise\n{PREFIX} warm-up cow - 5000\n");
+        for c in &configs {
+            for rep in 0..2 {
+                for storm in STORMS {
+                    console.push_str(&format!("{PREFIX} {} {storm} {rep} {}\n", c.key(), 1000 + rep));
+                }
+                if c.backend.is_some() {
+                    console.push_str(&format!("{PREFIX} {} dropped {rep} 3\n", c.key()));
+                }
+            }
+        }
+        let (times, dropped) = parse(&console, &configs, 2).expect("complete");
+        assert_eq!(times[1][3], vec![Some(1000), Some(1001)]);
+        assert_eq!((dropped[0], dropped[1]), (0, 6));
+        let cut = console.replace(&format!("{PREFIX} fentry-floor cow 1 1001\n"), "");
+        assert!(parse(&cut, &configs, 2).is_err());
+        let failed = format!("{console}{PREFIX} kprobe failed 0 no kprobes\n");
+        assert!(parse(&failed, &configs, 2).is_err());
+    }
+}
