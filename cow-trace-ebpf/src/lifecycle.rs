@@ -16,7 +16,7 @@ use crate::{
     emit::{emit, Detail},
     fork_clock, kernel_path,
     pending::settle_pending,
-    shared::{bump, current_ids, is_traced, now, off, read_at, setting, Ids, TRACED},
+    shared::{bump, current_ids, is_traced, now, off, read_at, setting, TRACED},
     stacks,
 };
 

@@ -380,6 +380,7 @@ mod tests {
                 "sched_process_fork",
                 "sched_process_exit",
                 "sched_process_exec",
+                "sched_switch",
                 "mm_page_alloc_wp",
                 "kp_copy_process",
                 "kr_copy_process"
