@@ -138,7 +138,9 @@ fn in_cgroups() -> bool {
 #[inline(always)]
 pub(crate) fn count(idx: u32, n: u64) {
     if let Some(c) = COUNTERS.get_ptr_mut(idx) {
-        // SAFETY: per-CPU slot, no concurrent writer on this CPU.
+        // SAFETY: per-CPU slot. A preempted fexit lets another program
+        // run on this CPU: an increment can then, rarely, be lost (a
+        // counter, never a pointer, is at stake).
         unsafe { *c += n };
     }
 }

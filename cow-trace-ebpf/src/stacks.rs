@@ -39,7 +39,7 @@ static STACK_COPIES: PerCpuHashMap<StackKey, u64> = PerCpuHashMap::with_max_entr
 static IMAGES: HashMap<u32, u64> = HashMap::with_max_entries(1, 0);
 
 /// The stack last taken by each thread, direct-mapped by thread id as the
-/// tracepoint backend's `PENDING` table is.
+/// `PENDING` table of write faults in flight is.
 #[map]
 static STACK_SLOTS: Array<Slot> = Array::with_max_entries(1, 0);
 /// The size the loader gives `STACK_SLOTS` when stacks are on.
@@ -111,7 +111,10 @@ pub(crate) fn count(tgid: u32, tid: u32, delta: u64) {
     let image = unsafe { IMAGES.get(tgid) }.copied().unwrap_or(0);
     let key = StackKey { image, tgid, stack_id };
     match STACK_COPIES.get_ptr_mut(key) {
-        // SAFETY: this CPU's value, with preemption off in the hooks.
+        // SAFETY: this CPU's value. A preempted fentry program can let
+        // another program run on this CPU, but only the one program that
+        // counts a backend's copies changes these values, and the kernel
+        // never runs one program twice at once on a CPU (`prog->active`).
         Some(n) => unsafe { *n = (*n).wrapping_add(delta) },
         None => {
             if STACK_COPIES.insert(key, delta, 0).is_err() {

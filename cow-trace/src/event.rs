@@ -89,8 +89,10 @@ pub enum Replaced {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum What {
     /// The process created `child` (a process, not a thread); the event's
-    /// comm is the child's. `no_syscall`: no fork latency will follow
-    /// (kernel-made process, tracepoint backend).
+    /// comm is the child's. `no_syscall`: the tracepoint backend saw no
+    /// clone-family call start this fork (a kernel-made process, or a
+    /// 32-bit call), so no fork latency follows; the kernel-function
+    /// backends set it on every fork and time it from `copy_process`.
     Spawn {
         child: u32,
         no_syscall: bool,

@@ -616,8 +616,14 @@ impl Session {
         mark("shutdown: ring drained");
         // Fault outcomes the programs batched but never sent: each CPU's are
         // newer than anything it sent, so they come last.
-        for (ts, r) in self.tracer.unsent_faults()? {
+        let (unsent, busy) = self.tracer.unsent_faults()?;
+        for (ts, r) in unsent {
             self.tally.apply_unsent(ts, &r, self.sample_every);
+        }
+        if busy > 0 {
+            log::warn!(
+                "{busy} CPU fault batches were still being changed at the end and are left out (no RCU wait on this machine: one CPU or nohz_full)"
+            );
         }
         if let Some(eps) = self.tally.episodes_mut() {
             eps.finish_closing();
@@ -786,7 +792,7 @@ fn warn_about_losses(k: &cow_trace::counts::KernelCounters) {
     let t = &k.totals;
     if t.unclassified_faults > 0 || t.traced_full > 0 {
         log::warn!(
-            "{} write faults left unclassified (thread-id slot collisions), {} children not followed (traced-process map full)",
+            "{} write faults left unclassified (thread-id slot collisions, or a fault handler's return not seen), {} children not followed (traced-process map full)",
             t.unclassified_faults,
             t.traced_full
         );

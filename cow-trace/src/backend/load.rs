@@ -272,15 +272,24 @@ impl Tracer {
     }
 
     /// Fault outcomes still in the programs' per-CPU batches, with each
-    /// batch's time. Only complete once the programs are detached: until
-    /// then the kernel is still adding to them and sending them.
-    pub fn unsent_faults(&self) -> Result<Vec<(u64, FaultRecord)>> {
+    /// batch's time, read once no program can change them (after the
+    /// cut-off and the wait for running programs), and how many batches
+    /// were left out because a program was still in the middle of changing
+    /// them. That only happens where the wait is a pause rather than an RCU
+    /// grace period (one CPU, `nohz_full`) and a preempted fexit held the
+    /// batch: reading it could count a batch already sent, or half a record.
+    pub fn unsent_faults(&self) -> Result<(Vec<(u64, FaultRecord)>, usize)> {
         let mut out = Vec::new();
+        let mut busy = 0;
         for batch in self.batches()?.iter() {
+            if batch.busy != 0 {
+                busy += 1;
+                continue;
+            }
             let n = (batch.count as usize).min(batch.records.len());
             out.extend(batch.records[..n].iter().map(|r| (batch.ts_ns, *r)));
         }
-        Ok(out)
+        Ok((out, busy))
     }
 
     /// The time of the oldest fault outcome some CPU holds unsent, if any.
@@ -575,11 +584,9 @@ fn attach(ebpf: &mut Ebpf, hook: &Hook, btf: Option<&aya::Btf>) -> Result<Link> 
     })
 }
 
-/// Drops every link, each on a thread of its own. Detaching a classic
-/// tracepoint waits for RCU grace periods in the kernel
-/// (`perf_trace_event_unreg` calls `tracepoint_synchronize_unregister`);
-/// one after another, the waits add up to most of a second at the end of a
-/// run, while waits made at the same time end with the same grace period.
+/// Drops every link, each on a thread of its own. Some detachments wait
+/// for an RCU grace period in the kernel; one after another such waits add
+/// up, while waits made at the same time end with the same grace period.
 /// Returns once every link is detached.
 fn detach_all(links: Vec<Link>) {
     if links.is_empty() {

@@ -240,9 +240,20 @@ impl KernelFeatures {
     }
 }
 
-/// The programs that hook `funcs`, entry before return, in `funcs` order.
+/// The programs that hook `funcs`, in `funcs` order, each function's return
+/// program before its entry program. A kretprobe or fexit only sees the
+/// calls that enter after it is attached, so attached first it sees the
+/// return of every call whose entry the entry program saw: no slot is
+/// opened that nothing closes (which would be counted as unclassified).
 fn function_hooks(kind: BackendKind, funcs: &[&str]) -> Vec<&'static Hook> {
-    funcs.iter().flat_map(|f| kind.hooks().filter(move |h| h.hooks_function() && h.target == *f)).collect()
+    funcs
+        .iter()
+        .flat_map(|f| {
+            let mut hooks: Vec<_> = kind.hooks().filter(|h| h.hooks_function() && h.target == *f).collect();
+            hooks.sort_by_key(|h| !matches!(h.attach, Attach::Kretprobe | Attach::Fexit));
+            hooks
+        })
+        .collect()
 }
 
 /// The one line saying why `kind` was picked.
@@ -360,10 +371,11 @@ mod tests {
         let names: Vec<_> = h.iter().map(|h| format!("{}@{}", h.program, h.target)).collect();
         assert_eq!(
             names,
-            ["fe_copy_process@copy_process", "fx_copy_process@copy_process", "fe_wp_page_copy@wp_page_copy"]
+            ["fx_copy_process@copy_process", "fe_copy_process@copy_process", "fe_wp_page_copy@wp_page_copy"]
         );
         let h = function_hooks(BackendKind::Kprobe, &["do_wp_page"]);
-        assert_eq!(h[1].program, "kr_do_wp_page");
+        assert_eq!(h[0].program, "kr_do_wp_page");
+        assert_eq!(h[1].program, "kp_do_wp_page");
     }
 
     #[test]
@@ -382,8 +394,8 @@ mod tests {
                 "sched_process_exec",
                 "sched_switch",
                 "mm_page_alloc_wp",
-                "kp_copy_process",
-                "kr_copy_process"
+                "kr_copy_process",
+                "kp_copy_process"
             ]
         );
     }
