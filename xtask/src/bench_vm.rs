@@ -203,7 +203,6 @@ pub fn bench_vm(b: &VmBench) -> Result<()> {
         include: vec![path],
         bins: vec![],
         timeout,
-        single_thread: true,
     };
     let (code, console) = vm::run_in_vm(&opts, &["sh".into(), "bench-vm.sh".into()], true)?;
     if code != 0 {

@@ -200,7 +200,6 @@ fn real_main() -> Result<()> {
                 include,
                 bins,
                 timeout: std::time::Duration::from_secs(timeout),
-                single_thread: false,
             };
             let code = vm::vm(&opts, &command)?;
             std::process::exit(code);

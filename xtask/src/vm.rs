@@ -47,11 +47,6 @@ pub struct VmOptions {
     /// Host programs for the VM's /bin, with their shared libraries.
     pub bins: Vec<PathBuf>,
     pub timeout: Duration,
-    /// Emulate both vCPUs in one host thread. Multi-threaded TCG lets a
-    /// vCPU run code another one is patching (a tracepoint's static key, a
-    /// kprobe's int3): in runs that attach and detach dozens of times it
-    /// crashed the guest (docs/kernel-notes.md).
-    pub single_thread: bool,
 }
 
 fn vm_dir() -> PathBuf {
@@ -242,7 +237,11 @@ pub fn run_in_vm(opts: &VmOptions, cmd: &[String], echo: bool) -> Result<(i32, S
     let initrd = build_initramfs(cmd, &opts.include, &opts.bins)?;
     say(&format!("booting {} under QEMU (TCG)", kernel.display()));
     let mut child = Command::new("qemu-system-x86_64")
-        .args(["-accel", if opts.single_thread { "tcg,thread=single" } else { "tcg" }])
+        // Both vCPUs in one host thread: multi-threaded TCG lets a vCPU run
+        // code another one is patching (a kprobe's breakpoint, a
+        // tracepoint's static key) and has crashed guests as probes attached
+        // (docs/kernel-notes.md, "Debian's 6.12 kernel").
+        .args(["-accel", "tcg,thread=single"])
         .args(["-cpu", "max", "-m", "2048", "-smp", "2", "-nographic", "-no-reboot"])
         .arg("-kernel")
         .arg(&kernel)
@@ -295,7 +294,13 @@ pub fn run_in_vm(opts: &VmOptions, cmd: &[String], echo: bool) -> Result<(i32, S
     }
     match verdict {
         Some(code) => Ok((code, console)),
-        None => bail!("the VM ended ({status}) without a verdict: {}", err.trim()),
+        None => {
+            // A guest panic reboots, and -no-reboot ends QEMU with status 0:
+            // the console's last lines say what happened.
+            let lines: Vec<&str> = console.lines().collect();
+            let tail = lines[lines.len().saturating_sub(40)..].join("\n");
+            bail!("the VM ended ({status}) without a verdict: {}\nlast console lines:\n{tail}", err.trim())
+        }
     }
 }
 
