@@ -80,6 +80,8 @@ pub struct Aggregator {
     ppid_of: Box<dyn Fn(u32) -> u32>,
     comm_of: Box<dyn Fn(u32) -> Option<String>>,
     histograms: RunHistograms,
+    /// Per-interval figures are kept (the run prints intervals).
+    intervals: bool,
 }
 
 impl Aggregator {
@@ -97,7 +99,16 @@ impl Aggregator {
             ppid_of,
             comm_of,
             histograms: RunHistograms::default(),
+            intervals: true,
         }
+    }
+
+    /// Keeps no per-interval figures: a run that prints none (each
+    /// process's would be a second copy of its totals, histograms and all,
+    /// held for every exited process until the summary).
+    pub fn without_intervals(mut self) -> Self {
+        self.intervals = false;
+        self
     }
 
     #[cfg(test)]
@@ -154,9 +165,10 @@ impl Aggregator {
 
     pub fn apply(&mut self, e: &Event) {
         self.histograms.add(&e.what);
+        let intervals = self.intervals;
         match e.what {
             What::Spawn { child, .. } => {
-                self.proc_mut(e.pid, e.tid, &e.comm).figures.add(&e.what);
+                self.proc_mut(e.pid, e.tid, &e.comm).figures.add(&e.what, intervals);
                 // A live record under the child's PID belongs to an earlier
                 // process whose exit we missed: never let the new one
                 // inherit its figures.
@@ -167,9 +179,9 @@ impl Aggregator {
                 p.start_ns = Some(e.ts_ns);
                 self.live.insert(child, p);
             }
-            What::ForkLatency { .. } => self.proc_mut(e.pid, e.tid, &e.comm).figures.add(&e.what),
+            What::ForkLatency { .. } => self.proc_mut(e.pid, e.tid, &e.comm).figures.add(&e.what, intervals),
             What::Copy(_) | What::Reuse(_) | What::ZeroFill(_) | What::Failed(_) | What::HugeCow { .. } => {
-                self.fault_proc(e).figures.add(&e.what)
+                self.fault_proc(e).figures.add(&e.what, intervals)
             }
             What::Exec => {
                 // Renames the process (its main thread's new comm).

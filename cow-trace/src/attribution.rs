@@ -157,8 +157,10 @@ impl Attribution {
             targets.truncate(top);
         }
         // Only what is kept is interned: names shared by every episode
-        // that holds them.
-        let writers = writers
+        // that holds them. Collected afresh, the lists are sized to what
+        // they hold: an episode kept for the summary holds no room for the
+        // writers and targets left out.
+        let mut writers: Vec<Writer> = writers
             .into_iter()
             .map(|(pages, n)| Writer {
                 function: n.function.map(|f| sym.intern(&f)),
@@ -170,7 +172,7 @@ impl Attribution {
                 share: share(pages),
             })
             .collect();
-        let targets = targets
+        let mut targets: Vec<Target> = targets
             .into_iter()
             .map(|(d, pages)| Target {
                 object: d.object.map(|o| sym.intern(&o)),
@@ -180,6 +182,8 @@ impl Attribution {
                 share: share(pages),
             })
             .collect();
+        writers.shrink_to_fit();
+        targets.shrink_to_fit();
         (writers, targets)
     }
 }

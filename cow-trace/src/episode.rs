@@ -521,13 +521,16 @@ impl Episodes {
         regions.truncate(TOP_REGIONS);
         let regions: Vec<RegionBytes> = {
             let mut sym = self.symbolizer.borrow_mut();
-            regions
+            let mut regions: Vec<RegionBytes> = regions
                 .into_iter()
                 .map(|(region, pages)| RegionBytes {
                     region: sym.intern(&region),
                     bytes: pages * self.page_size,
                 })
-                .collect()
+                .collect();
+            // Kept for the summary: no room for the regions left out.
+            regions.shrink_to_fit();
+            regions
         };
         // An episode no one will see is not named: naming reads the
         // modules' files, the costliest memory of a run.
@@ -657,11 +660,13 @@ impl Episodes {
             self.dropped += 1;
             return;
         }
-        self.kept.push_back(ep);
-        while self.kept.len() > self.max_kept {
+        // Room made first: the queue never holds more than `max_kept`, so
+        // it never grows (to twice that) once full.
+        while self.kept.len() >= self.max_kept {
             self.kept.pop_front();
             self.dropped += 1;
         }
+        self.kept.push_back(ep);
     }
 
     /// Finished episodes not kept for the summary: beyond the bound on

@@ -2,8 +2,9 @@
 //!
 //! [`Histogram`] keeps log-linear buckets (16 per power of two, so any
 //! reported percentile is within 1/32 of the true value) and exact min, max
-//! and count. It grows only as far as the largest value seen, so the many
-//! short-lived processes of a fork storm cost a few hundred bytes each.
+//! and count. It holds only the buckets from the smallest value seen to the
+//! largest, so the many short-lived processes of a fork storm cost a few
+//! hundred bytes each (not the empty buckets below their microseconds).
 //! [`Log2`] is the bcc/libbpf-tools display histogram.
 
 use serde::Serialize;
@@ -11,9 +12,12 @@ use serde::Serialize;
 const SUB_BITS: u32 = 4;
 const SUB: u64 = 1 << SUB_BITS;
 
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default)]
 pub struct Histogram {
+    /// Counts of buckets `first..first + buckets.len()`.
     buckets: Vec<u64>,
+    /// Index of `buckets[0]`.
+    first: usize,
     count: u64,
     min: u64,
     max: u64,
@@ -51,7 +55,39 @@ fn bounds(i: usize) -> (u64, u64) {
     (lo, lo + (width - 1))
 }
 
+impl PartialEq for Histogram {
+    /// The same samples, however the buckets are laid out.
+    fn eq(&self, o: &Self) -> bool {
+        let used = |h: &Self| h.indexed().filter(|&(_, n)| n > 0).collect::<Vec<_>>();
+        (self.count, self.min, self.max) == (o.count, o.min, o.max) && used(self) == used(o)
+    }
+}
+
+impl Eq for Histogram {}
+
 impl Histogram {
+    /// Each bucket held, with its index.
+    fn indexed(&self) -> impl Iterator<Item = (usize, u64)> + '_ {
+        self.buckets.iter().enumerate().map(|(k, &n)| (self.first + k, n))
+    }
+
+    /// Makes room for bucket `i`; its position in `buckets`.
+    fn slot(&mut self, i: usize) -> usize {
+        if self.buckets.is_empty() {
+            self.first = i;
+        } else if i < self.first {
+            // Below every bucket held so far: rare once the smallest
+            // values have been seen.
+            self.buckets.splice(0..0, std::iter::repeat_n(0, self.first - i));
+            self.first = i;
+        }
+        let k = i - self.first;
+        if self.buckets.len() <= k {
+            self.buckets.resize(k + 1, 0);
+        }
+        k
+    }
+
     pub fn record(&mut self, v: u64) {
         self.record_n(v, 1);
     }
@@ -62,11 +98,8 @@ impl Histogram {
         if n == 0 {
             return;
         }
-        let i = index(v);
-        if self.buckets.len() <= i {
-            self.buckets.resize(i + 1, 0);
-        }
-        self.buckets[i] += n;
+        let k = self.slot(index(v));
+        self.buckets[k] += n;
         if self.count == 0 || v < self.min {
             self.min = v;
         }
@@ -78,15 +111,23 @@ impl Histogram {
         self.count
     }
 
+    /// Gives back the room grown into beyond the highest bucket used: for
+    /// a histogram that is done (an exited process's, kept for the
+    /// summary).
+    pub fn shrink_to_fit(&mut self) {
+        self.buckets.shrink_to_fit();
+    }
+
     pub fn merge(&mut self, other: &Histogram) {
         if other.count == 0 {
             return;
         }
-        if self.buckets.len() < other.buckets.len() {
-            self.buckets.resize(other.buckets.len(), 0);
+        if let (Some(lo), Some(hi)) = (other.indexed().next(), other.indexed().last()) {
+            self.slot(lo.0);
+            self.slot(hi.0);
         }
-        for (a, b) in self.buckets.iter_mut().zip(&other.buckets) {
-            *a += b;
+        for (i, n) in other.indexed() {
+            self.buckets[i - self.first] += n;
         }
         self.min = if self.count == 0 { other.min } else { self.min.min(other.min) };
         self.max = self.max.max(other.max);
@@ -101,7 +142,7 @@ impl Histogram {
         }
         let rank = ((q.clamp(0.0, 1.0) * self.count as f64).ceil() as u64).max(1);
         let mut seen = 0;
-        for (i, n) in self.buckets.iter().enumerate() {
+        for (i, n) in self.indexed() {
             seen += n;
             if seen >= rank {
                 let (lo, hi) = bounds(i);
@@ -127,7 +168,7 @@ impl Histogram {
     /// midpoint.
     pub fn to_log2(&self, divisor: u64) -> Log2 {
         let mut out = Log2::default();
-        for (i, &n) in self.buckets.iter().enumerate() {
+        for (i, n) in self.indexed() {
             if n > 0 {
                 let (lo, hi) = bounds(i);
                 out.add((lo + (hi - lo) / 2) / divisor.max(1), n);
@@ -205,6 +246,32 @@ impl Log2 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_buckets_from_the_smallest_value_to_the_largest_are_held() {
+        let mut one = Histogram::default();
+        one.record(1_000_000);
+        assert_eq!(one.buckets.len(), 1);
+        // Values below those seen, and a merge on either side.
+        let mut h = Histogram::default();
+        h.record(5000);
+        h.record(4000);
+        h.record(3);
+        let mut o = Histogram::default();
+        o.record(1 << 20);
+        o.record(1);
+        h.merge(&o);
+        let mut all = Histogram::default();
+        for v in [1, 3, 4000, 5000, 1 << 20] {
+            all.record(v);
+        }
+        assert_eq!(h, all);
+        assert_eq!(h.summary(), all.summary());
+        assert_eq!((h.first, h.buckets.len()), (index(1), index(1 << 20) - index(1) + 1));
+        let mut e = Histogram::default();
+        e.merge(&h);
+        assert_eq!(e.summary(), h.summary());
+    }
 
     #[test]
     fn a_weighted_value_counts_as_that_many() {

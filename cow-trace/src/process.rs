@@ -72,6 +72,13 @@ impl Stats {
         }
     }
 
+    /// See [`Histogram::shrink_to_fit`].
+    pub(crate) fn shrink_to_fit(&mut self) {
+        self.fork_lat.shrink_to_fit();
+        self.cow_lat.shrink_to_fit();
+        self.dup_mmap.shrink_to_fit();
+    }
+
     pub(crate) fn merge(&mut self, o: &Stats) {
         self.forks += o.forks;
         self.fork_lat.merge(&o.fork_lat);
@@ -95,9 +102,13 @@ pub struct Figures {
 }
 
 impl Figures {
-    pub(crate) fn add(&mut self, what: &What) {
+    /// Counts `what` for the whole run, and for the current interval when
+    /// the run prints `intervals` (else that copy would only hold memory).
+    pub(crate) fn add(&mut self, what: &What, intervals: bool) {
         self.total.add(what);
-        self.interval.add(what);
+        if intervals {
+            self.interval.add(what);
+        }
     }
 
     pub fn merge(&mut self, o: &Figures) {
@@ -107,6 +118,12 @@ impl Figures {
 
     pub fn is_empty(&self) -> bool {
         self.total.is_empty() && self.interval.is_empty()
+    }
+
+    /// See [`Histogram::shrink_to_fit`].
+    pub(crate) fn shrink_to_fit(&mut self) {
+        self.total.shrink_to_fit();
+        self.interval.shrink_to_fit();
     }
 }
 

@@ -34,7 +34,10 @@ impl Retired {
         Self { exited: VecDeque::new(), idle: VecDeque::new(), max_exited, folded: None, folded_count: 0 }
     }
 
-    pub fn retire(&mut self, p: Proc) {
+    pub fn retire(&mut self, mut p: Proc) {
+        // Its histograms are mostly done growing: kept possibly until the
+        // summary, they hold only the buckets they use.
+        p.figures.shrink_to_fit();
         if p.figures.is_empty() {
             self.idle.push_back(p);
             if self.idle.len() > LATE_FAULT_LOOKBACK {
@@ -42,8 +45,8 @@ impl Retired {
             }
             return;
         }
+        self.make_room();
         self.exited.push_back(p);
-        self.fold_oldest();
     }
 
     /// The exited process that held `pid` at `ts_ns`: of those that exited
@@ -64,8 +67,8 @@ impl Retired {
         if let Some(i) = idle.filter(|_| idle_at < done_at) {
             // It did something after all: keep it with the others.
             let p = self.idle.remove(i).expect("found above");
+            self.make_room();
             self.exited.push_back(p);
-            self.fold_oldest();
             return Some(Owner(self.exited.len() - 1));
         }
         done.map(Owner)
@@ -75,9 +78,11 @@ impl Retired {
         &mut self.exited[o.0]
     }
 
-    /// Folds the oldest exited processes beyond `max_exited` into one row.
-    fn fold_oldest(&mut self) {
-        while self.exited.len() > self.max_exited {
+    /// Folds the oldest exited processes into one row until one more fits
+    /// in `max_exited`: made before the push, room keeps the list from
+    /// ever growing (to twice that) once full.
+    fn make_room(&mut self) {
+        while self.exited.len() >= self.max_exited {
             let old = self.exited.pop_front().expect("non-empty");
             let f = self.folded.get_or_insert_with(|| Proc::new(0, 0, String::new()));
             f.figures.merge(&old.figures);

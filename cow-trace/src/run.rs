@@ -342,6 +342,7 @@ impl Session {
             let mounts = memcg::Mounts::read();
             Box::new(move |pid| mounts.of(pid))
         });
+        let tally = if args.interval.is_some() { tally } else { tally.without_intervals() };
         let tally = match stack_files {
             Some(_) => tally.with_stacks(Layouts::new(Box::new(procfs::read_maps), tracer.image_reader()?)),
             None => tally,

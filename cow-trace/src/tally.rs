@@ -63,6 +63,12 @@ impl Tally {
         self
     }
 
+    /// The run prints no intervals: no per-interval figures are kept.
+    pub fn without_intervals(mut self) -> Self {
+        self.processes = self.processes.without_intervals();
+        self
+    }
+
     pub fn with_episodes(mut self, episodes: Episodes) -> Self {
         self.episodes = Some(episodes);
         self

@@ -198,12 +198,7 @@ pub fn bench_vm(b: &VmBench) -> Result<()> {
     // Each traced configuration starts and stops cow-trace once per repeat;
     // allow for a slow emulator on a shared machine.
     let timeout = Duration::from_secs(600 + 360 * b.repeats as u64);
-    let opts = VmOptions {
-        kernel: b.kernel.clone(),
-        include: vec![path],
-        bins: vec![],
-        timeout,
-    };
+    let opts = VmOptions { kernel: b.kernel.clone(), include: vec![path], bins: vec![], timeout };
     let (code, console) = vm::run_in_vm(&opts, &["sh".into(), "bench-vm.sh".into()], true)?;
     if code != 0 {
         bail!("the benchmark script exited {code} in the VM");
