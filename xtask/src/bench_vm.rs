@@ -16,6 +16,7 @@ use anyhow::{bail, Result};
 use serde_json::{json, Value};
 
 use crate::{
+    startstop::median,
     vm::{self, VmOptions},
     workspace_root,
 };
@@ -176,16 +177,6 @@ fn parse(console: &str, configs: &[Config], repeats: usize) -> Result<(Vec<Times
     Ok((times, dropped))
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
-}
-
 pub fn bench_vm(b: &VmBench) -> Result<()> {
     if b.repeats == 0 {
         bail!("--repeats must be at least 1");
@@ -229,10 +220,10 @@ pub fn bench_vm(b: &VmBench) -> Result<()> {
     for (s, storm) in STORMS.iter().enumerate() {
         let t = &times[s];
         let at = |c: usize, r: usize| t[c][r].unwrap_or(0) as f64;
-        let med = |c: usize| median((0..b.repeats).map(|r| at(c, r)).collect());
+        let med = |c: usize| median(&(0..b.repeats).map(|r| at(c, r)).collect::<Vec<_>>());
         let ratio = |c: usize| med(c) / med(0);
         // Each run against the untraced run of its own repeat.
-        let paired = |c: usize| median((0..b.repeats).map(|r| at(c, r) / at(0, r)).collect());
+        let paired = |c: usize| median(&(0..b.repeats).map(|r| at(c, r) / at(0, r)).collect::<Vec<_>>());
         // The fastest runs: the least disturbed by anything else the host did.
         let fastest = |c: usize| (0..b.repeats).map(|r| at(c, r)).fold(f64::MAX, f64::min);
         let fastest_ratio = |c: usize| fastest(c) / fastest(0);
