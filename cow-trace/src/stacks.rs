@@ -495,6 +495,26 @@ mod tests {
         assert_eq!(text.lines().next(), Some("prog;bin+0x100;bin+0x10 5"));
     }
 
+    /// Layouts whose first read of a process's maps gives `first` and every
+    /// later one `later`, with every process image made at `image_ns`; and
+    /// the count of reads.
+    fn layouts_reading(
+        first: &'static str,
+        later: &'static str,
+        image_ns: u64,
+    ) -> (Layouts, std::rc::Rc<std::cell::Cell<u32>>) {
+        let reads = std::rc::Rc::new(std::cell::Cell::new(0));
+        let r = reads.clone();
+        let l = Layouts::new(
+            Box::new(move |_| {
+                r.set(r.get() + 1);
+                Some(if r.get() == 1 { first } else { later }.as_bytes().to_vec())
+            }),
+            Box::new(move |_| image_ns),
+        );
+        (l, reads)
+    }
+
     #[test]
     fn a_layout_behind_the_copies_is_read_again_and_keeps_what_it_had() {
         use cow_trace_common::EventKind;
@@ -504,15 +524,7 @@ mod tests {
             "1000-2000 r-xp 00000000 fe:01 1 /bin/prog\n9000-a000 r-xp 00000000 fe:01 2 /lib/ld.so\n";
         const LATER: &str =
             "1000-2000 r-xp 00000000 fe:01 1 /bin/prog\n5000-6000 r-xp 00000000 fe:01 3 /lib/libc.so\n";
-        let reads = std::rc::Rc::new(std::cell::Cell::new(0));
-        let r = reads.clone();
-        let mut l = Layouts::new(
-            Box::new(move |_| {
-                r.set(r.get() + 1);
-                Some(if r.get() == 1 { EARLY } else { LATER }.as_bytes().to_vec())
-            }),
-            Box::new(|_| 0),
-        );
+        let (mut l, reads) = layouts_reading(EARLY, LATER, 0);
         let copy_at = |ip, ts| Event {
             what: What::Copy(crate::event::Fault { ip, ..fault() }),
             ..copy_event(7, EventKind::CowCopy, 0, ts)
@@ -538,15 +550,7 @@ mod tests {
         const EARLY: &str = "1000-2000 r-xp 00000000 fe:01 1 /bin/prog\n";
         const LATER: &str =
             "1000-2000 r-xp 00000000 fe:01 1 /bin/prog\n5000-6000 r-xp 00000000 fe:01 3 /lib/libc.so\n";
-        let reads = std::rc::Rc::new(std::cell::Cell::new(0));
-        let r = reads.clone();
-        let mut l = Layouts::new(
-            Box::new(move |_| {
-                r.set(r.get() + 1);
-                Some(if r.get() == 1 { EARLY } else { LATER }.as_bytes().to_vec())
-            }),
-            Box::new(|_| 1_000),
-        );
+        let (mut l, reads) = layouts_reading(EARLY, LATER, 1_000);
         l.apply(&copy_event(7, EventKind::Exec, 0, 1_000));
         // The loader's first copy: read while libc is not mapped yet.
         l.apply(&copy_event(7, EventKind::CowCopy, 0, 2_000));
