@@ -412,14 +412,7 @@ pub fn trampoline_allowed(func: &str, btf_id: u32) -> Result<()> {
     attr.prog_name[..13].copy_from_slice(b"cow_fe_probe\0");
     // SAFETY: the attribute points at the instructions and the license,
     // both alive for the call.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_PROG_LOAD,
-            &mut attr as *mut ProgLoadAttr,
-            std::mem::size_of::<ProgLoadAttr>() as u32,
-        )
-    };
+    let fd = unsafe { sys_bpf(BPF_PROG_LOAD, &mut attr) };
     if fd < 0 {
         let code = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
         bail!("BPF trampoline refused: {} (loading a test program for {func})", errno_name(code));
@@ -469,14 +462,7 @@ fn read_array<V: aya::Pod + Default + Clone>(map: &MapData) -> Option<Vec<V>> {
         };
         // SAFETY: the buffers hold `count` keys and values of the map's
         // sizes, and `next` one key; all outlive the call.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_LOOKUP_BATCH,
-                &mut attr as *mut BatchAttr,
-                std::mem::size_of::<BatchAttr>() as u32,
-            )
-        };
+        let rc = unsafe { sys_bpf(BPF_MAP_LOOKUP_BATCH, &mut attr) };
         // The kernel says how many it copied, and ENOENT at the end.
         read += attr.count as usize;
         if rc != 0 {
@@ -632,6 +618,15 @@ fn load_error(name: &str, e: aya::programs::ProgramError) -> anyhow::Error {
         ),
         None => anyhow!("the kernel refused BPF program {name}: {e} (RUST_LOG=debug shows the verifier log)"),
     }
+}
+
+/// The `bpf(2)` system call with `attr`, for the two commands aya does not
+/// offer here.
+///
+/// # Safety
+/// Every pointer `attr` holds must be valid for what `cmd` does with it.
+unsafe fn sys_bpf<A>(cmd: libc::c_long, attr: &mut A) -> libc::c_long {
+    unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut A, std::mem::size_of::<A>() as u32) }
 }
 
 #[cfg(test)]
