@@ -166,16 +166,6 @@ pub(crate) unsafe fn read_at<T>(base: *const u8, offset: u32) -> Result<T, i32> 
     unsafe { bpf_probe_read_kernel(base.add(offset as usize) as *const T) }
 }
 
-/// The instruction pointer saved in `regs` (a `struct pt_regs *`), 0 when
-/// it cannot be read.
-///
-/// # Safety
-/// `regs` must be a kernel pointer the hook received or read.
-#[inline(always)]
-pub(crate) unsafe fn regs_ip(regs: *const u8) -> u64 {
-    unsafe { read_at(regs, setting!(regs_ip)) }.unwrap_or(0)
-}
-
 /// The current task's user registers: where it was in user space when it
 /// entered the kernel (the write that faulted, for a user fault; the
 /// system call, for a fault the kernel took on its behalf).
@@ -185,26 +175,37 @@ fn current_user_regs() -> *const u8 {
     unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) as *const u8 }
 }
 
-/// The current task's user instruction pointer, 0 when unknown.
+/// The current task's user register at `offset` in `struct pt_regs`.
+///
+/// A direct load, not `bpf_probe_read_kernel`: the helper's pointer is
+/// typed by the kernel's BTF and `offset` is a constant to the verifier
+/// (a setting of the frozen, read-only `CONFIG`), so the verifier checks
+/// the field against the kernel's own layout and the JIT makes the load a
+/// fault-safe one. On the hottest path of the tool, that is a load where
+/// the helper cost a call, its checks and a copy, for every fault.
+#[inline(always)]
+fn current_user_reg(offset: u32) -> Option<u64> {
+    let regs = current_user_regs();
+    if regs.is_null() {
+        return None;
+    }
+    // SAFETY: a non-null BTF pointer from the helper; the verifier checks
+    // the offset and the JIT handles a fault.
+    Some(unsafe { core::ptr::read_volatile(regs.add(offset as usize) as *const u64) })
+}
+
+/// The current task's user instruction pointer, 0 when unknown. For a
+/// fault taken in user mode these registers are the fault's own (the
+/// exception saved them on entry from user space): the writing
+/// instruction.
 #[inline(always)]
 pub(crate) fn current_user_ip() -> u64 {
-    let regs = current_user_regs();
-    // SAFETY: a kernel pointer from the helper, checked for null.
-    if regs.is_null() {
-        0
-    } else {
-        unsafe { regs_ip(regs) }
-    }
+    current_user_reg(setting!(regs_ip)).unwrap_or(0)
 }
 
 /// The system call the current task is in (its user registers'
 /// `orig_ax`), for a fault the kernel took on its behalf.
 #[inline(always)]
 pub(crate) fn current_syscall() -> u64 {
-    let regs = current_user_regs();
-    if regs.is_null() {
-        return u64::MAX;
-    }
-    // SAFETY: as above; offset from BTF.
-    unsafe { read_at::<u64>(regs, setting!(regs_orig_ax)) }.unwrap_or(u64::MAX)
+    current_user_reg(setting!(regs_orig_ax)).unwrap_or(u64::MAX)
 }

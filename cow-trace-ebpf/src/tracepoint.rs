@@ -19,8 +19,8 @@ use crate::{
     emit::{emit, Detail, Outcome},
     pending::{pending_slot, settle_pending},
     shared::{
-        bump, current_ids, current_syscall, is_traced, now, off, read_at, regs_ip, setting, Ids, GFP_MOVABLE,
-        GFP_ZERO,
+        bump, current_ids, current_syscall, current_user_ip, is_traced, now, off, read_at, setting, Ids,
+        GFP_MOVABLE, GFP_ZERO,
     },
     stacks,
 };
@@ -93,13 +93,11 @@ fn open_fault(ctx: &RawTracePointContext, kernel: bool) -> i32 {
             }
             cut_if_old(clock.now_ns);
         }
-        // A user fault's `regs->ip` is the writing instruction; a kernel
+        // A user fault's registers (the tracepoint's `regs`, which are the
+        // task's user registers) hold the writing instruction; a kernel
         // fault's regs are the kernel's, so it is named by its system call.
-        let (ip, mode) = if kernel {
-            (current_syscall(), FaultRecord::KERNEL)
-        } else {
-            (regs_ip(ctx.arg::<*const u8>(1)), 0)
-        };
+        let (ip, mode) =
+            if kernel { (current_syscall(), FaultRecord::KERNEL) } else { (current_user_ip(), 0) };
         let addr = (addr & FaultRecord::ADDR_MASK) | sampled | mode;
         let start = clock.now_ns;
         *p = Pending { start, addr, ip, tgid, tid, sent_tid: 0, sent_kind: 0, seen: 0, allocated: 0 };

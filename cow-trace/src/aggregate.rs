@@ -3,8 +3,6 @@
 //! Pure and synchronous, which keeps it testable without a kernel. Which
 //! exited process a late fault outcome belongs to is [`Retired`]'s job.
 
-use std::collections::HashMap;
-
 use serde::Serialize;
 
 use crate::{
@@ -13,6 +11,7 @@ use crate::{
     histogram::{Histogram, Summary},
     process::{Figures, Proc, Stats},
     retired::Retired,
+    FastMap,
 };
 
 /// Latency histograms over every process of the run.
@@ -75,7 +74,7 @@ pub struct ProcRow {
 
 pub struct Aggregator {
     page_size: u64,
-    live: HashMap<u32, Proc>,
+    live: FastMap<u32, Proc>,
     retired: Retired,
     ppid_of: Box<dyn Fn(u32) -> u32>,
     comm_of: Box<dyn Fn(u32) -> Option<String>>,
@@ -94,7 +93,7 @@ impl Aggregator {
     ) -> Self {
         Self {
             page_size,
-            live: HashMap::new(),
+            live: FastMap::default(),
             retired: Retired::new(4096),
             ppid_of,
             comm_of,

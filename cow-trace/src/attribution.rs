@@ -15,6 +15,7 @@ use crate::{
     event::Fault,
     regions::{CodeAt, DataAt, Maps},
     symbolize::{CodeName, DataName, Symbolizer},
+    FastMap,
 };
 
 /// Copies by code location and by written location. Each instruction and
@@ -23,16 +24,16 @@ use crate::{
 #[derive(Clone, Debug, Default)]
 pub struct Attribution {
     /// By (kernel mode, instruction pointer or system call).
-    code: HashMap<(bool, u64), (CodeAt, u64)>,
+    code: FastMap<(bool, u64), (CodeAt, u64)>,
     /// By the start of the mapping written (`u64::MAX`: none).
-    data: HashMap<u64, Written>,
+    data: FastMap<u64, Written>,
 }
 
 /// Copies into one mapping: a module's data by address (to name the
 /// objects later), anything else as a count.
 #[derive(Clone, Debug)]
 enum Written {
-    Module { path: String, region: String, base: u64, pages: HashMap<u64, u64> },
+    Module { path: String, region: String, base: u64, pages: FastMap<u64, u64> },
     Region(String, u64),
 }
 
@@ -79,7 +80,7 @@ impl Attribution {
         let start = maps.find(f.addr).map_or(u64::MAX, |r| r.start);
         let written = self.data.entry(start).or_insert_with(|| match maps.data_at(f.addr) {
             Some(DataAt::Module { path, region, rel }) => {
-                Written::Module { path, region, base: f.addr - rel, pages: HashMap::new() }
+                Written::Module { path, region, base: f.addr - rel, pages: FastMap::default() }
             }
             Some(DataAt::Region(r)) => Written::Region(r, 0),
             None => Written::Region(UNMAPPED.to_string(), 0),

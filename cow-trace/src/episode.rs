@@ -22,10 +22,7 @@
 //! Pure like the aggregator: the only outside inputs are the maps reader,
 //! injected so tests run without a kernel, and what `settle` is told.
 
-use std::{
-    cell::RefCell,
-    collections::{HashMap, VecDeque},
-};
+use std::{cell::RefCell, collections::VecDeque};
 
 use serde::Serialize;
 
@@ -36,6 +33,7 @@ use crate::{
     histogram::{Histogram, Summary},
     regions::MapsCache,
     symbolize::Symbolizer,
+    FastMap,
 };
 
 /// Regions shown per episode.
@@ -151,9 +149,9 @@ struct Open {
     parent_oom_killed: bool,
     cow_lat: Histogram,
     /// Copies per second of the episode, by second.
-    per_second: HashMap<u64, u64>,
+    per_second: FastMap<u64, u64>,
     /// Pages copied per region name.
-    regions: HashMap<String, u64>,
+    regions: FastMap<String, u64>,
     /// Copies by writer and by written location.
     attribution: Attribution,
     /// Set when the child has exited; the episode is closing.
@@ -189,9 +187,9 @@ enum Slot {
 
 pub struct Episodes {
     page_size: u64,
-    open: HashMap<u32, Open>,
+    open: FastMap<u32, Open>,
     /// Open episodes of each parent, oldest fork first.
-    by_parent: HashMap<u32, Vec<u32>>,
+    by_parent: FastMap<u32, Vec<u32>>,
     /// Parents' maps, read at their fork and on misses.
     maps: MapsCache,
     /// Names writers and targets when an episode is reported.
@@ -213,7 +211,7 @@ pub struct Episodes {
     /// kprobe and fentry ones hold it until `sched_process_fork` counts the
     /// fork); the ring buffer still orders records by commit, not by time,
     /// so either order is accepted.
-    early_latency: HashMap<u32, EarlyLatency>,
+    early_latency: FastMap<u32, EarlyLatency>,
     /// Calls to `settle` so far.
     settles: u64,
     /// Closing episodes whose child's PID a new child of a fork has taken
@@ -247,8 +245,8 @@ impl Episodes {
     pub fn new(page_size: u64, read_maps: Box<dyn Fn(u32) -> Option<Vec<u8>>>) -> Self {
         Self {
             page_size,
-            open: HashMap::new(),
-            by_parent: HashMap::new(),
+            open: FastMap::default(),
+            by_parent: FastMap::default(),
             maps: MapsCache::new(read_maps),
             symbolizer: RefCell::new(Symbolizer::new()),
             top: 0,
@@ -257,7 +255,7 @@ impl Episodes {
             kept: VecDeque::new(),
             max_kept: 4096,
             dropped: 0,
-            early_latency: HashMap::new(),
+            early_latency: FastMap::default(),
             settles: 0,
             reused: Vec::new(),
         }
@@ -371,8 +369,8 @@ impl Episodes {
                 memcg: None,
                 parent_oom_killed: false,
                 cow_lat: Histogram::default(),
-                per_second: HashMap::new(),
-                regions: HashMap::new(),
+                per_second: FastMap::default(),
+                regions: FastMap::default(),
                 attribution: Attribution::default(),
                 closed: None,
             },
@@ -453,7 +451,7 @@ impl Episodes {
         // A parent already gone leaves its child's maps, the same layout
         // at the fork.
         let maps = self.maps.maps(parent, child, f.addr, ts);
-        let region = maps.find(f.addr).map(|r| r.name.clone());
+        let region = maps.find(f.addr).map_or(UNMAPPED, |r| r.name.as_str());
         let o = match slot {
             Slot::Open(c) => self.open.get_mut(&c).expect("looked up above"),
             Slot::Reused(i) => &mut self.reused[i],
@@ -467,7 +465,13 @@ impl Episodes {
             o.cow_lat.record_n(f.latency_ns, f.weight);
         }
         *o.per_second.entry((ts - o.start_ns) / RATE_BUCKET_NS).or_default() += 1;
-        *o.regions.entry(region.unwrap_or_else(|| UNMAPPED.to_string())).or_default() += 1;
+        // The name is copied only the first time: this runs for every copy.
+        match o.regions.get_mut(region) {
+            Some(n) => *n += 1,
+            None => {
+                o.regions.insert(region.to_string(), 1);
+            }
+        }
         o.attribution.record(maps, f);
     }
 

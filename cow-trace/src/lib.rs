@@ -29,3 +29,10 @@ pub mod stacks;
 pub mod symbolize;
 pub mod tally;
 pub mod targets;
+
+/// A hash map for the event path, where every copy costs a few lookups
+/// keyed by PIDs, addresses and region names: foldhash (hashbrown's own
+/// default), seeded per run, instead of the standard SipHash, which took a
+/// third of the consumer's time in a CoW storm (docs/performance.md, "The
+/// userspace side"). Build one with `FastMap::default()`.
+pub type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;

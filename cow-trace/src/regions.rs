@@ -11,9 +11,7 @@
 //! SECURITY.md); names are kept exact (see [`lossless`]) and sanitised only
 //! when printed.
 
-use std::collections::HashMap;
-
-use crate::sanitize::lossless;
+use crate::{sanitize::lossless, FastMap};
 
 /// A miss in the cached maps re-reads them at most this often.
 const MAPS_REREAD_NS: u64 = 100_000_000;
@@ -239,14 +237,14 @@ struct Cached {
 /// (at most every `MAPS_REREAD_NS`): the layout outlives the process, for
 /// outcomes that arrive after it is gone.
 pub struct MapsCache {
-    cached: HashMap<u32, Cached>,
+    cached: FastMap<u32, Cached>,
     /// The bytes of `/proc/PID/maps`, `None` once the process is gone.
     read: Box<dyn Fn(u32) -> Option<Vec<u8>>>,
 }
 
 impl MapsCache {
     pub fn new(read: Box<dyn Fn(u32) -> Option<Vec<u8>>>) -> Self {
-        Self { cached: HashMap::new(), read }
+        Self { cached: FastMap::default(), read }
     }
 
     /// Reads `pid`'s maps now unless they are cached already.

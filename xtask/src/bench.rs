@@ -210,7 +210,10 @@ fn stop(mut r: Running) -> Result<(Option<u64>, Option<u64>)> {
     Ok((rss, dropped))
 }
 
-fn run_storm(storm: &Storm) -> Result<u64> {
+/// The storm's elapsed time and the CPU time the workload spent in it
+/// (its own and its children's: the tracer's work in their context, not
+/// the time they waited for a CPU).
+fn run_storm(storm: &Storm) -> Result<(u64, u64)> {
     let out = Command::new(workspace_root().join("target/release/cow-workload"))
         .args(&storm.args)
         .output()
@@ -219,7 +222,8 @@ fn run_storm(storm: &Storm) -> Result<u64> {
         bail!("cow-workload failed: {}", String::from_utf8_lossy(&out.stderr));
     }
     let v: Value = serde_json::from_slice(&out.stdout).context("cow-workload report")?;
-    v["elapsed_ns"].as_u64().ok_or_else(|| anyhow!("no elapsed_ns in {v}"))
+    let field = |k: &str| v[k].as_u64().ok_or_else(|| anyhow!("no {k} in {v}"));
+    Ok((field("elapsed_ns")?, field("cpu_ns")?))
 }
 
 fn median(v: &mut [u64]) -> u64 {
@@ -294,36 +298,44 @@ pub fn bench(repeats: usize, rounds: usize, forks: usize) -> Result<()> {
         let mut times: Vec<Vec<u64>> = vec![Vec::new(); tracers.len()];
         let mut rss: Vec<u64> = vec![0; tracers.len()];
         let mut drops: Vec<u64> = vec![0; tracers.len()];
+        let mut cpu: Vec<Vec<u64>> = vec![Vec::new(); tracers.len()];
         for rep in 0..repeats {
             // Rotate the order so no configuration always runs first.
             for k in 0..tracers.len() {
                 let i = (k + rep) % tracers.len();
                 let running = start(tracers[i])?;
-                let t = run_storm(storm)?;
+                let (t, c) = run_storm(storm)?;
                 if let Some(r) = running {
                     let (peak, dropped) = stop(r)?;
                     rss[i] = rss[i].max(peak.unwrap_or(0));
                     drops[i] += dropped.unwrap_or(0);
                 }
                 times[i].push(t);
+                cpu[i].push(c);
             }
             eprintln!("xtask: {} repeat {}/{repeats} done", storm.name, rep + 1);
         }
         // Each configuration against the untraced run of the same repeat,
         // minutes apart at most: the machine's slow drift cancels out.
-        let paired: Vec<f64> = times
-            .iter()
-            .map(|t| {
-                let mut r: Vec<f64> = t.iter().zip(&times[0]).map(|(&a, &b)| a as f64 / b as f64).collect();
-                r.sort_by(f64::total_cmp);
-                let n = r.len();
-                if n % 2 == 1 {
-                    r[n / 2]
-                } else {
-                    (r[n / 2 - 1] + r[n / 2]) / 2.0
-                }
-            })
-            .collect();
+        let paired_of = |times: &[Vec<u64>]| -> Vec<f64> {
+            times
+                .iter()
+                .map(|t| {
+                    let mut r: Vec<f64> =
+                        t.iter().zip(&times[0]).map(|(&a, &b)| a as f64 / b as f64).collect();
+                    r.sort_by(f64::total_cmp);
+                    let n = r.len();
+                    if n % 2 == 1 {
+                        r[n / 2]
+                    } else {
+                        (r[n / 2 - 1] + r[n / 2]) / 2.0
+                    }
+                })
+                .collect()
+        };
+        let paired = paired_of(&times);
+        let cpu_paired = paired_of(&cpu);
+        let cpu_meds: Vec<u64> = cpu.iter().map(|c| median(&mut c.clone())).collect();
         let meds: Vec<u64> = times.iter_mut().map(|t| median(t)).collect();
         // `median` sorted the samples: the first is the fastest run, the
         // figure least disturbed by anything else the machine did.
@@ -331,8 +343,17 @@ pub fn bench(repeats: usize, rounds: usize, forks: usize) -> Result<()> {
         let _ = writeln!(report, "{}:", storm.name);
         let _ = writeln!(
             report,
-            "  {:<26} {:>12} {:>8} {:>12} {:>9} {:>8} {:>12} {:>8}",
-            "configuration", "median", "ratio", "fastest", "ratio", "paired", "tracer RSS", "dropped"
+            "  {:<26} {:>12} {:>8} {:>12} {:>9} {:>8} {:>9} {:>8} {:>12} {:>8}",
+            "configuration",
+            "median",
+            "ratio",
+            "fastest",
+            "ratio",
+            "paired",
+            "CPU ratio",
+            "paired",
+            "tracer RSS",
+            "dropped"
         );
         let mut entries = Vec::new();
         for (i, t) in tracers.iter().enumerate() {
@@ -346,20 +367,24 @@ pub fn bench(repeats: usize, rounds: usize, forks: usize) -> Result<()> {
             };
             let _ = writeln!(
                 report,
-                "  {:<26} {:>9.1} ms {:>8.3} {:>9.1} ms {:>9.3} {:>8.3} {:>12} {:>8}",
+                "  {:<26} {:>9.1} ms {:>8.3} {:>9.1} ms {:>9.3} {:>8.3} {:>9.3} {:>8.3} {:>12} {:>8}",
                 t.name(),
                 meds[i] as f64 / 1e6,
                 ratio,
                 mins[i] as f64 / 1e6,
                 min_ratio,
                 paired[i],
+                cpu_meds[i] as f64 / cpu_meds[0] as f64,
+                cpu_paired[i],
                 rss_s,
                 drop_s
             );
             entries.push(serde_json::json!({
                 "configuration": t.name(), "median_ns": meds[i], "ratio": ratio,
                 "min_ns": mins[i], "min_ratio": min_ratio, "paired_ratio": paired[i],
-                "samples_ns": times[i], "tracer_peak_rss_kib": rss[i], "dropped_events": drops[i],
+                "samples_ns": times[i], "tracer_peak_rss_kib": rss[i],
+                "cpu_ratio": cpu_meds[i] as f64 / cpu_meds[0] as f64, "cpu_paired_ratio": cpu_paired[i],
+                "cpu_samples_ns": cpu[i], "dropped_events": drops[i],
             }));
         }
         let _ = writeln!(report);

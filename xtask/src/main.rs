@@ -195,8 +195,8 @@ fn real_main() -> Result<()> {
     match Cli::parse() {
         Cli::Vm { kernel, include, bins, timeout, command } => {
             setup::ensure_toolchain()?;
-            let opts =
-                vm::VmOptions { kernel, include, bins, timeout: std::time::Duration::from_secs(timeout) };
+            let timeout = std::time::Duration::from_secs(timeout);
+            let opts = vm::VmOptions { kernel, include, bins, timeout, one_cpu: false };
             let code = vm::vm(&opts, &command)?;
             std::process::exit(code);
         }

@@ -25,7 +25,11 @@
 //! which exits at once: the cost of fork itself, for benchmarks.
 //!
 //! The report includes `elapsed_ns`, the time spent in the rounds (or the
-//! storm), which is what benchmarks compare.
+//! storm), which is what benchmarks compare, and `cpu_ns`, the CPU time the
+//! workload and its children spent meanwhile (user and system, as the
+//! kernel accounts it to them): work done in their own context, such as a
+//! tracer's programs on their faults, without the time they waited for a
+//! CPU while something else ran.
 //!
 //! `--seconds S` repeats rounds until S seconds have passed (instead of
 //! `--rounds`), `--pause-ms P` sleeps between rounds: a steady load for
@@ -340,6 +344,19 @@ fn status_ids(key: &str) -> Vec<u32> {
     line.split_whitespace().filter_map(|n| n.parse().ok()).collect()
 }
 
+/// User and system time of this process and of its children waited for so
+/// far, in nanoseconds (the kernel's exact runtime, split by ticks).
+fn cpu_ns() -> u64 {
+    let ns = |who| {
+        // SAFETY: getrusage writes the struct it is given.
+        let mut r: libc::rusage = unsafe { std::mem::zeroed() };
+        unsafe { libc::getrusage(who, &mut r) };
+        let t = |tv: libc::timeval| tv.tv_sec as u64 * 1_000_000_000 + tv.tv_usec as u64 * 1000;
+        t(r.ru_utime) + t(r.ru_stime)
+    };
+    ns(libc::RUSAGE_SELF) + ns(libc::RUSAGE_CHILDREN)
+}
+
 fn main() {
     let o = match parse() {
         Ok(o) => o,
@@ -389,6 +406,7 @@ fn main() {
     }
 
     if o.fork_storm > 0 {
+        let cpu = cpu_ns();
         let start = std::time::Instant::now();
         for _ in 0..o.fork_storm {
             // SAFETY: the child exits at once without touching shared state.
@@ -401,10 +419,15 @@ fn main() {
             unsafe { libc::waitpid(pid, &mut status, 0) };
         }
         let ns = start.elapsed().as_nanos();
-        println!("{{\"pid\":{me},\"children\":[],\"fork_storm\":{},\"elapsed_ns\":{ns}}}", o.fork_storm);
+        let cpu = cpu_ns() - cpu;
+        println!(
+            "{{\"pid\":{me},\"children\":[],\"fork_storm\":{},\"elapsed_ns\":{ns},\"cpu_ns\":{cpu}}}",
+            o.fork_storm
+        );
         return;
     }
 
+    let cpu = cpu_ns();
     let start = std::time::Instant::now();
     let (mut children, mut statuses) = (Vec::new(), Vec::new());
     let rounds = if o.seconds > 0 || o.until_file.is_some() { usize::MAX } else { o.rounds };
@@ -519,7 +542,7 @@ fn main() {
     }
     let [uids, gids, groups] = ["Uid:", "Gid:", "Groups:"].map(status_ids);
     println!(
-        "{{\"pid\":{me},\"children\":{children:?},\"statuses\":{statuses:?},\"pages\":{},\"child_writes\":{},\"parent_writes\":{},\"rounds\":{},\"zero_fills\":{},\"child_reads\":{},\"child_mem_writes\":{},\"page_size\":{page},\"huge\":{},\"anon_huge_kb\":{huge_kb},\"elapsed_ns\":{},\"uids\":{uids:?},\"gids\":{gids:?},\"groups\":{groups:?}}}",
-        o.pages, o.child_writes, o.parent_writes, children.len(), o.zero_fills, o.child_reads, o.child_mem_writes, o.huge, start.elapsed().as_nanos()
+        "{{\"pid\":{me},\"children\":{children:?},\"statuses\":{statuses:?},\"pages\":{},\"child_writes\":{},\"parent_writes\":{},\"rounds\":{},\"zero_fills\":{},\"child_reads\":{},\"child_mem_writes\":{},\"page_size\":{page},\"huge\":{},\"anon_huge_kb\":{huge_kb},\"elapsed_ns\":{},\"cpu_ns\":{},\"uids\":{uids:?},\"gids\":{gids:?},\"groups\":{groups:?}}}",
+        o.pages, o.child_writes, o.parent_writes, children.len(), o.zero_fills, o.child_reads, o.child_mem_writes, o.huge, start.elapsed().as_nanos(), cpu_ns() - cpu
     );
 }
