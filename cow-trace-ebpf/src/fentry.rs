@@ -50,7 +50,7 @@ pub fn fx_copy_page_range(_ctx: FExitContext) -> u32 {
 
 #[fentry(function = "do_wp_page")]
 pub fn fe_do_wp_page(ctx: FEntryContext) -> u32 {
-    k::fault_enter(ctx.arg::<*const u8>(0), false);
+    k::fault_enter::<true>(ctx.arg::<*const u8>(0), false);
     0
 }
 
@@ -68,7 +68,7 @@ pub fn fe_wp_page_copy(_ctx: FEntryContext) -> u32 {
 
 #[fentry(function = "do_huge_pmd_wp_page")]
 pub fn fe_do_huge_pmd_wp_page(ctx: FEntryContext) -> u32 {
-    k::fault_enter(ctx.arg::<*const u8>(0), true);
+    k::fault_enter::<true>(ctx.arg::<*const u8>(0), true);
     0
 }
 

@@ -151,10 +151,47 @@ pub fn dup_exit() {
     }
 }
 
-/// `vmf`: the `struct vm_fault *` of `do_wp_page` / `do_huge_pmd_wp_page`.
-/// A 4 KiB fault is timed by the batch protocol's sampling; huge-page
-/// faults, one per 2 MiB at most, are all timed and left out of it.
-pub fn fault_enter(vmf: *const u8, huge: bool) {
+/// The faulting address and the flags of `vmf`, a `struct vm_fault *`.
+/// `TYPED`: `vmf` is a BTF-typed pointer (fentry's arguments), read by
+/// direct loads, which the verifier checks against the kernel's BTF (the
+/// offsets are constants of the frozen `CONFIG`) and the JIT makes
+/// fault-safe; else a plain address (kprobe's), read with
+/// `bpf_probe_read_kernel`, once for both fields where the address and the
+/// flags lie within 24 bytes of each other (every kernel with the flags
+/// member so far: the flags follow the address, 16 bytes on). Each helper
+/// call costs a copy and its checks on every write fault.
+#[inline(always)]
+fn address_and_flags<const TYPED: bool>(vmf: *const u8, user_flag: u32) -> (u64, u32) {
+    let (a, f) = (setting!(vmf_address), setting!(vmf_flags));
+    if TYPED {
+        // SAFETY: a BTF pointer the kernel passed; see above.
+        return unsafe {
+            (
+                core::ptr::read_volatile(vmf.add(a as usize) as *const u64),
+                if f == 0 { user_flag } else { core::ptr::read_volatile(vmf.add(f as usize) as *const u32) },
+            )
+        };
+    }
+    let gap = f.wrapping_sub(a);
+    if f != 0 && (8..=20).contains(&gap) && gap % 4 == 0 {
+        // SAFETY: the kernel's own argument; offsets from its BTF.
+        let Ok(w) = (unsafe { read_at::<[u32; 6]>(vmf, a) }) else { return (0, user_flag) };
+        let addr = w[0] as u64 | (w[1] as u64) << 32;
+        let i = (gap / 4) as usize;
+        return (addr, if i < w.len() { w[i] } else { user_flag });
+    }
+    // SAFETY: as above.
+    unsafe {
+        let addr = read_at(vmf, a).unwrap_or(0);
+        (addr, if f == 0 { user_flag } else { read_at(vmf, f).unwrap_or(user_flag) })
+    }
+}
+
+/// `vmf`: the `struct vm_fault *` of `do_wp_page` / `do_huge_pmd_wp_page`
+/// (see [`address_and_flags`] for `TYPED`). A 4 KiB fault is timed by the
+/// batch protocol's sampling; huge-page faults, one per 2 MiB at most, are
+/// all timed and left out of it.
+pub fn fault_enter<const TYPED: bool>(vmf: *const u8, huge: bool) {
     if off() {
         return;
     }
@@ -165,13 +202,11 @@ pub fn fault_enter(vmf: *const u8, huge: bool) {
     let Some(p) = pending_slot(tid) else {
         return;
     };
-    // SAFETY: the kernel's own argument; offset from its BTF.
-    let addr: u64 = unsafe { read_at(vmf, setting!(vmf_address)) }.unwrap_or(0);
     // A fault the kernel took writing user memory for a system call
-    // (read(2) into a buffer shared since the fork) is that call's.
+    // (read(2) into a buffer shared since the fork) is that call's. Without
+    // the flag's offset every fault counts as the user's.
     let user_flag = setting!(fault_flag_user);
-    // SAFETY: as above.
-    let flags: u32 = unsafe { read_at(vmf, setting!(vmf_flags)) }.unwrap_or(user_flag);
+    let (addr, flags) = address_and_flags::<TYPED>(vmf, user_flag);
     let (ip, mode) = if user_flag != 0 && flags & user_flag == 0 {
         (current_syscall(), FaultRecord::KERNEL)
     } else {

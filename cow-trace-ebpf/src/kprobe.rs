@@ -49,7 +49,7 @@ pub fn kr_copy_page_range(_ctx: RetProbeContext) -> u32 {
 #[kprobe]
 pub fn kp_do_wp_page(ctx: ProbeContext) -> u32 {
     if let Some(vmf) = ctx.arg::<*const u8>(0) {
-        k::fault_enter(vmf, false);
+        k::fault_enter::<false>(vmf, false);
     }
     0
 }
@@ -69,7 +69,7 @@ pub fn kp_wp_page_copy(_ctx: ProbeContext) -> u32 {
 #[kprobe]
 pub fn kp_do_huge_pmd_wp_page(ctx: ProbeContext) -> u32 {
     if let Some(vmf) = ctx.arg::<*const u8>(0) {
-        k::fault_enter(vmf, true);
+        k::fault_enter::<false>(vmf, true);
     }
     0
 }

@@ -88,8 +88,14 @@ impl Config {
 /// The script the VM runs: every repeat, every configuration in rotated
 /// order, both storms under one start of the tracer, after an unmeasured
 /// warm-up. Each measurement is one console line,
-/// `bench-vm: CONFIG STORM REPEAT ELAPSED_NS CPU_NS`; a traced
-/// configuration adds `bench-vm: CONFIG dropped REPEAT N` from its summary.
+/// `bench-vm: CONFIG STORM REPEAT ELAPSED_NS CPU_NS`. The tracer's output
+/// file is emptied before it starts: otherwise the wait for its start
+/// record could find the previous run's before the new tracer's shell
+/// truncated the file, and the storm would run while the tracer was still
+/// attaching (which the copy counts below catch). A traced
+/// configuration adds `bench-vm: CONFIG dropped REPEAT N` and
+/// `bench-vm: CONFIG copies REPEAT N` from its summary: a backend that did
+/// not see every copy the CoW storm made is not measuring it.
 fn script(b: &VmBench) -> String {
     let configs = Config::all();
     let mut s = String::from("#!/bin/sh\n");
@@ -110,6 +116,7 @@ fn script(b: &VmBench) -> String {
            echo \"{PREFIX} $1 fork $2 $({fork} | elapsed)\"\n\
          }}\n\
          traced() {{\n\
+           : > /tmp/trace.out\n\
            cow-trace --json -d 86400 --backend \"$3\" $4 > /tmp/trace.out 2> /tmp/trace.err &\n\
            pid=$!\n\
            until grep -q '\"type\":\"start\"' /tmp/trace.out; do\n\
@@ -119,6 +126,7 @@ fn script(b: &VmBench) -> String {
            storms \"$1\" \"$2\"\n\
            kill -INT $pid; wait $pid\n\
            echo \"{PREFIX} $1 dropped $2 $(sed -n 's/.*\"type\":\"summary\".*\"dropped_events\":\\([0-9]*\\).*/\\1/p' /tmp/trace.out)\"\n\
+           echo \"{PREFIX} $1 copies $2 $(sed -n 's/.*\"type\":\"summary\".*\"kernel_totals\":{{[^}}]*\"cow_copies\":\\([0-9]*\\).*/\\1/p' /tmp/trace.out)\"\n\
          }}\n"
     );
     // A first pass that is not measured: the emulator translates the code
@@ -149,7 +157,9 @@ type Times = Vec<Vec<Option<(u64, u64)>>>;
 
 /// Reads the console: the times of each storm, and per configuration the
 /// events its tracer dropped over the run.
-fn parse(console: &str, configs: &[Config], repeats: usize) -> Result<(Vec<Times>, Vec<u64>)> {
+/// `copies`: what the CoW storm makes in one run; every traced run must
+/// have counted at least that many.
+fn parse(console: &str, configs: &[Config], repeats: usize, copies: u64) -> Result<(Vec<Times>, Vec<u64>)> {
     let mut times: Vec<Times> = vec![vec![vec![None; repeats]; configs.len()]; STORMS.len()];
     let mut dropped = vec![0u64; configs.len()];
     for line in console.lines() {
@@ -163,6 +173,13 @@ fn parse(console: &str, configs: &[Config], repeats: usize) -> Result<(Vec<Times
             Some(["dropped", rest @ ..]) => match rest {
                 [_, n] if n.parse::<u64>().is_ok() => dropped[c] += n.parse::<u64>().unwrap_or(0),
                 _ => bail!("{} ended without its summary in the VM: {}", configs[c].label(), words.join(" ")),
+            },
+            Some(["copies", rep, n]) if !configs[c].floor => match n.parse::<u64>() {
+                Ok(n) if n >= copies => {}
+                _ => bail!(
+                    "{} counted {n} copies in repeat {rep}, where the CoW storm made {copies}: it did not trace the storm",
+                    configs[c].label()
+                ),
             },
             Some([storm, rep, ns, cpu]) => {
                 let (Some(s), Ok(rep), Ok(ns), Ok(cpu)) = (
@@ -219,7 +236,7 @@ pub fn bench_vm(b: &VmBench) -> Result<()> {
                 .map(|(_, k)| k.split(',').next().unwrap_or(k).trim().to_string())
         })
         .unwrap_or_else(|| "?".into());
-    let (times, dropped) = parse(&console, &configs, b.repeats)?;
+    let (times, dropped) = parse(&console, &configs, b.repeats, (b.rounds * b.pages) as u64)?;
 
     let mut report = String::new();
     let _ = writeln!(
@@ -351,12 +368,17 @@ mod tests {
                 }
             }
         }
-        let (times, dropped) = parse(&console, &configs, 2).expect("complete");
+        let (times, dropped) = parse(&console, &configs, 2, 64).expect("complete");
         assert_eq!(times[1][3], vec![Some((1000, 900)), Some((1001, 901))]);
         assert_eq!((dropped[0], dropped[1]), (0, 6));
         let cut = console.replace(&format!("{PREFIX} fentry-floor cow 1 1001 901\n"), "");
-        assert!(parse(&cut, &configs, 2).is_err());
+        assert!(parse(&cut, &configs, 2, 64).is_err());
         let failed = format!("{console}{PREFIX} kprobe failed 0 no kprobes\n");
-        assert!(parse(&failed, &configs, 2).is_err());
+        assert!(parse(&failed, &configs, 2, 64).is_err());
+        // A backend that missed the storm's copies is not measuring it.
+        let missed = format!("{console}{PREFIX} kprobe copies 1 12\n");
+        assert!(parse(&missed, &configs, 2, 64).is_err());
+        let counted = format!("{console}{PREFIX} kprobe copies 1 70\n{PREFIX} kprobe-floor copies 1 0\n");
+        assert!(parse(&counted, &configs, 2, 64).is_ok());
     }
 }

@@ -196,7 +196,13 @@ fn real_main() -> Result<()> {
         Cli::Vm { kernel, include, bins, timeout, command } => {
             setup::ensure_toolchain()?;
             let timeout = std::time::Duration::from_secs(timeout);
-            let opts = vm::VmOptions { kernel, include, bins, timeout, one_cpu: false };
+            let opts = vm::VmOptions {
+                kernel,
+                include,
+                bins,
+                timeout,
+                one_cpu: std::env::var_os("ONECPU").is_some(),
+            };
             let code = vm::vm(&opts, &command)?;
             std::process::exit(code);
         }

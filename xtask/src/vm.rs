@@ -246,6 +246,9 @@ pub fn run_in_vm(opts: &VmOptions, cmd: &[String], echo: bool) -> Result<(i32, S
         // (docs/kernel-notes.md, "Debian's 6.12 kernel").
         .args(["-accel", "tcg,thread=single"])
         .args(["-cpu", "max", "-m", "2048", "-smp", if opts.one_cpu { "1" } else { "2" }])
+        // The benchmark's clock: one nanosecond per instruction executed,
+        // whatever the host's speed or load (see `bench_vm`).
+        .args(if opts.one_cpu { &["-icount", "shift=0,sleep=off"][..] } else { &[][..] })
         .args(["-nographic", "-no-reboot"])
         .arg("-kernel")
         .arg(&kernel)
