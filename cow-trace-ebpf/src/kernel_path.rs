@@ -256,53 +256,55 @@ pub fn fault_exit(ret: u32) {
     let Some(p) = pending_slot(tid) else {
         return;
     };
-    // SAFETY: a valid slot; closed before anything is recorded, and copied
-    // out (48 bytes).
-    let f = unsafe {
+    // SAFETY: a valid slot; closed before anything is recorded. Only the
+    // fields used are read (this runs on every write fault).
+    let (tgid, faddr, ip, start, seen) = unsafe {
         if (*p).tid != tid {
             return;
         }
         (*p).tid = 0;
-        *p
+        ((*p).tgid, (*p).addr, (*p).ip, (*p).start, (*p).seen)
     };
-    let ids = Ids { tgid: f.tgid, tid };
-    let addr = f.addr & FaultRecord::ADDR_MASK;
-    if f.seen & HUGE != 0 {
+    let ids = Ids { tgid, tid };
+    let addr = faddr & FaultRecord::ADDR_MASK;
+    if seen & HUGE != 0 {
         let t = now();
-        let latency_ns = t.saturating_sub(f.start);
-        emit(ids, t, Detail::HugeCow { latency_ns, addr, allocated: f.allocated, vm_fault: ret });
+        let latency_ns = t.saturating_sub(start);
+        // SAFETY: as above.
+        let allocated = unsafe { (*p).allocated };
+        emit(ids, t, Detail::HugeCow { latency_ns, addr, allocated, vm_fault: ret });
         return;
     }
     if vm_fault::failed(ret) {
         // No memory (the cgroup's charge failed), SIGBUS, SIGSEGV: a page
         // it allocated was freed again, nothing was copied or reused.
         let t = now();
-        let latency_ns = if f.start != 0 { t.saturating_sub(f.start) } else { 0 };
-        emit(ids, t, Detail::Failed { latency_ns, addr, replaces: 0, vm_fault: ret, ip: f.ip });
+        let latency_ns = if start != 0 { t.saturating_sub(start) } else { 0 };
+        emit(ids, t, Detail::Failed { latency_ns, addr, replaces: 0, vm_fault: ret, ip });
         return;
     }
     if vm_fault::retried(ret) {
         return;
     }
-    let copied = if setting!(wp_copy_hooked) != 0 { f.seen & SEEN_COPY_PATH } else { f.seen & SEEN_ALLOC };
+    let copied = if setting!(wp_copy_hooked) != 0 { seen & SEEN_COPY_PATH } else { seen & SEEN_ALLOC };
     let outcome = if copied == 0 {
         Outcome::Reuse
-    } else if f.seen & SEEN_ZERO != 0 {
+    } else if seen & SEEN_ZERO != 0 {
         Outcome::ZeroFill
     } else {
         Outcome::Copy
     };
     if matches!(outcome, Outcome::Copy) {
-        stacks::count(f.tgid, tid, 1);
+        stacks::count(tgid, tid, 1);
     }
-    let (clock, latency_ns) = match f.start {
+    let (clock, latency_ns) = match start {
         0 => (Clock::events(), 0),
         start => {
             let c = Clock::read();
             (c, c.now_ns.saturating_sub(start))
         }
     };
-    record_fault(outcome, ids, latency_ns, f.addr, f.ip, clock);
+    record_fault(outcome, ids, latency_ns, faddr, ip, clock);
 }
 
 /// Notes the user pages a fault in flight allocates.
@@ -326,7 +328,10 @@ pub fn mm_page_alloc_wp(ctx: RawTracePointContext) -> i32 {
         if (*p).tid != tid {
             return 0;
         }
-        (*p).allocated = (*p).allocated.saturating_add(4096u32 << (order & 15));
+        // Reported for huge-page faults only.
+        if (*p).seen & HUGE != 0 {
+            (*p).allocated = (*p).allocated.saturating_add(4096u32 << (order & 15));
+        }
         if order == 0 {
             (*p).seen |= SEEN_ALLOC;
             if gfp & GFP_ZERO != 0 {

@@ -12,9 +12,10 @@
 //! walked and counted in the kernel for every copy); the same as a Prometheus exporter
 //! (`--serve`, scraped every second, as a fleet runs it); the floor (the same hooks with programs
 //! that return at once); bpftrace running the same copy/reuse logic on
-//! classic tracepoints. The timings are the workload's own (`elapsed_ns`),
-//! so tracer start-up and shutdown are not in them. Medians and ratios to
-//! untraced are printed and written to `target/bench/`.
+//! classic tracepoints. The timings are the workload's own (`elapsed_ns`,
+//! and its CPU time, `cpu_ns`), so tracer start-up and shutdown are not in
+//! them. Medians and ratios to untraced are printed and written to
+//! `target/bench/`.
 
 use std::{
     fmt::Write as _,
