@@ -156,10 +156,10 @@ pub fn dup_exit() {
 /// direct loads, which the verifier checks against the kernel's BTF (the
 /// offsets are constants of the frozen `CONFIG`) and the JIT makes
 /// fault-safe; else a plain address (kprobe's), read with
-/// `bpf_probe_read_kernel`, once for both fields where the address and the
-/// flags lie within 24 bytes of each other (every kernel with the flags
-/// member so far: the flags follow the address, 16 bytes on). Each helper
-/// call costs a copy and its checks on every write fault.
+/// `bpf_probe_read_kernel`, once for both fields where the flags follow the
+/// address by 8 to 20 bytes (16 from 5.16 on, 8 on 5.12 to 5.15), else
+/// twice. Each helper call costs a copy and its checks on every write
+/// fault.
 #[inline(always)]
 fn address_and_flags<const TYPED: bool>(vmf: *const u8, user_flag: u32) -> (u64, u32) {
     let (a, f) = (setting!(vmf_address), setting!(vmf_flags));
@@ -176,6 +176,7 @@ fn address_and_flags<const TYPED: bool>(vmf: *const u8, user_flag: u32) -> (u64,
     if f != 0 && (8..=20).contains(&gap) && gap % 4 == 0 {
         // SAFETY: the kernel's own argument; offsets from its BTF.
         let Ok(w) = (unsafe { read_at::<[u32; 6]>(vmf, a) }) else { return (0, user_flag) };
+        // x86-64, the only target: little-endian.
         let addr = w[0] as u64 | (w[1] as u64) << 32;
         let i = (gap / 4) as usize;
         return (addr, if i < w.len() { w[i] } else { user_flag });
@@ -258,20 +259,18 @@ pub fn fault_exit(ret: u32) {
     };
     // SAFETY: a valid slot; closed before anything is recorded. Only the
     // fields used are read (this runs on every write fault).
-    let (tgid, faddr, ip, start, seen) = unsafe {
+    let (tgid, faddr, ip, start, seen, allocated) = unsafe {
         if (*p).tid != tid {
             return;
         }
         (*p).tid = 0;
-        ((*p).tgid, (*p).addr, (*p).ip, (*p).start, (*p).seen)
+        ((*p).tgid, (*p).addr, (*p).ip, (*p).start, (*p).seen, (*p).allocated)
     };
     let ids = Ids { tgid, tid };
     let addr = faddr & FaultRecord::ADDR_MASK;
     if seen & HUGE != 0 {
         let t = now();
         let latency_ns = t.saturating_sub(start);
-        // SAFETY: as above.
-        let allocated = unsafe { (*p).allocated };
         emit(ids, t, Detail::HugeCow { latency_ns, addr, allocated, vm_fault: ret });
         return;
     }

@@ -10,8 +10,10 @@
 //! like a real one), so only ratios between configurations of the same run
 //! are reported.
 //!
-//! The guest has one vCPU, and the figure the target is judged by is the
-//! workload's own CPU time (`cpu_ns`: user and system time of the workload
+//! The guest has one vCPU and QEMU's instruction counter for a clock
+//! (`-icount shift=0,sleep=off`: a guest nanosecond is one instruction
+//! executed, so the host's speed and load do not reach the figures), and
+//! the figure the target is judged by is the workload's own CPU time (`cpu_ns`: user and system time of the workload
 //! and its children, the kernel's exact runtime). On hardware the tracer's
 //! reader runs on another CPU while the workload faults; in an emulator
 //! that runs every vCPU in one host thread it takes turns with the
@@ -20,8 +22,9 @@
 //! guest's clock also runs for a task while the host thread emulates the
 //! other vCPU, so only one vCPU gives each task its own time. The
 //! workload's CPU time then holds what runs in its context, the backend's
-//! programs on its faults and forks, and nothing else; the wall-time
-//! ratios are printed beside it.
+//! programs on its faults and forks (and the interrupts that land while it
+//! runs, as in the untraced runs); the wall-time ratios are printed beside
+//! it.
 
 use std::{fmt::Write as _, path::PathBuf, time::Duration};
 
@@ -158,10 +161,13 @@ type Times = Vec<Vec<Option<(u64, u64)>>>;
 /// Reads the console: the times of each storm, and per configuration the
 /// events its tracer dropped over the run.
 /// `copies`: what the CoW storm makes in one run; every traced run must
-/// have counted at least that many.
+/// report its count and have counted at least that many (a lower bound:
+/// the count is the whole system's over both storms).
 fn parse(console: &str, configs: &[Config], repeats: usize, copies: u64) -> Result<(Vec<Times>, Vec<u64>)> {
     let mut times: Vec<Times> = vec![vec![vec![None; repeats]; configs.len()]; STORMS.len()];
     let mut dropped = vec![0u64; configs.len()];
+    // Repeats whose copy count was reported, per configuration.
+    let mut counted = vec![0usize; configs.len()];
     for line in console.lines() {
         let Some(rest) = line.split_once(PREFIX).map(|(_, r)| r.trim()) else { continue };
         let words: Vec<&str> = rest.split_whitespace().collect();
@@ -174,11 +180,12 @@ fn parse(console: &str, configs: &[Config], repeats: usize, copies: u64) -> Resu
                 [_, n] if n.parse::<u64>().is_ok() => dropped[c] += n.parse::<u64>().unwrap_or(0),
                 _ => bail!("{} ended without its summary in the VM: {}", configs[c].label(), words.join(" ")),
             },
-            Some(["copies", rep, n]) if !configs[c].floor => match n.parse::<u64>() {
-                Ok(n) if n >= copies => {}
+            Some(["copies", rest @ ..]) if !configs[c].floor => match rest {
+                [_, n] if n.parse::<u64>().is_ok_and(|n| n >= copies) => counted[c] += 1,
                 _ => bail!(
-                    "{} counted {n} copies in repeat {rep}, where the CoW storm made {copies}: it did not trace the storm",
-                    configs[c].label()
+                    "{} reported {} copies (repeat, count), where the CoW storm made {copies}: it did not trace the storm",
+                    configs[c].label(),
+                    rest.join(" ")
                 ),
             },
             Some([storm, rep, ns, cpu]) => {
@@ -196,6 +203,11 @@ fn parse(console: &str, configs: &[Config], repeats: usize, copies: u64) -> Resu
             }
             Some([storm, ..]) if STORMS.contains(storm) => bail!("a storm failed in the VM: {rest}"),
             _ => {}
+        }
+    }
+    for (c, config) in configs.iter().enumerate() {
+        if config.backend.is_some() && !config.floor && counted[c] < repeats {
+            bail!("{}: {} of {repeats} runs reported their copy count", config.label(), counted[c]);
         }
     }
     for (s, storm) in STORMS.iter().enumerate() {
@@ -241,7 +253,7 @@ pub fn bench_vm(b: &VmBench) -> Result<()> {
     let mut report = String::new();
     let _ = writeln!(
         report,
-        "kernel: {kernel} under QEMU, TCG emulation (1 vCPU) on a shared machine\n\
+        "kernel: {kernel} under QEMU, TCG emulation (1 vCPU, instruction clock: 1 ns = 1 instruction)\n\
          repeats: {}, CoW storm: {} rounds x {} pages, fork storm: {} forks\n\
          Ratios only, each against the untraced runs of this same VM boot: emulation distorts\n\
          absolute times (clock reads, traps and ring-buffer writes cost nothing like they do on\n\
@@ -252,7 +264,7 @@ pub fn bench_vm(b: &VmBench) -> Result<()> {
     );
     let mut out = serde_json::Map::new();
     out.insert("kernel".into(), json!(kernel));
-    out.insert("emulation".into(), json!("QEMU TCG, 1 vCPU"));
+    out.insert("emulation".into(), json!("QEMU TCG, 1 vCPU, -icount shift=0"));
     out.insert("repeats".into(), json!(b.repeats));
     for (s, storm) in STORMS.iter().enumerate() {
         let t = &times[s];
@@ -365,6 +377,8 @@ mod tests {
                 }
                 if c.backend.is_some() {
                     console.push_str(&format!("{PREFIX} {} dropped {rep} 3\n", c.key()));
+                    let n = if c.floor { 0 } else { 70 };
+                    console.push_str(&format!("{PREFIX} {} copies {rep} {n}\n", c.key()));
                 }
             }
         }
@@ -375,10 +389,15 @@ mod tests {
         assert!(parse(&cut, &configs, 2, 64).is_err());
         let failed = format!("{console}{PREFIX} kprobe failed 0 no kprobes\n");
         assert!(parse(&failed, &configs, 2, 64).is_err());
-        // A backend that missed the storm's copies is not measuring it.
-        let missed = format!("{console}{PREFIX} kprobe copies 1 12\n");
+        // A backend that missed the storm's copies is not measuring it; one
+        // whose count is missing or unreadable proves nothing.
+        let missed = console
+            .replace(&format!("{PREFIX} kprobe copies 1 70\n"), &format!("{PREFIX} kprobe copies 1 12\n"));
         assert!(parse(&missed, &configs, 2, 64).is_err());
-        let counted = format!("{console}{PREFIX} kprobe copies 1 70\n{PREFIX} kprobe-floor copies 1 0\n");
-        assert!(parse(&counted, &configs, 2, 64).is_ok());
+        let unread = console
+            .replace(&format!("{PREFIX} kprobe copies 1 70\n"), &format!("{PREFIX} kprobe copies 1\n"));
+        assert!(parse(&unread, &configs, 2, 64).is_err());
+        let absent = console.replace(&format!("{PREFIX} fentry copies 0 70\n"), "");
+        assert!(parse(&absent, &configs, 2, 64).is_err());
     }
 }

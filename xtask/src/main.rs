@@ -60,6 +60,11 @@ enum Cli {
         /// Give up on the VM after SECS seconds.
         #[arg(long, value_name = "SECS", default_value_t = 900)]
         timeout: u64,
+        /// Boot as `bench --vm` does: one vCPU, and QEMU's instruction
+        /// counter as the guest's clock, so that the guest's times (and
+        /// `kernel.bpf_stats_enabled`'s run times) count instructions.
+        #[arg(long)]
+        instruction_clock: bool,
         /// Command to run in the VM, as root (after `--`).
         #[arg(last = true)]
         command: Vec<String>,
@@ -193,16 +198,10 @@ fn main() {
 
 fn real_main() -> Result<()> {
     match Cli::parse() {
-        Cli::Vm { kernel, include, bins, timeout, command } => {
+        Cli::Vm { kernel, include, bins, timeout, instruction_clock, command } => {
             setup::ensure_toolchain()?;
             let timeout = std::time::Duration::from_secs(timeout);
-            let opts = vm::VmOptions {
-                kernel,
-                include,
-                bins,
-                timeout,
-                one_cpu: std::env::var_os("ONECPU").is_some(),
-            };
+            let opts = vm::VmOptions { kernel, include, bins, timeout, one_cpu: instruction_clock };
             let code = vm::vm(&opts, &command)?;
             std::process::exit(code);
         }

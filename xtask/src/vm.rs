@@ -47,8 +47,10 @@ pub struct VmOptions {
     /// Host programs for the VM's /bin, with their shared libraries.
     pub bins: Vec<PathBuf>,
     pub timeout: Duration,
-    /// One vCPU instead of two: the benchmark's, so that the guest kernel
-    /// accounts each task's CPU time exactly (see `bench_vm`).
+    /// One vCPU instead of two, and QEMU's instruction counter as the
+    /// guest's clock: the benchmark's, so that the guest accounts each
+    /// task's CPU time in instructions, whatever the host's load (see
+    /// `bench_vm`).
     pub one_cpu: bool,
 }
 
@@ -240,7 +242,7 @@ pub fn run_in_vm(opts: &VmOptions, cmd: &[String], echo: bool) -> Result<(i32, S
     let initrd = build_initramfs(cmd, &opts.include, &opts.bins)?;
     say(&format!("booting {} under QEMU (TCG)", kernel.display()));
     let mut child = Command::new("qemu-system-x86_64")
-        // Both vCPUs in one host thread: multi-threaded TCG lets a vCPU run
+        // Every vCPU in one host thread: multi-threaded TCG lets a vCPU run
         // code another one is patching (a kprobe's breakpoint, a
         // tracepoint's static key) and has crashed guests as probes attached
         // (docs/kernel-notes.md, "Debian's 6.12 kernel").
