@@ -319,20 +319,10 @@ pub fn bench(repeats: usize, rounds: usize, forks: usize) -> Result<()> {
         // Each configuration against the untraced run of the same repeat,
         // minutes apart at most: the machine's slow drift cancels out.
         let paired_of = |times: &[Vec<u64>]| -> Vec<f64> {
-            times
-                .iter()
-                .map(|t| {
-                    let mut r: Vec<f64> =
-                        t.iter().zip(&times[0]).map(|(&a, &b)| a as f64 / b as f64).collect();
-                    r.sort_by(f64::total_cmp);
-                    let n = r.len();
-                    if n % 2 == 1 {
-                        r[n / 2]
-                    } else {
-                        (r[n / 2 - 1] + r[n / 2]) / 2.0
-                    }
-                })
-                .collect()
+            let ratios = |t: &Vec<u64>| -> Vec<f64> {
+                t.iter().zip(&times[0]).map(|(&a, &b)| a as f64 / b as f64).collect()
+            };
+            times.iter().map(|t| crate::startstop::median(&ratios(t))).collect()
         };
         let paired = paired_of(&times);
         let cpu_paired = paired_of(&cpu);
