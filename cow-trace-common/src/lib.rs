@@ -179,7 +179,19 @@ pub struct FaultBatch {
     /// The BPF side's count of traced forks, execs and exits when the batch
     /// started.
     pub window_events: u64,
+    /// This CPU's totals of the outcomes added to its batches, by
+    /// `counter::*` index (see [`BATCH_COUNTED`]), and of timed faults:
+    /// kept here rather than in `COUNTERS` because the batch is already at
+    /// hand where they change, and on kernels before 6.10 each lookup of a
+    /// per-CPU map is a helper call on every write fault. Userspace adds
+    /// them to `COUNTERS`' totals.
+    pub counted: [u64; BATCH_COUNTED.len()],
 }
+
+/// The counters a [`FaultBatch`] keeps for its CPU, in the order of
+/// `FaultBatch::counted`.
+pub const BATCH_COUNTED: [u32; 4] =
+    [counter::COW_COPIES, counter::COW_REUSES, counter::ZERO_FILLS, counter::TIMED_FAULTS];
 
 /// A write fault waiting for its outcome: one slot of the `PENDING` table,
 /// read by userspace at the end of a run to count the faults in flight at
@@ -432,7 +444,10 @@ const _: () = assert!(core::mem::size_of::<PendingFault>() == 48);
 const _: () = assert!(core::mem::size_of::<Config>() == 84);
 const _: () = assert!(core::mem::size_of::<FaultRecord>() == 24);
 const _: () = assert!(core::mem::size_of::<StackKey>() == 16);
-const _: () = assert!(core::mem::size_of::<FaultBatch>() == FAULT_BATCH_HEADER + FAULT_BATCH_LEN * 24 + 16);
+const _: () = assert!(
+    core::mem::size_of::<FaultBatch>()
+        == FAULT_BATCH_HEADER + FAULT_BATCH_LEN * 24 + 16 + 8 * BATCH_COUNTED.len()
+);
 
 #[cfg(test)]
 mod tests {

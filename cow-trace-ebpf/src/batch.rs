@@ -16,12 +16,10 @@
 //! - No batch spans a traced fork, exec or exit (`WINDOW_EVENTS`), nor is it
 //!   added to once a clock reading finds it older than `BATCH_MAX_AGE_NS`.
 
-use aya_ebpf::{
-    macros::map,
-    maps::{Array, PerCpuArray},
-};
+use aya_ebpf::{macros::map, maps::PerCpuArray};
 use cow_trace_common::{
-    counter, FaultBatch, FaultRecord, FAULT_BATCH, FAULT_BATCH_HEADER, FAULT_BATCH_LEN, TIMED_PER_SLICE,
+    counter, FaultBatch, FaultRecord, BATCH_COUNTED, FAULT_BATCH, FAULT_BATCH_HEADER, FAULT_BATCH_LEN,
+    TIMED_PER_SLICE,
 };
 
 use crate::{
@@ -42,8 +40,35 @@ const BATCH_MAX_AGE_NS: u64 = 50_000_000;
 /// a fork's copy window. A batch started before the latest one is sent
 /// before a record is added to it, so no record is dated before such an
 /// event it followed.
-#[map]
-static WINDOW_EVENTS: Array<u64> = Array::with_max_entries(1, 0);
+///
+/// A global in a data section of its own, as `CUTOFF` is (`shared`): one
+/// load, read on every write fault.
+#[unsafe(link_section = ".data.windows")]
+static mut WINDOW_EVENTS: u64 = 0;
+
+/// Where `FaultBatch::counted` keeps each outcome's total and the timed
+/// faults' (`BATCH_COUNTED`'s order).
+const COPIES: usize = 0;
+const REUSES: usize = 1;
+const ZERO_FILLS: usize = 2;
+const TIMED: usize = 3;
+const _: () = {
+    assert!(BATCH_COUNTED[COPIES] == counter::COW_COPIES);
+    assert!(BATCH_COUNTED[REUSES] == counter::COW_REUSES);
+    assert!(BATCH_COUNTED[ZERO_FILLS] == counter::ZERO_FILLS);
+    assert!(BATCH_COUNTED[TIMED] == counter::TIMED_FAULTS);
+};
+
+impl Outcome {
+    #[inline(always)]
+    fn counted_index(self) -> usize {
+        match self {
+            Outcome::Copy => COPIES,
+            Outcome::Reuse => REUSES,
+            Outcome::ZeroFill => ZERO_FILLS,
+        }
+    }
+}
 
 /// This CPU's batch, whatever its state: for the time-slice count alone.
 #[inline(always)]
@@ -88,11 +113,8 @@ impl Clock {
     /// The count alone; the clock, if a batch starts, is read after it.
     #[inline(always)]
     pub(crate) fn events() -> Clock {
-        let events = match WINDOW_EVENTS.get_ptr(0) {
-            // SAFETY: a valid slot of an array map.
-            Some(f) => unsafe { core::ptr::read_volatile(f) },
-            None => 0,
-        };
+        // SAFETY: plain data, written by other programs meanwhile.
+        let events = unsafe { core::ptr::read_volatile(&raw const WINDOW_EVENTS) };
         Clock { events, now_ns: 0 }
     }
 
@@ -115,11 +137,13 @@ impl Clock {
 #[inline(always)]
 pub(crate) fn start_fault() -> (Clock, u64) {
     let Some(b) = slot() else {
+        bump(counter::TIMED_FAULTS);
         return (Clock::read(), 0);
     };
-    // SAFETY: this CPU's slot. The count is no part of what `busy` guards:
-    // a fault counted while another writer holds the batch only moves the
-    // sampling by one.
+    // SAFETY: this CPU's slot. The counts are no part of what `busy`
+    // guards: a fault counted while another writer holds the batch only
+    // moves the sampling by one (and, as with `COUNTERS`, an increment a
+    // preempted writer overwrites is lost: a count, never a pointer).
     let n = unsafe {
         let n = (*b).slice_faults;
         (*b).slice_faults = n.wrapping_add(1);
@@ -133,7 +157,8 @@ pub(crate) fn start_fault() -> (Clock, u64) {
     } else {
         return (Clock::events(), 0);
     };
-    bump(counter::TIMED_FAULTS);
+    // SAFETY: as above.
+    unsafe { (*b).counted[TIMED] = (*b).counted[TIMED].wrapping_add(1) };
     (Clock::read(), flag)
 }
 
@@ -179,10 +204,13 @@ unsafe fn batch_fault(
     clock: Clock,
 ) {
     let kind = outcome.kind();
-    bump(kind as u32);
     let Clock { events, now_ns } = clock;
     // SAFETY: taken, so no other program touches it meanwhile.
     unsafe {
+        let i = outcome.counted_index();
+        if let Some(c) = (*b).counted.get_mut(i) {
+            *c = c.wrapping_add(1);
+        }
         let mut n = (*b).count as usize;
         let stale = events != (*b).window_events
             || (now_ns != 0 && now_ns.wrapping_sub((*b).ts_ns) > BATCH_MAX_AGE_NS);
@@ -216,13 +244,11 @@ unsafe fn batch_fault(
 /// event and reaches the ring buffer after it.
 #[inline(always)]
 pub(crate) fn count_window_event() {
-    if let Some(f) = WINDOW_EVENTS.get_ptr_mut(0) {
-        // Not atomic (no atomic read-modify-write in Rust for BPF): two
-        // racing writers still move the count (docs/kernel-notes.md,
-        // "Fault batches").
-        // SAFETY: a valid slot of an array map.
-        unsafe { core::ptr::write_volatile(f, core::ptr::read_volatile(f).wrapping_add(1)) };
-    }
+    let f = &raw mut WINDOW_EVENTS;
+    // Not atomic (no atomic read-modify-write in Rust for BPF): two racing
+    // writers still move the count (docs/kernel-notes.md, "Fault batches").
+    // SAFETY: plain data.
+    unsafe { core::ptr::write_volatile(f, core::ptr::read_volatile(f).wrapping_add(1)) };
 }
 
 /// Sends this CPU's batch if a clock reading `now_ns` (0: none) finds it

@@ -15,6 +15,8 @@
 //! backend's (`batch`): one protocol for every backend.
 
 use aya_ebpf::{
+    cty::c_void,
+    helpers::generated as gen,
     macros::{map, raw_tracepoint},
     maps::HashMap,
     programs::RawTracePointContext,
@@ -174,12 +176,27 @@ fn address_and_flags<const TYPED: bool>(vmf: *const u8, user_flag: u32) -> (u64,
     }
     let gap = f.wrapping_sub(a);
     if f != 0 && (8..=20).contains(&gap) && gap % 4 == 0 {
-        // SAFETY: the kernel's own argument; offsets from its BTF.
-        let Ok(w) = (unsafe { read_at::<[u32; 6]>(vmf, a) }) else { return (0, user_flag) };
-        // x86-64, the only target: little-endian.
-        let addr = w[0] as u64 | (w[1] as u64) << 32;
-        let i = (gap / 4) as usize;
-        return (addr, if i < w.len() { w[i] } else { user_flag });
+        // Read in place: the helper fills the buffer, nothing is copied
+        // again (a `Result` of the array would be, on every fault).
+        let mut w = core::mem::MaybeUninit::<[u64; 3]>::uninit();
+        // SAFETY: the kernel's own argument, offsets from its BTF; the
+        // helper writes all 24 bytes or fails.
+        let w = unsafe {
+            let dst = w.as_mut_ptr() as *mut c_void;
+            if gen::bpf_probe_read_kernel(dst, 24, vmf.add(a as usize) as *const c_void) != 0 {
+                return (0, user_flag);
+            }
+            w.assume_init()
+        };
+        // x86-64, the only target: little-endian, so a u32 at byte `gap`
+        // is the low or high half of the u64 holding it.
+        let flags = match gap {
+            8 => w[1] as u32,
+            12 => (w[1] >> 32) as u32,
+            16 => w[2] as u32,
+            _ => (w[2] >> 32) as u32,
+        };
+        return (w[0], flags);
     }
     // SAFETY: as above.
     unsafe {
@@ -192,6 +209,7 @@ fn address_and_flags<const TYPED: bool>(vmf: *const u8, user_flag: u32) -> (u64,
 /// (see [`address_and_flags`] for `TYPED`). A 4 KiB fault is timed by the
 /// batch protocol's sampling; huge-page faults, one per 2 MiB at most, are
 /// all timed and left out of it.
+#[inline(always)]
 pub fn fault_enter<const TYPED: bool>(vmf: *const u8, huge: bool) {
     if off() {
         return;
@@ -231,6 +249,7 @@ pub fn fault_enter<const TYPED: bool>(vmf: *const u8, huge: bool) {
     }
 }
 
+#[inline(always)]
 pub fn wp_copy_enter() {
     if off() {
         return;
@@ -249,6 +268,7 @@ pub fn wp_copy_enter() {
 /// `ret`: the `vm_fault_t` the fault handler returned. The copy, reuse or
 /// zero-fill is recorded like the tracepoint backend's, in the CPU's batch;
 /// the rare huge-page and failed faults are sent as events of their own.
+#[inline(always)]
 pub fn fault_exit(ret: u32) {
     if off() {
         return;

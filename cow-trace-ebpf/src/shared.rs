@@ -8,7 +8,7 @@ use aya_ebpf::{
         bpf_task_pt_regs, generated::bpf_get_current_ancestor_cgroup_id,
     },
     macros::map,
-    maps::{Array, HashMap, PerCpuArray},
+    maps::{HashMap, PerCpuArray},
 };
 use cow_trace_common::{counter, Config, MAX_CGROUP_LEVELS};
 
@@ -50,8 +50,13 @@ static CGROUPS: HashMap<u64, u8> = HashMap::with_max_entries(64, 0);
 /// The end of the run: non-zero once userspace has cut the run off. Every
 /// program checks it first, so all of them stop accounting at one instant,
 /// before any is detached (docs/kernel-notes.md, "The end of a run").
-#[map]
-static CUTOFF: Array<u64> = Array::with_max_entries(1, 0);
+///
+/// A global in a data section of its own (a one-element array map the
+/// loader writes as `.data.cutoff`): a program reads it with one load,
+/// where a lookup in an array map costs a dozen instructions, in every
+/// program, on every write fault.
+#[unsafe(link_section = ".data.cutoff")]
+static mut CUTOFF: u64 = 0;
 
 /// In-kernel totals and drop counts, indexed by `counter::*`.
 #[map]
@@ -93,11 +98,11 @@ pub(crate) fn current_ids() -> Ids {
     Ids { tgid: (id >> 32) as u32, tid: id as u32 }
 }
 
-/// True once the run is over. An array lookup of a constant index is
-/// inlined by the verifier: cheap on the fault path.
+/// True once the run is over.
 #[inline(always)]
 pub(crate) fn cut_off() -> bool {
-    CUTOFF.get(0).is_some_and(|&v| v != 0)
+    // SAFETY: plain data; a volatile read, since userspace writes it.
+    unsafe { core::ptr::read_volatile(&raw const CUTOFF) != 0 }
 }
 
 /// True when a program must do nothing: built empty (benchmarks), or the
@@ -166,16 +171,18 @@ pub(crate) unsafe fn read_at<T>(base: *const u8, offset: u32) -> Result<T, i32> 
     unsafe { bpf_probe_read_kernel(base.add(offset as usize) as *const T) }
 }
 
-/// The current task's user registers: where it was in user space when it
-/// entered the kernel (the write that faulted, for a user fault; the
-/// system call, for a fault the kernel took on its behalf).
+/// The current task, as a pointer typed by the kernel's BTF: its fields
+/// are read by direct loads (see [`user_reg`]).
 #[inline(always)]
-fn current_user_regs() -> *const u8 {
-    // SAFETY: both helpers take and return kernel pointers only.
-    unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) as *const u8 }
+pub(crate) fn current_task() -> *const u8 {
+    // SAFETY: the helper has no preconditions.
+    unsafe { bpf_get_current_task_btf() as *const u8 }
 }
 
-/// The current task's user register at `offset` in `struct pt_regs`.
+/// `task`'s user register at `offset` in `struct pt_regs`: where it was in
+/// user space when it entered the kernel (the write that faulted, for a
+/// user fault; the system call, for a fault the kernel took on its
+/// behalf).
 ///
 /// A direct load, not `bpf_probe_read_kernel`: the helper's pointer is
 /// typed by the kernel's BTF and `offset` is a constant to the verifier
@@ -184,8 +191,9 @@ fn current_user_regs() -> *const u8 {
 /// fault-safe one. On the hottest path of the tool, that is a load where
 /// the helper cost a call, its checks and a copy, for every fault.
 #[inline(always)]
-fn current_user_reg(offset: u32) -> Option<u64> {
-    let regs = current_user_regs();
+fn user_reg(task: *const u8, offset: u32) -> Option<u64> {
+    // SAFETY: the helper takes and returns kernel pointers only.
+    let regs = unsafe { bpf_task_pt_regs(task as *mut _) } as *const u8;
     if regs.is_null() {
         return None;
     }
@@ -194,18 +202,29 @@ fn current_user_reg(offset: u32) -> Option<u64> {
     Some(unsafe { core::ptr::read_volatile(regs.add(offset as usize) as *const u64) })
 }
 
-/// The current task's user instruction pointer, 0 when unknown. For a
-/// fault taken in user mode these registers are the fault's own (the
-/// exception saved them on entry from user space): the writing
-/// instruction.
+/// `task`'s user instruction pointer, 0 when unknown. For a fault taken
+/// in user mode these registers are the fault's own (the exception saved
+/// them on entry from user space): the writing instruction.
 #[inline(always)]
-pub(crate) fn current_user_ip() -> u64 {
-    current_user_reg(setting!(regs_ip)).unwrap_or(0)
+pub(crate) fn user_ip(task: *const u8) -> u64 {
+    user_reg(task, setting!(regs_ip)).unwrap_or(0)
 }
 
-/// The system call the current task is in (its user registers'
-/// `orig_ax`), for a fault the kernel took on its behalf.
+/// The system call `task` is in (its user registers' `orig_ax`), for a
+/// fault the kernel took on its behalf.
+#[inline(always)]
+pub(crate) fn syscall(task: *const u8) -> u64 {
+    user_reg(task, setting!(regs_orig_ax)).unwrap_or(u64::MAX)
+}
+
+/// [`user_ip`] of the current task.
+#[inline(always)]
+pub(crate) fn current_user_ip() -> u64 {
+    user_ip(current_task())
+}
+
+/// [`syscall`] of the current task.
 #[inline(always)]
 pub(crate) fn current_syscall() -> u64 {
-    current_user_reg(setting!(regs_orig_ax)).unwrap_or(u64::MAX)
+    syscall(current_task())
 }

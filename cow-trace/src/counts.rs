@@ -1,7 +1,7 @@
 //! Event counts: what the kernel classified (its counters, decoded here and
 //! nowhere else) against what userspace received.
 
-use cow_trace_common::{counter, EventKind};
+use cow_trace_common::{counter, EventKind, BATCH_COUNTED};
 use serde::Serialize;
 
 /// Events per kind. The kernel counts them as it classifies them (whether
@@ -115,6 +115,24 @@ impl KernelCounters {
     }
 }
 
+/// Adds the totals that each CPU's fault batch keeps
+/// (`FaultBatch::counted`, in `BATCH_COUNTED` order) to `counters`, the
+/// `COUNTERS` array summed over CPUs, indexed by `counter::*`: the fault
+/// hooks count an outcome in the batch they add it to, and in `COUNTERS`
+/// only when they send it as an event of its own.
+pub fn add_batch_counts<'a>(
+    counters: &mut [u64],
+    per_cpu: impl IntoIterator<Item = &'a [u64; BATCH_COUNTED.len()]>,
+) {
+    for counted in per_cpu {
+        for (&idx, &n) in BATCH_COUNTED.iter().zip(counted) {
+            if let Some(c) = counters.get_mut(idx as usize) {
+                *c = c.wrapping_add(n);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -140,5 +158,19 @@ mod tests {
         assert_eq!((k.dropped, k.totals.events.cow_copies), (3, 2));
         assert_eq!((k.totals.unclassified_faults, k.totals.traced_full), (9, 1));
         assert_eq!(k.totals.timed_faults, 5);
+    }
+
+    #[test]
+    fn batch_counts_add_to_their_counters_on_every_cpu() {
+        let mut c = [0u64; counter::COUNT as usize];
+        c[counter::COW_COPIES as usize] = 2; // sent as events of their own
+        c[counter::DROPPED as usize] = 1;
+        let cpus = [[10, 20, 30, 40], [1, 2, 3, 4]];
+        add_batch_counts(&mut c, &cpus);
+        let k = KernelCounters::decode(&c);
+        let e = k.totals.events;
+        assert_eq!((e.cow_copies, e.cow_reuses, e.zero_fills), (13, 22, 33));
+        assert_eq!((k.totals.timed_faults, k.dropped), (44, 1));
+        assert_eq!(e.total(), 13 + 22 + 33, "no other kind moved: {e:?}");
     }
 }

@@ -25,6 +25,15 @@
 //! programs on its faults and forks (and the interrupts that land while it
 //! runs, as in the untraced runs); the wall-time ratios are printed beside
 //! it.
+//!
+//! Each repeat also times each backend's start and stop as the host's
+//! `bench --only startstop` does (there, beside bpftrace): from just before
+//! the tracer's launch to the first instruction of its command (`cow-workload
+//! --now`, which prints the clock first thing), and from there to just after
+//! the tracer's exit. On the instruction clock these are instructions
+//! executed or timer waits the guest sat through, the same for each backend
+//! whatever the host does: they compare the backends, not this machine's
+//! milliseconds.
 
 use std::{fmt::Write as _, path::PathBuf, time::Duration};
 
@@ -98,7 +107,9 @@ impl Config {
 /// attaching (which the copy counts below catch). A traced
 /// configuration adds `bench-vm: CONFIG dropped REPEAT N` and
 /// `bench-vm: CONFIG copies REPEAT N` from its summary: a backend that did
-/// not see every copy the CoW storm made is not measuring it.
+/// not see every copy the CoW storm made is not measuring it. Then each
+/// backend's start and stop, and the command's alone (`untraced`):
+/// `bench-vm: CONFIG startstop REPEAT ATTACH_NS EXIT_NS`.
 fn script(b: &VmBench) -> String {
     let configs = Config::all();
     let mut s = String::from("#!/bin/sh\n");
@@ -130,6 +141,18 @@ fn script(b: &VmBench) -> String {
            kill -INT $pid; wait $pid\n\
            echo \"{PREFIX} $1 dropped $2 $(sed -n 's/.*\"type\":\"summary\".*\"dropped_events\":\\([0-9]*\\).*/\\1/p' /tmp/trace.out)\"\n\
            echo \"{PREFIX} $1 copies $2 $(sed -n 's/.*\"type\":\"summary\".*\"kernel_totals\":{{[^}}]*\"cow_copies\":\\([0-9]*\\).*/\\1/p' /tmp/trace.out)\"\n\
+         }}\n\
+         startstop() {{\n\
+           t0=$(cow-workload --now)\n\
+           if [ \"$1\" = untraced ]; then cow-workload --now > /tmp/ss.out 2> /tmp/ss.err\n\
+           else cow-trace --json --backend \"$1\" -- cow-workload --now > /tmp/ss.out 2> /tmp/ss.err; fi\n\
+           rc=$?\n\
+           t2=$(cow-workload --now)\n\
+           t1=$(grep -m1 '^[0-9]' /tmp/ss.out)\n\
+           if [ $rc -ne 0 ] || [ -z \"$t1\" ]; then\n\
+             echo \"{PREFIX} $1 failed $2 (start and stop, exit $rc) $(head -c 300 /tmp/ss.err)\"; return\n\
+           fi\n\
+           echo \"{PREFIX} $1 startstop $2 $((t1 - t0)) $((t2 - t1))\"\n\
          }}\n"
     );
     // A first pass that is not measured: the emulator translates the code
@@ -150,21 +173,37 @@ fn script(b: &VmBench) -> String {
                 }
             }
         }
+        for k in 0..configs.len() {
+            let c = configs[(k + rep) % configs.len()];
+            if !c.floor {
+                let _ = writeln!(s, "startstop {} {rep}", c.key());
+            }
+        }
         let _ = writeln!(s, "echo \"{PREFIX} repeat {} of {} done\"", rep + 1, b.repeats);
     }
     s
 }
 
-/// One storm's (elapsed, CPU) times per configuration, by repeat.
+/// One storm's (elapsed, CPU) times per configuration, by repeat; or the
+/// (attach, exit) times of the start and stop.
 type Times = Vec<Vec<Option<(u64, u64)>>>;
+
+/// What the console gave: each storm's times, the start and stop times
+/// (floors: none), and per configuration the events its tracer dropped.
+struct Console {
+    storms: Vec<Times>,
+    startstop: Times,
+    dropped: Vec<u64>,
+}
 
 /// Reads the console: the times of each storm, and per configuration the
 /// events its tracer dropped over the run.
 /// `copies`: what the CoW storm makes in one run; every traced run must
 /// report its count and have counted at least that many (a lower bound:
 /// the count is the whole system's over both storms).
-fn parse(console: &str, configs: &[Config], repeats: usize, copies: u64) -> Result<(Vec<Times>, Vec<u64>)> {
+fn parse(console: &str, configs: &[Config], repeats: usize, copies: u64) -> Result<Console> {
     let mut times: Vec<Times> = vec![vec![vec![None; repeats]; configs.len()]; STORMS.len()];
+    let mut startstop: Times = vec![vec![None; repeats]; configs.len()];
     let mut dropped = vec![0u64; configs.len()];
     // Repeats whose copy count was reported, per configuration.
     let mut counted = vec![0usize; configs.len()];
@@ -188,6 +227,16 @@ fn parse(console: &str, configs: &[Config], repeats: usize, copies: u64) -> Resu
                     rest.join(" ")
                 ),
             },
+            Some(["startstop", rep, attach, exit]) => {
+                let (Ok(rep), Ok(attach), Ok(exit)) =
+                    (rep.parse::<usize>(), attach.parse::<u64>(), exit.parse::<u64>())
+                else {
+                    bail!("a start and stop failed in the VM: {rest}");
+                };
+                if let Some(slot) = startstop[c].get_mut(rep) {
+                    *slot = Some((attach, exit));
+                }
+            }
             Some([storm, rep, ns, cpu]) => {
                 let (Some(s), Ok(rep), Ok(ns), Ok(cpu)) = (
                     STORMS.iter().position(|x| x == storm),
@@ -220,7 +269,15 @@ fn parse(console: &str, configs: &[Config], repeats: usize, copies: u64) -> Resu
             }
         }
     }
-    Ok((times, dropped))
+    for (c, config) in configs.iter().enumerate() {
+        if !config.floor && startstop[c].iter().any(Option::is_none) {
+            bail!(
+                "start and stop of {}: a repeat has no time (the VM's console is incomplete)",
+                config.label()
+            );
+        }
+    }
+    Ok(Console { storms: times, startstop, dropped })
 }
 
 pub fn bench_vm(b: &VmBench) -> Result<()> {
@@ -248,7 +305,8 @@ pub fn bench_vm(b: &VmBench) -> Result<()> {
                 .map(|(_, k)| k.split(',').next().unwrap_or(k).trim().to_string())
         })
         .unwrap_or_else(|| "?".into());
-    let (times, dropped) = parse(&console, &configs, b.repeats, (b.rounds * b.pages) as u64)?;
+    let Console { storms: times, startstop, dropped } =
+        parse(&console, &configs, b.repeats, (b.rounds * b.pages) as u64)?;
 
     let mut report = String::new();
     let _ = writeln!(
@@ -323,7 +381,45 @@ pub fn bench_vm(b: &VmBench) -> Result<()> {
     let _ = writeln!(
         report,
         "\"above its floor\": the backend's CPU ratio minus its own empty-program floor's, by the\n\
-         median and the paired ratio (target for the CoW storm: within 0.05)."
+         median and the paired ratio (target for the CoW storm: within 0.05).\n"
+    );
+    let _ =
+        writeln!(report, "start and stop (millions of guest instructions or timer waits; median (fastest)):");
+    let _ = writeln!(report, "  {:<34} {:>18} {:>18}", "configuration", "attach", "exit");
+    let mut entries = Vec::new();
+    for (c, config) in configs.iter().enumerate().filter(|(_, c)| !c.floor) {
+        let figures = |k: usize| {
+            let v: Vec<f64> = startstop[c]
+                .iter()
+                .map(|x| x.map_or(0, |(a, e)| if k == 0 { a } else { e }) as f64 / 1e6)
+                .collect();
+            (median(&v), v.iter().copied().fold(f64::INFINITY, f64::min))
+        };
+        let (attach, exit) = (figures(0), figures(1));
+        let label = match config.backend {
+            None => "the command alone".to_string(),
+            Some(_) => config.label(),
+        };
+        let _ = writeln!(
+            report,
+            "  {label:<34} {:>10.1} ({:>5.1}) {:>10.1} ({:>5.1})",
+            attach.0, attach.1, exit.0, exit.1
+        );
+        entries.push(json!({
+            "configuration": label,
+            "attach_median_m": attach.0,
+            "exit_median_m": exit.0,
+            "attach_exit_samples_ns": startstop[c].iter().map(|x| x.map(|(a, e)| [a, e])).collect::<Vec<_>>(),
+        }));
+    }
+    out.insert("start and stop".into(), Value::Array(entries));
+    let _ = writeln!(
+        report,
+        "\n\"attach\": from just before the tracer's launch to the first instruction of its command\n\
+         (`cow-workload --now`); \"exit\": from there to just after the tracer's exit. Both include\n\
+         starting a process, as \"the command alone\" shows. On the instruction clock they compare\n\
+         the backends; the host's `cargo xtask bench --only startstop` gives milliseconds, beside\n\
+         bpftrace."
     );
     print!("{report}");
     std::fs::write(dir.join("vm-overhead.txt"), &report)?;
@@ -359,6 +455,15 @@ mod tests {
         }
         assert_ne!(runs[0].split(' ').nth(1), runs[configs.len()].split(' ').nth(1), "{runs:?}");
         assert!(s.contains("traced kprobe-floor 0 kprobe --bench-empty-programs"), "{s}");
+        // Start and stop: every backend and the command alone, each repeat;
+        // a floor's empty programs start like the real ones, so not those.
+        let starts: Vec<&str> = s.lines().filter(|l| l.starts_with("startstop ")).collect();
+        assert_eq!(starts.len(), 2 * 4, "{starts:?}");
+        assert!(!starts.iter().any(|l| l.contains("floor")), "{starts:?}");
+        assert!(
+            starts.contains(&"startstop untraced 1") && starts.contains(&"startstop kprobe 0"),
+            "{starts:?}"
+        );
     }
 
     #[test]
@@ -375,6 +480,9 @@ mod tests {
                         900 + rep
                     ));
                 }
+                if !c.floor {
+                    console.push_str(&format!("{PREFIX} {} startstop {rep} {} 40\n", c.key(), 500 + rep));
+                }
                 if c.backend.is_some() {
                     console.push_str(&format!("{PREFIX} {} dropped {rep} 3\n", c.key()));
                     let n = if c.floor { 0 } else { 70 };
@@ -382,9 +490,16 @@ mod tests {
                 }
             }
         }
-        let (times, dropped) = parse(&console, &configs, 2, 64).expect("complete");
+        let Console { storms: times, startstop, dropped } =
+            parse(&console, &configs, 2, 64).expect("complete");
         assert_eq!(times[1][3], vec![Some((1000, 900)), Some((1001, 901))]);
         assert_eq!((dropped[0], dropped[1]), (0, 6));
+        assert_eq!(startstop[1], vec![Some((500, 40)), Some((501, 40))]);
+        assert_eq!(startstop[2], vec![None, None], "a floor has no start and stop of its own");
+        let no_start = console.replace(&format!("{PREFIX} tracepoint startstop 1 501 40\n"), "");
+        assert!(parse(&no_start, &configs, 2, 64).is_err());
+        let start_failed = format!("{console}{PREFIX} fentry failed 1 (start and stop, exit 1) no BTF\n");
+        assert!(parse(&start_failed, &configs, 2, 64).is_err());
         let cut = console.replace(&format!("{PREFIX} fentry-floor cow 1 1001 901\n"), "");
         assert!(parse(&cut, &configs, 2, 64).is_err());
         let failed = format!("{console}{PREFIX} kprobe failed 0 no kprobes\n");

@@ -6,7 +6,10 @@ use aya::{
     programs::{FEntry, FExit, KProbe, RawTracePoint},
     Ebpf, EbpfLoader,
 };
-use cow_trace::{counts::KernelCounters, stacks::StackCounts};
+use cow_trace::{
+    counts::{add_batch_counts, KernelCounters},
+    stacks::StackCounts,
+};
 use cow_trace_common::{
     counter,
     hooks::{Attach, Hook},
@@ -217,13 +220,14 @@ impl Tracer {
     }
 
     /// Ends the run's accounting at one instant: every program checks the
-    /// `CUTOFF` value first, so all stop classifying at once, while all are
-    /// still attached. Returns the cut-off time (`CLOCK_MONOTONIC` ns, the
-    /// programs' clock), read after the write: every event the programs
+    /// `CUTOFF` global first, so all stop classifying at once, while all
+    /// are still attached. Returns the cut-off time (`CLOCK_MONOTONIC` ns,
+    /// the programs' clock), read after the write: every event the programs
     /// accounted is older.
     pub fn cut_off(&mut self) -> Result<u64> {
+        // The global's section, a one-element array map holding it alone.
         let mut cut: Array<_, u64> =
-            Array::try_from(self.ebpf.map_mut("CUTOFF").context("CUTOFF map missing")?)?;
+            Array::try_from(self.ebpf.map_mut(".data.cutoff").context("CUTOFF global missing")?)?;
         cut.set(0, 1, 0).context("cannot cut the run off")?;
         Ok(monotonic_ns())
     }
@@ -351,6 +355,7 @@ impl Tracer {
         for (i, slot) in out.iter_mut().enumerate() {
             *slot = arr.get(&(i as u32), 0)?.iter().sum();
         }
+        add_batch_counts(&mut out, self.batches()?.iter().map(|b| &b.counted));
         Ok(KernelCounters::decode(&out))
     }
 }

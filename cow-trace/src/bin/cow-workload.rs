@@ -80,10 +80,14 @@
 //! before forking, so a tracer can attach to a running process first.
 //! It ends by printing one JSON line with what it did, and the ids it ran
 //! with (`uids`, `gids`, `groups`, as /proc/self/status gives them).
+//!
+//! `--now` does nothing but print `CLOCK_MONOTONIC` in ns, first thing: a
+//! clock for shell scripts where `date` has no nanoseconds (busybox), as
+//! `cargo xtask bench --vm` times a tracer's start and stop with it.
 
 use std::{io::Write as _, path::PathBuf, ptr, time::Duration};
 
-const USAGE: &str = "usage: cow-workload [--pages N] [--child-writes K] [--parent-writes M] \
+const USAGE: &str = "usage: cow-workload --now | [--pages N] [--child-writes K] [--parent-writes M] \
                      [--zero-fills Z] [--child-reads R] [--child-mem-writes W] [--rounds R] [--seconds S] [--pause-ms P] [--fork-storm N] [--huge] [--reuse-pid] [--main-exits-first MS] [--child-cpu N] [--child-spin-ms MS] [--child-write-pause-ms MS] \
                      [--parent-spin-ms MS] [--child-exit CODE] [--child-signal SIG] [--child-oom-score-adj N] [--go-file PATH] [--until-file PATH] [--write-log DIR]";
 
@@ -358,6 +362,10 @@ fn cpu_ns() -> u64 {
 }
 
 fn main() {
+    if std::env::args().nth(1).as_deref() == Some("--now") {
+        println!("{}", monotonic_ns());
+        return;
+    }
     let o = match parse() {
         Ok(o) => o,
         Err(e) => {
