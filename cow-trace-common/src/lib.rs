@@ -246,8 +246,10 @@ pub const FLAG_OOM_VICTIM: u32 = 4;
 pub const FLAG_KERNEL_MODE: u32 = 8;
 
 /// Indexes into the per-CPU `COUNTERS` array. The kernel counts every event
-/// it classifies here, whether or not the ring buffer had room, so that
-/// userspace can check its totals against the kernel's.
+/// it classifies, whether or not the ring buffer had room, so that
+/// userspace can check its totals against the kernel's: here, or, for the
+/// outcomes added to a CPU's fault batch and the timed faults, in that
+/// batch (`FaultBatch::counted`), which userspace adds.
 pub mod counter {
     /// Events that could not be reserved in the ring buffer.
     pub const DROPPED: u32 = 0;

@@ -58,7 +58,8 @@ static CGROUPS: HashMap<u64, u8> = HashMap::with_max_entries(64, 0);
 #[unsafe(link_section = ".data.cutoff")]
 static mut CUTOFF: u64 = 0;
 
-/// In-kernel totals and drop counts, indexed by `counter::*`.
+/// In-kernel totals and drop counts, indexed by `counter::*` (the batched
+/// fault outcomes are counted in their batch instead: `batch`).
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
 
@@ -174,7 +175,7 @@ pub(crate) unsafe fn read_at<T>(base: *const u8, offset: u32) -> Result<T, i32> 
 /// The current task, as a pointer typed by the kernel's BTF: its fields
 /// are read by direct loads (see [`user_reg`]).
 #[inline(always)]
-pub(crate) fn current_task() -> *const u8 {
+fn current_task() -> *const u8 {
     // SAFETY: the helper has no preconditions.
     unsafe { bpf_get_current_task_btf() as *const u8 }
 }
@@ -206,14 +207,14 @@ fn user_reg(task: *const u8, offset: u32) -> Option<u64> {
 /// in user mode these registers are the fault's own (the exception saved
 /// them on entry from user space): the writing instruction.
 #[inline(always)]
-pub(crate) fn user_ip(task: *const u8) -> u64 {
+fn user_ip(task: *const u8) -> u64 {
     user_reg(task, setting!(regs_ip)).unwrap_or(0)
 }
 
 /// The system call `task` is in (its user registers' `orig_ax`), for a
 /// fault the kernel took on its behalf.
 #[inline(always)]
-pub(crate) fn syscall(task: *const u8) -> u64 {
+fn syscall(task: *const u8) -> u64 {
     user_reg(task, setting!(regs_orig_ax)).unwrap_or(u64::MAX)
 }
 

@@ -91,7 +91,8 @@ pub struct KernelTotals {
     pub timed_faults: u64,
 }
 
-/// The kernel's `COUNTERS` array, summed over CPUs, decoded.
+/// The kernel's counters (`COUNTERS` and the counts the CPUs' fault
+/// batches keep, see [`add_batch_counts`]), summed over CPUs, decoded.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct KernelCounters {
     /// Events that found no room in the ring buffer.

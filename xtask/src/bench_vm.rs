@@ -212,6 +212,9 @@ fn parse(console: &str, configs: &[Config], repeats: usize, copies: u64) -> Resu
         let words: Vec<&str> = rest.split_whitespace().collect();
         let Some(c) = configs.iter().position(|c| words.first() == Some(&c.key().as_str())) else { continue };
         match words.get(1..) {
+            Some(["failed", ..]) if configs[c].backend.is_none() => {
+                bail!("the command alone failed in the VM: {rest}")
+            }
             Some(["failed", ..]) => {
                 bail!("the tracer of {} did not start in the VM: {rest}", configs[c].label())
             }
@@ -289,7 +292,8 @@ pub fn bench_vm(b: &VmBench) -> Result<()> {
     std::fs::create_dir_all(&dir)?;
     let path = dir.join("bench-vm.sh");
     std::fs::write(&path, script(b))?;
-    // Each traced configuration starts and stops cow-trace once per repeat;
+    // Per repeat, each traced configuration starts and stops cow-trace
+    // once for the storms, each backend once more for its start and stop;
     // allow for a slow emulator on a shared machine.
     let timeout = Duration::from_secs(600 + 360 * b.repeats as u64);
     let opts =
@@ -500,6 +504,15 @@ mod tests {
         assert!(parse(&no_start, &configs, 2, 64).is_err());
         let start_failed = format!("{console}{PREFIX} fentry failed 1 (start and stop, exit 1) no BTF\n");
         assert!(parse(&start_failed, &configs, 2, 64).is_err());
+        // A figure that is not a count (a clock that went backwards, a
+        // missing field) is an error, not a zero.
+        for bad in ["-12 40", "500", "x 40"] {
+            let garbled = console.replace(
+                &format!("{PREFIX} kprobe startstop 0 500 40\n"),
+                &format!("{PREFIX} kprobe startstop 0 {bad}\n"),
+            );
+            assert!(parse(&garbled, &configs, 2, 64).is_err(), "{bad}");
+        }
         let cut = console.replace(&format!("{PREFIX} fentry-floor cow 1 1001 901\n"), "");
         assert!(parse(&cut, &configs, 2, 64).is_err());
         let failed = format!("{console}{PREFIX} kprobe failed 0 no kprobes\n");

@@ -227,7 +227,7 @@ impl Tracer {
     pub fn cut_off(&mut self) -> Result<u64> {
         // The global's section, a one-element array map holding it alone.
         let mut cut: Array<_, u64> =
-            Array::try_from(self.ebpf.map_mut(".data.cutoff").context("CUTOFF global missing")?)?;
+            Array::try_from(self.ebpf.map_mut(CUTOFF_MAP).context("CUTOFF global missing")?)?;
         cut.set(0, 1, 0).context("cannot cut the run off")?;
         Ok(monotonic_ns())
     }
@@ -359,6 +359,10 @@ impl Tracer {
         Ok(KernelCounters::decode(&out))
     }
 }
+
+/// The map of the data section that holds the programs' `CUTOFF` global
+/// alone (`shared.rs` in the BPF crate).
+const CUTOFF_MAP: &str = ".data.cutoff";
 
 /// The kernel's `union bpf_attr` as `BPF_PROG_LOAD` reads it, up to the
 /// fields a tracing program needs (the rest must be, and are, zero).
@@ -654,6 +658,16 @@ mod tests {
         let mut in_table: Vec<&str> = HOOKS.iter().map(|h| h.program).collect();
         in_table.sort_unstable();
         assert_eq!(in_table, in_object);
+    }
+
+    /// `cut_off` writes the programs' `CUTOFF` global through the map aya
+    /// makes of its section: the two names must agree, or the run could
+    /// not end.
+    #[test]
+    fn the_cut_off_global_has_its_own_map() {
+        let obj = aya_obj::Object::parse(OBJECT).expect("the embedded BPF object parses");
+        let map = obj.maps.get(CUTOFF_MAP).expect("the CUTOFF global's section");
+        assert_eq!(map.value_size(), 8, "CUTOFF alone in its section");
     }
 
     /// The batched read of the pending-fault table gives what reading it
