@@ -172,18 +172,10 @@ pub(crate) unsafe fn read_at<T>(base: *const u8, offset: u32) -> Result<T, i32> 
     unsafe { bpf_probe_read_kernel(base.add(offset as usize) as *const T) }
 }
 
-/// The current task, as a pointer typed by the kernel's BTF: its fields
-/// are read by direct loads (see [`user_reg`]).
-#[inline(always)]
-fn current_task() -> *const u8 {
-    // SAFETY: the helper has no preconditions.
-    unsafe { bpf_get_current_task_btf() as *const u8 }
-}
-
-/// `task`'s user register at `offset` in `struct pt_regs`: where it was in
-/// user space when it entered the kernel (the write that faulted, for a
-/// user fault; the system call, for a fault the kernel took on its
-/// behalf).
+/// The current task's user register at `offset` in `struct pt_regs`:
+/// where it was in user space when it entered the kernel (the write that
+/// faulted, for a user fault; the system call, for a fault the kernel took
+/// on its behalf).
 ///
 /// A direct load, not `bpf_probe_read_kernel`: the helper's pointer is
 /// typed by the kernel's BTF and `offset` is a constant to the verifier
@@ -192,9 +184,9 @@ fn current_task() -> *const u8 {
 /// fault-safe one. On the hottest path of the tool, that is a load where
 /// the helper cost a call, its checks and a copy, for every fault.
 #[inline(always)]
-fn user_reg(task: *const u8, offset: u32) -> Option<u64> {
-    // SAFETY: the helper takes and returns kernel pointers only.
-    let regs = unsafe { bpf_task_pt_regs(task as *mut _) } as *const u8;
+fn current_user_reg(offset: u32) -> Option<u64> {
+    // SAFETY: both helpers take and return kernel pointers only.
+    let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as *const u8;
     if regs.is_null() {
         return None;
     }
@@ -203,29 +195,18 @@ fn user_reg(task: *const u8, offset: u32) -> Option<u64> {
     Some(unsafe { core::ptr::read_volatile(regs.add(offset as usize) as *const u64) })
 }
 
-/// `task`'s user instruction pointer, 0 when unknown. For a fault taken
-/// in user mode these registers are the fault's own (the exception saved
-/// them on entry from user space): the writing instruction.
-#[inline(always)]
-fn user_ip(task: *const u8) -> u64 {
-    user_reg(task, setting!(regs_ip)).unwrap_or(0)
-}
-
-/// The system call `task` is in (its user registers' `orig_ax`), for a
-/// fault the kernel took on its behalf.
-#[inline(always)]
-fn syscall(task: *const u8) -> u64 {
-    user_reg(task, setting!(regs_orig_ax)).unwrap_or(u64::MAX)
-}
-
-/// [`user_ip`] of the current task.
+/// The current task's user instruction pointer, 0 when unknown. For a
+/// fault taken in user mode these registers are the fault's own (the
+/// exception saved them on entry from user space): the writing
+/// instruction.
 #[inline(always)]
 pub(crate) fn current_user_ip() -> u64 {
-    user_ip(current_task())
+    current_user_reg(setting!(regs_ip)).unwrap_or(0)
 }
 
-/// [`syscall`] of the current task.
+/// The system call the current task is in (its user registers'
+/// `orig_ax`), for a fault the kernel took on its behalf.
 #[inline(always)]
 pub(crate) fn current_syscall() -> u64 {
-    syscall(current_task())
+    current_user_reg(setting!(regs_orig_ax)).unwrap_or(u64::MAX)
 }
