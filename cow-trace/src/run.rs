@@ -483,7 +483,7 @@ impl Session {
 
     /// Writes the interval since the last one, ending `elapsed_s` into the run.
     fn write_interval(&mut self, sel: &Selection, elapsed_s: f64) -> Result<()> {
-        let dropped = self.tracer.counters()?.dropped;
+        let dropped = self.tracer.dropped()?;
         let rows = self.comm.rows(self.tally.take_interval());
         let time = self.timestamps.then(local_time);
         output::write_interval(
@@ -526,7 +526,7 @@ impl Session {
     /// Says on stderr, once, that events are being lost, as it happens: the
     /// summary's count comes only at the end.
     fn warn_of_first_drops(&mut self) -> Result<()> {
-        if !self.warned_drops && self.tracer.counters()?.dropped > 0 {
+        if !self.warned_drops && self.tracer.dropped()? > 0 {
             self.warned_drops = true;
             log::warn!("events are being dropped: the ring buffer is full (try --ring-buffer-size 64M)");
         }
@@ -580,7 +580,7 @@ impl Session {
         let health = Health {
             backend: sel.kind.name().into(),
             events: self.tally.seen().events.total(),
-            dropped: self.tracer.counters()?.dropped,
+            dropped: self.tracer.dropped()?,
             dup_mmap_split: sel.fork_share.is_some(),
         };
         exporter.publish(m.snapshot(health));

@@ -349,14 +349,23 @@ impl Tracer {
 
     /// The kernel's counters, summed over CPUs.
     pub fn counters(&self) -> Result<KernelCounters> {
-        let arr: PerCpuArray<_, u64> =
-            PerCpuArray::try_from(self.ebpf.map("COUNTERS").context("COUNTERS map missing")?)?;
+        let arr = self.counter_array()?;
         let mut out = [0u64; counter::COUNT as usize];
         for (i, slot) in out.iter_mut().enumerate() {
             *slot = arr.get(&(i as u32), 0)?.iter().sum();
         }
         add_batch_counts(&mut out, self.batches()?.iter().map(|b| &b.counted));
         Ok(KernelCounters::decode(&out))
+    }
+
+    /// The events dropped so far, summed over CPUs: the one counter the
+    /// run checks as it goes (each second), read alone.
+    pub fn dropped(&self) -> Result<u64> {
+        Ok(self.counter_array()?.get(&counter::DROPPED, 0)?.iter().sum())
+    }
+
+    fn counter_array(&self) -> Result<PerCpuArray<&MapData, u64>> {
+        Ok(PerCpuArray::try_from(self.ebpf.map("COUNTERS").context("COUNTERS map missing")?)?)
     }
 }
 
