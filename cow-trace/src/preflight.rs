@@ -42,13 +42,7 @@ pub fn check_privileges() -> Result<()> {
 }
 
 pub fn check_pid(pid: u32) -> Result<ProcInfo> {
-    let info = match proc_info(pid) {
-        Ok(info) => info,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            bail!("no process with PID {pid}: check the PID (for example with `pgrep -a NAME`)")
-        }
-        Err(e) => bail!("cannot inspect PID {pid} in /proc: {e}"),
-    };
+    let info = proc_info(pid).map_err(|e| unreadable_pid(pid, &e))?;
     if info.kthread {
         bail!(
             "PID {pid} ({}) is a kernel thread: it has no user memory to fork or copy; trace a \
@@ -72,6 +66,19 @@ pub fn check_pid(pid: u32) -> Result<ProcInfo> {
         );
     }
     Ok(info)
+}
+
+/// The one-line error for a /proc/PID entry that could not be read.
+fn unreadable_pid(pid: u32, e: &io::Error) -> anyhow::Error {
+    match e.raw_os_error() {
+        Some(libc::ENOENT) => {
+            anyhow::anyhow!("no process with PID {pid}: check the PID (for example with `pgrep -a NAME`)")
+        }
+        // The directory was there and the process was reaped before its
+        // file could be read: the PID was right, the process just ended.
+        Some(libc::ESRCH) => anyhow::anyhow!("PID {pid} exited before tracing started"),
+        _ => anyhow::anyhow!("cannot inspect PID {pid} in /proc: {e}"),
+    }
 }
 
 /// The cgroups `--cgroup` names, as the kernel identifies them.
@@ -120,6 +127,16 @@ mod tests {
         assert!(!caps_suffice(1 << CAP_BPF), "CAP_BPF alone cannot attach tracing programs");
         assert!(caps_suffice(1 << CAP_SYS_ADMIN));
         assert_eq!(effective_caps("Name:\tx\n"), None);
+    }
+
+    #[test]
+    fn a_process_reaped_while_read_is_said_to_have_exited() {
+        let gone = unreadable_pid(7, &io::Error::from_raw_os_error(libc::ESRCH)).to_string();
+        assert_eq!(gone, "PID 7 exited before tracing started");
+        let absent = unreadable_pid(7, &io::Error::from_raw_os_error(libc::ENOENT)).to_string();
+        assert!(absent.starts_with("no process with PID 7: "), "{absent}");
+        let other = unreadable_pid(7, &io::Error::from_raw_os_error(libc::EACCES)).to_string();
+        assert!(other.starts_with("cannot inspect PID 7 in /proc: "), "{other}");
     }
 
     #[test]
