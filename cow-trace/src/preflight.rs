@@ -153,14 +153,17 @@ mod tests {
             }
         }
         // A thread of this test process, by its TID.
+        // It lives until the check is done, however long that takes.
         let (tx, rx) = std::sync::mpsc::channel();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
         let h = std::thread::spawn(move || {
             tx.send(unsafe { libc::gettid() } as u32).unwrap();
-            std::thread::sleep(std::time::Duration::from_millis(300));
+            let _ = done_rx.recv();
         });
         let tid = rx.recv().unwrap();
         let err = check_pid(tid).unwrap_err().to_string();
-        assert!(err.contains(&format!("is a thread of process {me}")), "{err}");
+        drop(done_tx);
         h.join().unwrap();
+        assert!(err.contains(&format!("is a thread of process {me}")), "{err}");
     }
 }

@@ -84,15 +84,18 @@ fn unknown_kernel_and_thread_pids_are_refused() {
         eprintln!("note: PID 2 is not kthreadd here; kernel-thread case checked in unit tests only");
     }
 
+    // The thread lives until the tool has answered, however long it takes.
     let (tx, rx) = std::sync::mpsc::channel();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
     let h = std::thread::spawn(move || {
         tx.send(unsafe { libc::gettid() }).unwrap();
-        std::thread::sleep(Duration::from_secs(3));
+        let _ = done_rx.recv();
     });
     let tid = rx.recv().unwrap();
     let e = one_line_error(&["-p", &tid.to_string()]);
-    assert!(e.contains(&format!("PID {tid} is a thread of process {}", std::process::id())), "{e}");
+    drop(done_tx);
     h.join().unwrap();
+    assert!(e.contains(&format!("PID {tid} is a thread of process {}", std::process::id())), "{e}");
 }
 
 #[test]

@@ -9,7 +9,7 @@
 
 mod common;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::Value;
@@ -51,18 +51,31 @@ fn outcomes_still_batched_when_the_run_ends_are_reported() {
     let Some(_cpu1) = take_cpu1(name) else {
         return;
     };
-    // The child copies 40 pages (fewer than a batch holds), then spins for
-    // a second on CPU 1: its copies stay in CPU 1's batch while the run is
-    // ended under it.
+    // The child copies 40 pages (fewer than a batch holds), then spins on
+    // CPU 1 until told to stop, which is after the run has ended: its
+    // copies stay in CPU 1's batch while the run is ended under it. The
+    // spin file says when the spin has started (the bound, a minute, is
+    // only a guard against a test that never says stop).
     const K: u64 = 40;
-    let w = HeldWorkload::start_with(&FIFO_ON_CPU1, 256, K, 0, &["--child-spin-ms", "1000"]);
+    let spin_file = std::env::temp_dir().join(format!("cow-trace-spin-{}", std::process::id()));
+    let spin = spin_file.to_str().unwrap();
+    let spin_args = ["--child-spin-ms", "60000", "--spin-file", spin];
+    let w = HeldWorkload::start_with(&FIFO_ON_CPU1, 256, K, 0, &spin_args);
     let mut t = Background::start_command(&mut cow_trace_on_cpu0(&["--json", "-p", &w.pid.to_string()]));
     t.wait_attached();
     w.go();
-    std::thread::sleep(Duration::from_millis(300));
+    let spinning = Instant::now();
+    while std::fs::read(&spin_file).unwrap().first() != Some(&1) {
+        assert!(spinning.elapsed() < Duration::from_secs(60), "the child never started its spin");
+        std::thread::sleep(Duration::from_millis(10));
+    }
     t.signal(libc::SIGINT);
     let r = t.finish(Duration::from_secs(30));
+    // Only now may the child stop spinning and exit.
+    let f = std::fs::OpenOptions::new().write(true).open(&spin_file).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &[1], 1).unwrap();
     let report = w.finish();
+    let _ = std::fs::remove_file(&spin_file);
     assert!(r.status.success(), "{}", r.stderr);
     let s = r.summary();
     let child_pid = u(&report["children"][0]);

@@ -404,9 +404,6 @@ fn bgsave_and_aof_rewrite_episodes_match_redis_figures() {
     let pid = redis.pid().to_string();
     let mut trace = Background::start(&["--json", "-p", &pid]);
     trace.wait_attached();
-    // A fork made within moments of the start record can go unseen on
-    // this data set; this test is about the figures of the forks seen.
-    std::thread::sleep(Duration::from_secs(1));
 
     let (rdb_child, rdb) = measured_fork(&redis, &BGSAVE, rdb_baseline);
 

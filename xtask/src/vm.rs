@@ -658,8 +658,6 @@ for b in fentry kprobe; do
   CT=$!
   i=0
   until [ -s $OUT ]; do i=$((i+1)); [ $i -gt 1200 ] && break; usleep 100000; done
-  # A fork made within moments of the start record can go unseen.
-  sleep 1
   paused_save $WRITES
   $R INFO persistence | grep -E "rdb_last_cow_size|rdb_last_bgsave_status"
   $R INFO stats | grep latest_fork_usec
@@ -808,14 +806,16 @@ fn vm_test_script() -> String {
     // With no --backend, the best backend the kernel accepts must be picked.
     section(&mut body, "auto", "cow-trace --json -- true");
     // System-wide, a known number of forks made while the run is surely
-    // attached (its start record is out), among whatever else forks.
+    // attached (its start record is out), among whatever else forks. The
+    // run ends when the storm is over, however long the emulator took.
     section(
         &mut body,
         "system fentry",
         &format!(
-            "sh -c 'cow-trace --backend fentry --json -d 4 > /tmp/sys & \
-             until [ -s /tmp/sys ]; do usleep 100000; done; sleep 1; \
-             cow-workload --fork-storm {SYSTEM_FORKS} > /tmp/storm; wait; cat /tmp/storm /tmp/sys'"
+            "sh -c 'cow-trace --backend fentry --json > /tmp/sys & CT=$!; i=0; \
+             until [ -s /tmp/sys ]; do i=$((i+1)); [ $i -gt 1200 ] && break; usleep 100000; done; \
+             cow-workload --fork-storm {SYSTEM_FORKS} > /tmp/storm; kill -INT $CT; wait $CT; \
+             cat /tmp/storm /tmp/sys'"
         ),
     );
     body.push_str(&format!("sh redis-vm.sh\nexit {SCRIPT_EXIT}\n"));

@@ -67,7 +67,11 @@
 //! in the parent after its writes and after telling the child to exit, before
 //! waiting for it. With the workload SCHED_FIFO on a CPU of its own, a
 //! spinning process is never switched out: tests use this to hold fault
-//! outcomes in a tracer's per-CPU batch.
+//! outcomes in a tracer's per-CPU batch. With `--spin-file PATH` (created,
+//! two zero bytes) a spin is a handshake instead: the spinning process sets
+//! byte 0 when it starts, and spins until byte 1 is set (by the test, with
+//! `pwrite`), MS being only a bound. It checks with `pread`, a syscall that
+//! does not leave the CPU, and touches no memory that could fault.
 //!
 //! `--child-exit CODE` makes each child exit with CODE, `--child-signal SIG`
 //! makes it kill itself with signal number SIG, after its writes. A child
@@ -89,7 +93,7 @@ use std::{io::Write as _, path::PathBuf, ptr, time::Duration};
 
 const USAGE: &str = "usage: cow-workload --now | [--pages N] [--child-writes K] [--parent-writes M] \
                      [--zero-fills Z] [--child-reads R] [--child-mem-writes W] [--rounds R] [--seconds S] [--pause-ms P] [--fork-storm N] [--huge] [--reuse-pid] [--main-exits-first MS] [--child-cpu N] [--child-spin-ms MS] [--child-write-pause-ms MS] \
-                     [--parent-spin-ms MS] [--child-exit CODE] [--child-signal SIG] [--child-oom-score-adj N] [--go-file PATH] [--until-file PATH] [--write-log DIR]";
+                     [--parent-spin-ms MS] [--child-exit CODE] [--child-signal SIG] [--child-oom-score-adj N] [--go-file PATH] [--until-file PATH] [--write-log DIR] [--spin-file PATH]";
 
 struct Opts {
     pages: usize,
@@ -115,6 +119,7 @@ struct Opts {
     go_file: Option<PathBuf>,
     until_file: Option<PathBuf>,
     write_log: Option<PathBuf>,
+    spin_file: Option<PathBuf>,
 }
 
 fn parse() -> Result<Opts, String> {
@@ -142,6 +147,7 @@ fn parse() -> Result<Opts, String> {
         go_file: None,
         until_file: None,
         write_log: None,
+        spin_file: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -161,6 +167,7 @@ fn parse() -> Result<Opts, String> {
             "--go-file" => o.go_file = Some(PathBuf::from(val()?)),
             "--until-file" => o.until_file = Some(PathBuf::from(val()?)),
             "--write-log" => o.write_log = Some(PathBuf::from(val()?)),
+            "--spin-file" => o.spin_file = Some(PathBuf::from(val()?)),
             "--huge" => o.huge = true,
             "--reuse-pid" => o.reuse_pid = true,
             "--main-exits-first" => o.main_exits_first_ms = num(val()?)? as u64,
@@ -188,6 +195,31 @@ fn parse() -> Result<Opts, String> {
 fn spin(ms: u64) {
     let until = std::time::Instant::now() + Duration::from_millis(ms);
     while std::time::Instant::now() < until {
+        std::hint::spin_loop();
+    }
+}
+
+/// `--spin-file`'s handshake: says the spin has started (byte 0), then
+/// spins until told to stop (byte 1) or `ms` milliseconds have passed.
+fn spin_handshake(ms: u64, file: &std::fs::File) {
+    use std::os::unix::fs::FileExt as _;
+    if ms == 0 {
+        return;
+    }
+    if let Err(e) = file.write_all_at(&[1], 0) {
+        eprintln!("cow-workload: --spin-file: {e}");
+        unsafe { libc::_exit(1) };
+    }
+    let until = std::time::Instant::now() + Duration::from_millis(ms);
+    let mut next_check = std::time::Instant::now();
+    let mut b = [0u8];
+    while std::time::Instant::now() < until {
+        if std::time::Instant::now() >= next_check {
+            if file.read_exact_at(&mut b, 1).is_ok() && b[0] != 0 {
+                return;
+            }
+            next_check += Duration::from_millis(1);
+        }
         std::hint::spin_loop();
     }
 }
@@ -394,6 +426,16 @@ fn main() {
     let huge_kb = anon_huge_kb();
 
     let source = (o.child_reads > 0).then(|| source_file(o.child_reads, page));
+    let spin_file = o.spin_file.as_ref().map(|path| {
+        let f = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(path);
+        match f.and_then(|f| std::os::unix::fs::FileExt::write_all_at(&f, &[0, 0], 0).map(|()| f)) {
+            Ok(f) => f,
+            Err(e) => {
+                eprintln!("cow-workload: --spin-file {}: {e}", path.display());
+                std::process::exit(1);
+            }
+        }
+    });
     let me = std::process::id();
     if let Some(go) = &o.go_file {
         println!("ready {me}");
@@ -510,7 +552,10 @@ fn main() {
                 if o.child_mem_writes > 0 {
                     mem_write(base.add((after + o.child_reads) * page), o.child_mem_writes * page);
                 }
-                spin(o.child_spin_ms);
+                match &spin_file {
+                    Some(f) => spin_handshake(o.child_spin_ms, f),
+                    None => spin(o.child_spin_ms),
+                }
                 let b = 0u8;
                 libc::write(done[1], (&b as *const u8).cast(), 1);
                 let mut r = 0u8;
@@ -530,7 +575,10 @@ fn main() {
         write_pages(base, page, o.child_writes..o.child_writes + o.parent_writes, value);
         unsafe {
             libc::write(exit[1], (&b as *const u8).cast(), 1);
-            spin(o.parent_spin_ms);
+            match &spin_file {
+                Some(f) => spin_handshake(o.parent_spin_ms, f),
+                None => spin(o.parent_spin_ms),
+            }
             let mut status = 0;
             libc::waitpid(pid, &mut status, 0);
             statuses.push(status);
