@@ -37,7 +37,11 @@ pub fn parse_proc(status: &str, stat: &str) -> Option<ProcInfo> {
 /// Read as bytes: a name that is not UTF-8 must not make the entry unreadable.
 pub fn proc_info(pid: u32) -> io::Result<ProcInfo> {
     let status = fs::read(format!("/proc/{pid}/status"))?;
-    let stat = fs::read(format!("/proc/{pid}/stat"))?;
+    // Gone after the first read: reaped since, not a wrong PID.
+    let stat = fs::read(format!("/proc/{pid}/stat")).map_err(|e| match e.kind() {
+        io::ErrorKind::NotFound => io::Error::from_raw_os_error(libc::ESRCH),
+        _ => e,
+    })?;
     parse_proc(&lossless(&status), &lossless(&stat)).ok_or_else(|| io::Error::other("unparsable /proc entry"))
 }
 
@@ -187,7 +191,11 @@ mod tests {
         // reads overlap the churn.
         let mut reads = 0;
         let mut first = None;
-        while reads < 300 || first.is_none_or(|f| remaps.load(Ordering::Relaxed) < f + 300) {
+        // (A churn thread that died, by a failed mmap, ends the loop and
+        // fails the join below.)
+        while !churn.is_finished()
+            && (reads < 300 || first.is_none_or(|f| remaps.load(Ordering::Relaxed) < f + 300))
+        {
             if first.is_none() && remaps.load(Ordering::Relaxed) > 0 {
                 first = Some(remaps.load(Ordering::Relaxed));
             }

@@ -3,9 +3,12 @@
 //!
 //! To hold outcomes in a batch on purpose, the workload runs SCHED_FIFO on
 //! CPU 1 and busy-loops after its writes (`--child-spin-ms`,
-//! `--parent-spin-ms`): a task that makes no syscall and that nothing can
-//! preempt never leaves its CPU, so its batch is not sent. cow-trace runs on
-//! CPU 0. They need root (see `common::need_root`) and two CPUs.
+//! `--parent-spin-ms`): a task that never sleeps and that nothing can
+//! preempt never leaves its CPU, so its batch is not sent. (A spin with
+//! `--spin-file` makes syscalls that do not sleep on an in-memory file; if
+//! one ever did, the batch would be sent early and still counted.)
+//! cow-trace runs on CPU 0. They need root (see `common::need_root`) and
+//! two CPUs.
 
 mod common;
 
@@ -45,6 +48,36 @@ fn take_cpu1(test: &str) -> Option<std::sync::MutexGuard<'static, ()>> {
     Some(CPU1.lock().unwrap_or_else(|e| e.into_inner()))
 }
 
+/// A `cow-workload --spin-file`: in memory (/dev/shm) where there is one,
+/// so that the spinner's reads and writes of it never wait for a disk.
+/// Dropped, it releases the spinner, so that a failed test does not leave
+/// a real-time task holding CPU 1 for the next one.
+struct SpinFile(std::path::PathBuf);
+
+impl SpinFile {
+    fn new() -> Self {
+        let shm = std::path::Path::new("/dev/shm");
+        let dir = if shm.is_dir() { shm.to_path_buf() } else { std::env::temp_dir() };
+        SpinFile(dir.join(format!("cow-trace-spin-{}", std::process::id())))
+    }
+
+    fn release(&self) {
+        use std::os::unix::fs::FileExt as _;
+        let f =
+            std::fs::OpenOptions::new().write(true).open(&self.0).expect("the workload made the spin file");
+        f.write_all_at(&[1], 1).expect("release the spinner");
+    }
+}
+
+impl Drop for SpinFile {
+    fn drop(&mut self) {
+        if let Ok(f) = std::fs::OpenOptions::new().write(true).open(&self.0) {
+            let _ = std::os::unix::fs::FileExt::write_all_at(&f, &[1], 1);
+        }
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 #[test]
 fn outcomes_still_batched_when_the_run_ends_are_reported() {
     let name = "outcomes_still_batched_when_the_run_ends_are_reported";
@@ -57,25 +90,22 @@ fn outcomes_still_batched_when_the_run_ends_are_reported() {
     // spin file says when the spin has started (the bound, a minute, is
     // only a guard against a test that never says stop).
     const K: u64 = 40;
-    let spin_file = std::env::temp_dir().join(format!("cow-trace-spin-{}", std::process::id()));
-    let spin = spin_file.to_str().unwrap();
-    let spin_args = ["--child-spin-ms", "60000", "--spin-file", spin];
+    let spin = SpinFile::new();
+    let spin_args = ["--child-spin-ms", "60000", "--spin-file", spin.0.to_str().unwrap()];
     let w = HeldWorkload::start_with(&FIFO_ON_CPU1, 256, K, 0, &spin_args);
     let mut t = Background::start_command(&mut cow_trace_on_cpu0(&["--json", "-p", &w.pid.to_string()]));
     t.wait_attached();
     w.go();
     let spinning = Instant::now();
-    while std::fs::read(&spin_file).unwrap().first() != Some(&1) {
+    while std::fs::read(&spin.0).unwrap().first() != Some(&1) {
         assert!(spinning.elapsed() < Duration::from_secs(60), "the child never started its spin");
         std::thread::sleep(Duration::from_millis(10));
     }
     t.signal(libc::SIGINT);
     let r = t.finish(Duration::from_secs(30));
     // Only now may the child stop spinning and exit.
-    let f = std::fs::OpenOptions::new().write(true).open(&spin_file).unwrap();
-    std::os::unix::fs::FileExt::write_all_at(&f, &[1], 1).unwrap();
+    spin.release();
     let report = w.finish();
-    let _ = std::fs::remove_file(&spin_file);
     assert!(r.status.success(), "{}", r.stderr);
     let s = r.summary();
     let child_pid = u(&report["children"][0]);

@@ -347,9 +347,10 @@ fn a_fork_storm_system_wide_is_survived_with_bounded_memory_and_every_fork_accou
     let mut storm_forks = 0;
     let mut rss = Vec::new();
     // Short-lived processes as fast as two forking loops can make them
-    // (one per core), 20,000 of them: about 15 seconds on an idle 2-core
-    // machine of this kind, and however long it takes elsewhere (the storm
-    // is defined by its size, so a slow machine cannot make it mean less).
+    // (one per core), 20,000 of them: about 10 seconds on an idle 2-core
+    // machine of this kind (the storm is defined by its size, so a slow
+    // machine cannot make it mean less; the run's 600 s allow for 33
+    // forks/s).
     while storm_forks < 20_000 {
         let storms: Vec<_> = (0..2)
             .map(|_| {

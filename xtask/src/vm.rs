@@ -812,7 +812,7 @@ fn vm_test_script() -> String {
         &mut body,
         "system fentry",
         &format!(
-            "sh -c 'cow-trace --backend fentry --json > /tmp/sys & CT=$!; i=0; \
+            "sh -c 'cow-trace --backend fentry --json -d 600 > /tmp/sys & CT=$!; i=0; \
              until [ -s /tmp/sys ]; do i=$((i+1)); [ $i -gt 1200 ] && break; usleep 100000; done; \
              cow-workload --fork-storm {SYSTEM_FORKS} > /tmp/storm; kill -INT $CT; wait $CT; \
              cat /tmp/storm /tmp/sys'"

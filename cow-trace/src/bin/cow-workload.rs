@@ -70,8 +70,10 @@
 //! outcomes in a tracer's per-CPU batch. With `--spin-file PATH` (created,
 //! two zero bytes) a spin is a handshake instead: the spinning process sets
 //! byte 0 when it starts, and spins until byte 1 is set (by the test, with
-//! `pwrite`), MS being only a bound. It checks with `pread`, a syscall that
-//! does not leave the CPU, and touches no memory that could fault.
+//! `pwrite`), MS being only a bound. It checks with `pread`, once a
+//! millisecond: on an in-memory file (/dev/shm) a syscall that does not
+//! sleep, so the spinner keeps its CPU. One file serves one spin: once
+//! byte 1 is set, every later spin ends at once.
 //!
 //! `--child-exit CODE` makes each child exit with CODE, `--child-signal SIG`
 //! makes it kill itself with signal number SIG, after its writes. A child
