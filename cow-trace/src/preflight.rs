@@ -68,6 +68,12 @@ pub fn check_pid(pid: u32) -> Result<ProcInfo> {
     Ok(info)
 }
 
+/// The error for a target that was there when named but is gone before it
+/// could be traced: found so here, or after the attach (`run`).
+pub fn exited_before_tracing(pid: u32) -> anyhow::Error {
+    anyhow::anyhow!("PID {pid} exited before tracing started")
+}
+
 /// The one-line error for a /proc/PID entry that could not be read.
 fn unreadable_pid(pid: u32, e: &io::Error) -> anyhow::Error {
     match e.raw_os_error() {
@@ -76,7 +82,7 @@ fn unreadable_pid(pid: u32, e: &io::Error) -> anyhow::Error {
         }
         // The directory was there and the process was reaped before its
         // file could be read: the PID was right, the process just ended.
-        Some(libc::ESRCH) => anyhow::anyhow!("PID {pid} exited before tracing started"),
+        Some(libc::ESRCH) => exited_before_tracing(pid),
         _ => anyhow::anyhow!("cannot inspect PID {pid} in /proc: {e}"),
     }
 }

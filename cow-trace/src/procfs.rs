@@ -196,8 +196,8 @@ mod tests {
         while !churn.is_finished()
             && (reads < 300 || first.is_none_or(|f| remaps.load(Ordering::Relaxed) < f + 300))
         {
-            if first.is_none() && remaps.load(Ordering::Relaxed) > 0 {
-                first = Some(remaps.load(Ordering::Relaxed));
+            if first.is_none() {
+                first = Some(remaps.load(Ordering::Relaxed)).filter(|&n| n > 0);
             }
             reads += 1;
             let m = cow_trace::regions::Maps::parse(&read_maps(std::process::id()).expect("own maps"));

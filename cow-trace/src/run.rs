@@ -213,7 +213,7 @@ fn trace_targets(
             // its exit: refuse rather than wait forever.
             for &pid in pids {
                 if !procfs::alive(pid) {
-                    anyhow::bail!("PID {pid} exited before tracing started");
+                    return Err(preflight::exited_before_tracing(pid));
                 }
             }
             Some(pids.iter().copied().collect())

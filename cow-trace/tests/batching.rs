@@ -61,19 +61,20 @@ impl SpinFile {
         SpinFile(dir.join(format!("cow-trace-spin-{}", std::process::id())))
     }
 
-    fn release(&self) {
+    /// Sets byte 1: the spinner stops.
+    fn set_released(&self) -> std::io::Result<()> {
         use std::os::unix::fs::FileExt as _;
-        let f =
-            std::fs::OpenOptions::new().write(true).open(&self.0).expect("the workload made the spin file");
-        f.write_all_at(&[1], 1).expect("release the spinner");
+        std::fs::OpenOptions::new().write(true).open(&self.0)?.write_all_at(&[1], 1)
+    }
+
+    fn release(&self) {
+        self.set_released().expect("release the spinner through the file the workload made");
     }
 }
 
 impl Drop for SpinFile {
     fn drop(&mut self) {
-        if let Ok(f) = std::fs::OpenOptions::new().write(true).open(&self.0) {
-            let _ = std::os::unix::fs::FileExt::write_all_at(&f, &[1], 1);
-        }
+        let _ = self.set_released();
         let _ = std::fs::remove_file(&self.0);
     }
 }

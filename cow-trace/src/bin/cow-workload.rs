@@ -192,23 +192,16 @@ fn parse() -> Result<Opts, String> {
     Ok(o)
 }
 
-/// Busy-loops `ms` milliseconds without a syscall (the clock is read
-/// through the vDSO).
-fn spin(ms: u64) {
-    let until = std::time::Instant::now() + Duration::from_millis(ms);
-    while std::time::Instant::now() < until {
-        std::hint::spin_loop();
-    }
-}
-
-/// `--spin-file`'s handshake: says the spin has started (byte 0), then
-/// spins until told to stop (byte 1) or `ms` milliseconds have passed.
-fn spin_handshake(ms: u64, file: &std::fs::File) {
+/// Busy-loops `ms` milliseconds without leaving the CPU: no syscall (the
+/// clock is read through the vDSO), or with `--spin-file` its handshake:
+/// says the spin has started (byte 0), then ends early once told to stop
+/// (byte 1), checked once a millisecond.
+fn spin(ms: u64, file: Option<&std::fs::File>) {
     use std::os::unix::fs::FileExt as _;
     if ms == 0 {
         return;
     }
-    if let Err(e) = file.write_all_at(&[1], 0) {
+    if let Some(Err(e)) = file.map(|f| f.write_all_at(&[1], 0)) {
         eprintln!("cow-workload: --spin-file: {e}");
         unsafe { libc::_exit(1) };
     }
@@ -216,8 +209,8 @@ fn spin_handshake(ms: u64, file: &std::fs::File) {
     let mut next_check = std::time::Instant::now();
     let mut b = [0u8];
     while std::time::Instant::now() < until {
-        if std::time::Instant::now() >= next_check {
-            if file.read_exact_at(&mut b, 1).is_ok() && b[0] != 0 {
+        if let Some(f) = file.filter(|_| std::time::Instant::now() >= next_check) {
+            if f.read_exact_at(&mut b, 1).is_ok() && b[0] != 0 {
                 return;
             }
             next_check += Duration::from_millis(1);
@@ -554,10 +547,7 @@ fn main() {
                 if o.child_mem_writes > 0 {
                     mem_write(base.add((after + o.child_reads) * page), o.child_mem_writes * page);
                 }
-                match &spin_file {
-                    Some(f) => spin_handshake(o.child_spin_ms, f),
-                    None => spin(o.child_spin_ms),
-                }
+                spin(o.child_spin_ms, spin_file.as_ref());
                 let b = 0u8;
                 libc::write(done[1], (&b as *const u8).cast(), 1);
                 let mut r = 0u8;
@@ -577,10 +567,7 @@ fn main() {
         write_pages(base, page, o.child_writes..o.child_writes + o.parent_writes, value);
         unsafe {
             libc::write(exit[1], (&b as *const u8).cast(), 1);
-            match &spin_file {
-                Some(f) => spin_handshake(o.parent_spin_ms, f),
-                None => spin(o.parent_spin_ms),
-            }
+            spin(o.parent_spin_ms, spin_file.as_ref());
             let mut status = 0;
             libc::waitpid(pid, &mut status, 0);
             statuses.push(status);
