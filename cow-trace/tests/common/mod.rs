@@ -224,6 +224,27 @@ impl Background {
         }
     }
 
+    /// Waits until a stdout line satisfies `pred` (`what` names it, for the
+    /// failure); the lines read meanwhile are kept for `finish`.
+    pub fn wait_for_stdout(&mut self, what: &str, pred: impl Fn(&str) -> bool) {
+        loop {
+            match self.lines.recv_timeout(Duration::from_secs(60)) {
+                Ok((false, line)) => {
+                    let found = pred(&line);
+                    self.collected.push(line);
+                    if found {
+                        return;
+                    }
+                }
+                Ok((true, line)) => self.collected_err.push(line),
+                Err(_) => {
+                    let _ = self.child.kill();
+                    panic!("cow-trace never printed {what}: {}", self.collected_err.join("\n"));
+                }
+            }
+        }
+    }
+
     pub fn signal(&self, sig: i32) {
         unsafe { libc::kill(self.child.id() as i32, sig) };
     }
